@@ -1,0 +1,31 @@
+"""Audit settings: memorization (nearest neighbour + patch distance) and utility (ResNet-50 trials)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemorizationConfig:
+    """Paper: BiomedCLIP cosine nearest neighbour, 4x4 patch distance, threshold 0.15."""
+
+    embedder: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"  # or a local dir, or "tiny"
+    images_per_prompt: int = 500
+    grid: int = 4                                 # patches per side
+    threshold: float = 0.15                       # distance at or below which a pair is a possible copy
+
+
+@dataclass(frozen=True)
+class UtilityConfig:
+    """Paper: ImageNet ResNet-50, 2,000 real vs 1,000 real vs 1,000 real + 1,000 synthetic."""
+
+    tasks: tuple[str, ...] = ("chest-xray", "dermoscopy", "prostatectomy")
+    real_full: int = 2000
+    real_half: int = 1000
+    synthetic: int = 1000
+    epochs: int = 15
+    learning_rate: float = 1e-4                   # AdamW
+    image_size: int = 224                         # classifier input side in pixels
+    bootstrap_resamples: int = 2000
+    seeds: int = 1                                # trials per arm
+    pretrained: bool = True                       # ImageNet weights (offline runs set false)

@@ -1,0 +1,80 @@
+"""The run configuration: one typed dataclass per stage, composed, loaded from YAML.
+
+``load_config("jobs/configs/demo.yaml", ["train.epochs=2"])`` returns a frozen
+:class:`RunConfig` or raises :class:`ConfigError` naming the bad key, before any work starts.
+Relative paths inside a config resolve against the folder the command runs in, except the
+ingest repository paths, which resolve against the config file that names them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from medisyn.audit.config import MemorizationConfig, UtilityConfig
+from medisyn.configtools import ConfigError, apply_overrides, build, read_yaml, to_dict
+from medisyn.infer.config import GenerateConfig
+from medisyn.ingest.config import IngestConfig
+from medisyn.reader.config import ReaderConfig
+from medisyn.train.config import CacheConfig, SelectConfig, TrainConfig
+
+__all__ = ["ConfigError", "ModelConfig", "PhantomsConfig", "RunConfig", "load_config", "to_dict"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which networks to build: the SDXL preset (hub ids or local dirs) or the offline tiny one."""
+
+    preset: Literal["tiny", "sdxl"] = "sdxl"
+    base: str = ""                                # SDXL base repo id or local dir; "" = the preset's default
+    vae: str = ""                                 # VAE repo id or local dir; "" = the preset's default (fp16-fix)
+    seed: int = 0                                 # weight-init seed of the tiny preset
+
+
+@dataclass(frozen=True)
+class PhantomsConfig:
+    """The offline demo corpus (``medisyn phantoms``), used when the run starts from phantoms."""
+
+    enabled: bool = False                         # generate phantom repositories before ingest
+    out: str = "phantoms"                         # folder under run_dir
+    seed: int = 0
+    scale: Literal["small", "medium"] = "small"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; each stage reads its own section."""
+
+    run_dir: str = "runs/default"                 # root of every output (local path or cluster URI)
+    seed: int = 0                                 # global seed for splits, sampling and trials
+    model: ModelConfig = field(default_factory=ModelConfig)
+    phantoms: PhantomsConfig = field(default_factory=PhantomsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    audit_memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
+    audit_utility: UtilityConfig = field(default_factory=UtilityConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    config_path: str = ""                         # set by load_config: the YAML file this came from
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read YAML (or start from defaults), apply ``key=value`` overrides, validate everything."""
+    data = read_yaml(path) if path else {}
+    if "config_path" in data:
+        raise ConfigError("config_path is set by the loader; remove it from the file")
+    data = apply_overrides(RunConfig, data, list(overrides))
+    if path:
+        data["config_path"] = str(Path(path).resolve())
+    where = f"{path}: " if path else ""
+    try:
+        return build(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
