@@ -2,8 +2,9 @@
 
 ``load_config("jobs/configs/demo.yaml", ["train.epochs=2"])`` returns a frozen
 :class:`RunConfig` or raises :class:`ConfigError` naming the bad key, before any work starts.
-Relative paths inside a config resolve against the folder the command runs in, except the
-ingest repository paths, which resolve against the config file that names them.
+Relative paths inside a config resolve against the folder the command runs in (a Ray job's
+working dir), except repository paths inside a repositories file, which resolve against
+that file's folder. ``{run_dir}`` in a path is replaced by the run directory.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class RunConfig:
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
+
+    def resolve(self, path: str) -> Path:
+        """A config path with ``{run_dir}`` filled in."""
+        return Path(path.replace("{run_dir}", self.run_dir))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -110,8 +110,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
     path = f"{where}.{key}" if where else key
+    hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
     return ConfigError(f"unknown key {path!r}{hint} valid keys{' of ' + repr(where) if where else ''}: {', '.join(names)}")
 
 
@@ -137,10 +137,7 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     ]
     if missing:
         raise ConfigError(f"{where or 'config'}: missing required key(s) {', '.join(missing)}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
+    return cls(**kwargs)  # __post_init__ checks raise ConfigErrors that name their key
 
 
 def to_dict(obj: Any) -> Any:

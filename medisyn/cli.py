@@ -1,0 +1,135 @@
+"""``medisyn <stage> --config FILE [key=value ...]`` — one command per pipeline stage.
+
+The config is loaded and validated before any stage starts, so a typo in a key fails in
+milliseconds with the valid choices, not an hour into a cluster job. Stages are imported
+lazily: ``medisyn config`` and config errors never pay for importing torch or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from medisyn.config import ConfigError, RunConfig, load_config, to_dict
+
+log = logging.getLogger("medisyn")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    target: str = ""   # "module:function" taking a RunConfig; "" = not built yet
+    issue: int = 0     # the issue that builds it, when not built yet
+
+
+# In pipeline order (DESIGN.md §1). `pipeline` runs the built ones and names the rest.
+STAGES = (
+    Stage("phantoms", "generate the offline phantom source repositories", "medisyn.phantoms.stage:run"),
+    Stage("ingest", "source repositories -> corpus parquet shards + rejects (Ray Data)", issue=4),
+    Stage("cache", "VAE latent moments and caption encodings (Ray Data)", issue=5),
+    Stage("train", "fine-tune the SDXL U-Net (Ray Train)", issue=5),
+    Stage("select", "pick the lowest-FID epoch checkpoint and export it", issue=5),
+    Stage("generate", "synthetic sets by Ray Data batch inference", issue=6),
+    Stage("audit-memorization", "nearest-neighbour copy audit (embeddings + FAISS + patch distance)"),
+    Stage("audit-utility", "ResNet-50 real vs real+synthetic trials (Ray Tune) with bootstrap CIs"),
+    Stage("reader", "the blinded reader-study web app"),
+    Stage("report", "the HTML report of every stage"),
+)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def _stage_fn(stage: Stage):
+    module, fn = stage.target.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _not_built(stage: Stage) -> str:
+    where = f" (issue #{stage.issue})" if stage.issue else ""
+    return f"stage {stage.name!r} is not built yet{where}"
+
+
+def run_stage(name: str, cfg: RunConfig) -> None:
+    stage = STAGE_BY_NAME[name]
+    if not stage.target:
+        raise SystemExit(f"medisyn: {_not_built(stage)}; built so far: "
+                         + ", ".join(s.name for s in STAGES if s.target))
+    start = time.perf_counter()
+    log.info("stage %s: starting (run dir %s)", name, cfg.run_dir)
+    _stage_fn(stage)(cfg)
+    log.info("stage %s: done in %.1f s", name, time.perf_counter() - start)
+
+
+def run_pipeline(cfg: RunConfig) -> None:
+    """Every built stage in order; the stages still to come are named, not silently skipped."""
+    todo = [s for s in STAGES if not s.target]
+    for stage in STAGES:
+        if stage.name == "phantoms" and not cfg.phantoms.enabled:
+            continue
+        if stage.target:
+            run_stage(stage.name, cfg)
+    if todo:
+        print("pipeline: stages still to come: " + ", ".join(f"{s.name}" + (f" (#{s.issue})" if s.issue else "") for s in todo))
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="run configuration YAML (e.g. jobs/configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config value, e.g. train.epochs=2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medisyn", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    ph = sub.add_parser("phantoms", help=STAGE_BY_NAME["phantoms"].help)
+    ph.add_argument("out", nargs="?", help="output folder (default: <run_dir>/phantoms from --config)")
+    ph.add_argument("--seed", type=int, help="random seed (same seed, same pixels and labels)")
+    ph.add_argument("--scale", choices=["small", "medium"], help="small: demo/tests; medium: ~6x more")
+    ph.add_argument("--no-defects", action="store_true", help="do not plant the bad files ingest must survive")
+    _config_args(ph)
+
+    for stage in STAGES[1:]:
+        _config_args(sub.add_parser(stage.name, help=stage.help + ("" if stage.target else f" [{_not_built(stage)}]")))
+    _config_args(sub.add_parser("pipeline", help="every built stage in order"))
+    show = sub.add_parser("config", help="print the resolved, validated config and exit")
+    _config_args(show)
+    bench = sub.add_parser("bench", help="throughput benchmarks (ingest, train, generate)")
+    bench.add_argument("what", choices=["ingest", "train", "generate"])
+    _config_args(bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"medisyn: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "phantoms":
+        from medisyn.phantoms.stage import run_cli
+        run_cli(cfg, out=args.out, seed=args.seed, scale=args.scale, defects=not args.no_defects)
+    elif args.command == "config":
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    elif args.command == "pipeline":
+        run_pipeline(cfg)
+    elif args.command == "bench":
+        print(f"medisyn: bench {args.what} is not built yet (issue #{4 if args.what == 'ingest' else 5 if args.what == 'train' else 6})",
+              file=sys.stderr)
+        return 2
+    else:
+        run_stage(args.command, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The ``phantoms`` stage: write the demo source repositories once per (seed, scale, defects)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from medisyn.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def phantoms_dir(cfg: RunConfig) -> Path:
+    return cfg.run_path / cfg.phantoms.out
+
+
+def ensure_phantoms(out: Path, seed: int, scale: str, defects: bool = True) -> dict:
+    """Generate into ``out`` unless a finished generation with the same settings is there.
+
+    ``phantoms.json`` is written last, so its presence means the folder is complete; a
+    half-written folder (an interrupted run) is cleared and made again.
+    """
+    from medisyn.phantoms import generate_phantoms
+
+    marker = out / "phantoms.json"
+    if marker.is_file():
+        summary = json.loads(marker.read_text())
+        if (summary.get("seed"), summary.get("scale"), bool(summary.get("defects", True))) == (seed, scale, defects):
+            log.info("phantoms: %s already holds seed %d, scale %s; nothing to do", out, seed, scale)
+            return summary
+    if out.exists():
+        log.info("phantoms: clearing incomplete or different generation in %s", out)
+        shutil.rmtree(out)
+    return generate_phantoms(out, seed=seed, scale=scale, defects=defects)
+
+
+def _print_summary(out: Path, summary: dict) -> None:
+    repos = summary.get("repositories", {})
+    print(f"phantom repositories in {out}:")
+    for name, info in repos.items():
+        print(f"  {name:16s} {info.get('specialty', ''):17s} {info.get('image_type', ''):30s} {info.get('files', '?'):>5} files")
+    print(f"  planted defects: {len(summary.get('defects', []))}; ingest description: {out / 'repositories.yaml'}")
+
+
+def run(cfg: RunConfig) -> None:
+    out = phantoms_dir(cfg)
+    _print_summary(out, ensure_phantoms(out, cfg.phantoms.seed, cfg.phantoms.scale))
+
+
+def run_cli(cfg: RunConfig, out: str | None, seed: int | None, scale: str | None, defects: bool) -> None:
+    """``medisyn phantoms [OUT] [--seed S] [--scale small|medium]``; flags win over the config."""
+    target = Path(out) if out else phantoms_dir(cfg)
+    summary = ensure_phantoms(target, cfg.phantoms.seed if seed is None else seed,
+                              scale or cfg.phantoms.scale, defects)
+    _print_summary(target, summary)

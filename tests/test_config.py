@@ -1,0 +1,122 @@
+"""Configs: both shipped YAMLs load; every mistake a user can make fails with the key named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medisyn.config import ConfigError, RunConfig, load_config, to_dict
+from medisyn.configtools import build
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "jobs/configs/demo.yaml"
+PAPER = ROOT / "jobs/configs/paper.yaml"
+
+
+def test_demo_and_paper_load_and_validate():
+    demo, paper = load_config(DEMO), load_config(PAPER)
+    assert isinstance(demo, RunConfig) and isinstance(paper, RunConfig)
+    assert demo.model.preset == "tiny" and demo.phantoms.enabled and not demo.train.use_gpu
+    assert demo.train.accumulation * demo.train.per_worker_batch * demo.train.num_workers == demo.train.effective_batch
+
+
+def test_paper_yaml_holds_the_papers_numbers():
+    p = load_config(PAPER)
+    assert (p.ingest.ct_window_width, p.ingest.ct_window_level) == (700.0, 100.0)
+    assert (p.ingest.percentile_low, p.ingest.percentile_high) == (0.5, 99.5)
+    assert p.ingest.size == 512 and p.ingest.split_fractions == (0.8, 0.1, 0.1) and p.ingest.wsi_overlap <= 0.1
+    t = p.train
+    assert (t.epochs, t.learning_rate, t.effective_batch, t.caption_dropout, t.mixed_precision) == (15, 1e-5, 128, 0.1, "bf16")
+    assert t.ema_decay == 0.0 and t.accumulation == 1
+    assert (p.select.num_images, p.generate.scheduler, p.generate.guidance_scale, p.generate.steps) == (10_000, "euler", 7.0, 50)
+    m = p.audit_memorization
+    assert (m.images_per_prompt, m.grid, m.threshold) == (500, 4, 0.15) and "BiomedCLIP" in m.embedder
+    u = p.audit_utility
+    assert (u.real_full, u.real_half, u.synthetic, u.epochs, u.learning_rate, u.bootstrap_resamples) == (2000, 1000, 1000, 15, 1e-4, 2000)
+    assert p.model.preset == "sdxl" and "fp16-fix" in p.model.vae
+    # the dataclass defaults are the paper's numbers too, so a bare config is the paper's recipe
+    assert to_dict(load_config(None).train) == to_dict(p.train)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(DEMO, ["train.epochs=3", "train.learning_rate=1", "run_dir=2024", "generate.sets=[a, b]",
+                             "ingest.split_fractions=[0.7, 0.2, 0.1]", "train.use_gpu=true"])
+    assert cfg.train.epochs == 3 and cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.run_dir == "2024" and cfg.generate.sets == ("a", "b") and cfg.train.use_gpu is True
+    assert cfg.ingest.split_fractions == (0.7, 0.2, 0.1)
+    assert cfg.resolve("{run_dir}/phantoms") == Path("2024/phantoms")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.epoch=2"], "unknown key 'train.epoch'; did you mean 'train.epochs'?"),
+        (["trian.epochs=2"], "unknown key 'trian'; did you mean 'train'?"),
+        (["train.epochs=two"], "train.epochs: expected an integer, got 'two'"),
+        (["train.epochs=2.5"], "train.epochs: expected an integer"),
+        (["train.use_gpu=maybe"], "train.use_gpu: expected true or false"),
+        (["model.preset=big"], "model.preset: 'big' is not a valid choice; expected one of 'tiny', 'sdxl'"),
+        (["train.caption_dropout=1.5"], "train.caption_dropout: 1.5 is outside [0, 1)"),
+        (["train.num_workers=3"], "train.effective_batch: 8 is not a multiple of per_worker_batch x num_workers = 12"),
+        (["ingest.wsi_overlap=0.2"], "ingest.wsi_overlap: 0.2 is outside [0, 0.1]"),
+        (["ingest.split_fractions=[0.5, 0.1, 0.1]"], "must be non-negative and sum to 1"),
+        (["epochs"], "override 'epochs' must look like key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, overrides)
+    assert expected in str(err.value)
+
+
+def test_unknown_key_in_file_lists_valid_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: x\ngenerate:\n  guidance: 7\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    msg = str(err.value)
+    assert str(bad) in msg and "unknown key 'generate.guidance'" in msg and "guidance_scale" in msg and "steps" in msg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*nope.yaml' not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_repository_entries_are_checked():
+    from medisyn.ingest.config import IngestConfig
+
+    repo = dict(name="r", kind="dicom", path=".", glob="*.dcm", labels_csv="l.csv", path_column="p",
+                label_columns=["label"], patient_column="pid", template="CT image showing {label}.",
+                specialty="radiology", image_type="computed tomography", classes={"1": "pulmonary embolism"})
+    cfg = build(IngestConfig, {"repositories": [repo]}, "ingest")
+    assert cfg.repositories[0].label_columns == ("label",)
+    with pytest.raises(ConfigError, match=r"ingest.repositories\[0\].kind: 'dcm' is not a valid choice"):
+        build(IngestConfig, {"repositories": [{**repo, "kind": "dcm"}]}, "ingest")
+    with pytest.raises(ConfigError, match="unknown specialty 'cardiology'; expected one of radiology"):
+        build(IngestConfig, {"repositories": [{**repo, "specialty": "cardiology"}]}, "ingest")
+    with pytest.raises(ConfigError, match="has no {label} placeholder"):
+        build(IngestConfig, {"repositories": [{**repo, "template": "CT image."}]}, "ingest")
+    with pytest.raises(ConfigError, match=r"ingest.repositories\[0\]: missing required key\(s\) glob"):
+        build(IngestConfig, {"repositories": [{k: v for k, v in repo.items() if k != "glob"}]}, "ingest")
+
+
+def test_cli_config_error_stops_before_any_work(tmp_path):
+    """A typo fails fast with exit code 2 and the key named; no run directory is created."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "medisyn.cli", "pipeline", "--config", str(DEMO), f"run_dir={run_dir}", "train.epoch=2"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'train.epoch'; did you mean 'train.epochs'?" in proc.stderr
+    assert not run_dir.exists()
