@@ -32,7 +32,7 @@ class Stage:
 # In pipeline order (DESIGN.md §1). `pipeline` runs the built ones and names the rest.
 STAGES = (
     Stage("phantoms", "generate the offline phantom source repositories", "medisyn.phantoms.stage:run"),
-    Stage("ingest", "source repositories -> corpus parquet shards + rejects (Ray Data)", issue=4),
+    Stage("ingest", "source repositories -> corpus parquet shards + rejects (Ray Data)", "medisyn.ingest.pipeline:run"),
     Stage("cache", "VAE latent moments and caption encodings (Ray Data)", issue=5),
     Stage("train", "fine-tune the SDXL U-Net (Ray Train)", issue=5),
     Stage("select", "pick the lowest-FID epoch checkpoint and export it", issue=5),

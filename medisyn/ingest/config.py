@@ -32,6 +32,8 @@ class RepositoryConfig:
     classes: dict[str, str] = field(default_factory=dict)  # raw label value (or finding column) -> caption phrase
     split_column: str = ""                      # optional official split column (train/val/test); "" = patient hash split
     frames: Literal["all", "middle", "first"] = "all"      # multi-frame DICOM: which frames become images
+    intensity: Literal["auto", "ct_window", "percentile", "minmax", "none"] = "auto"  # auto: CT window for CT,
+    #   percentile clip for MR/mammography/other >8-bit grey, 8-bit and colour kept as they are
 
     def __post_init__(self):
         if self.specialty not in SPECIALTIES:
@@ -65,7 +67,8 @@ class IngestConfig:
     split_salt: str = "medisyn"                  # salt of the patient-id hash; change it to re-draw the split
     near_duplicate_bits: int = 4                 # perceptual-hash Hamming distance at or below which images are near duplicates
     png_compress_level: int = 1                  # 0-9; 1 writes ~8x faster than Pillow's default 6 for ~10% more bytes
-    rows_per_shard: int = 256                    # corpus parquet rows per shard
+    files_per_task: int = 16                     # source files per Ray task (and per staging shard); slides: 1
+    row_group_rows: int = 64                     # parquet row group size: bounds a task's memory on huge multi-frame files and slides
 
     def __post_init__(self):
         if not 0.0 <= self.wsi_overlap <= 0.1:
@@ -76,5 +79,7 @@ class IngestConfig:
             raise ConfigError(f"ingest.percentile_low/high: need 0 <= {self.percentile_low} < {self.percentile_high} <= 100")
         if self.size % 8:
             raise ConfigError(f"ingest.size: {self.size} must be a multiple of 8 (the VAE's latent factor)")
+        if self.files_per_task < 1 or self.row_group_rows < 1:
+            raise ConfigError("ingest.files_per_task and ingest.row_group_rows must be at least 1")
         if not 0 <= self.png_compress_level <= 9:
             raise ConfigError(f"ingest.png_compress_level: {self.png_compress_level} is outside 0-9")

@@ -1,0 +1,154 @@
+"""Listing: a repository's files joined with its label table, before any pixel is read.
+
+Runs on the driver and is the only place that sees raw patient ids and source paths: ids
+are salted-hashed here, and every file gets a privacy-safe reference (``repo/<hash>``) that
+is all later stages, logs and the rejects table ever show. The mapping back to paths goes to
+``private/source_map.parquet`` for the data steward, apart from the shareable corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+import yaml
+
+from medisyn.configtools import ConfigError, build
+from medisyn.ingest.config import IngestConfig, RepositoryConfig
+from medisyn.ingest.split import patient_hash, split_for
+
+PRESENT = {"1", "1.0", "true", "yes", "y"}
+ABSENT = {"", "0", "0.0", "-1", "-1.0", "false", "no", "n", "nan"}  # -1: CheXpert's "uncertain", read as absent
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source file to read; everything a worker needs, nothing identifying but the path."""
+
+    ref: str                    # repo/<16 hex>: the file's only name outside the driver
+    path: str                   # absolute path, used only to open the file
+    repo: str
+    patient: str                # salted hash
+    split: str
+    labels: tuple[str, ...]     # caption phrases
+    caption: str
+
+
+def join_phrases(phrases: list[str]) -> str:
+    """"a", "a and b", "a, b and c" — how a multi-label caption reads naturally."""
+    if len(phrases) <= 1:
+        return "".join(phrases)
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def source_ref(repo: str, relpath: str, salt: str) -> str:
+    digest = hashlib.sha256("\x00".join((salt, repo, relpath)).encode()).hexdigest()
+    return f"{repo}/{digest[:16]}"
+
+
+def load_repositories(cfg: IngestConfig, resolve=Path) -> tuple[tuple[RepositoryConfig, Path], ...]:
+    """Inline repositories plus those of ``repositories_file``, each with its root folder."""
+    out = [(r, Path(r.path)) for r in cfg.repositories]
+    if cfg.repositories_file:
+        f = resolve(cfg.repositories_file)
+        if not f.is_file():
+            raise ConfigError(f"ingest.repositories_file: {str(f)!r} not found")
+        data = yaml.safe_load(f.read_text()) or {}
+        if not isinstance(data, dict) or "repositories" not in data:
+            raise ConfigError(f"{f}: expected a mapping with a 'repositories' list")
+        for i, entry in enumerate(data["repositories"] or []):
+            repo = build(RepositoryConfig, entry, f"{f.name}: repositories[{i}]")
+            root = Path(repo.path)
+            out.append((repo, root if root.is_absolute() else f.parent / root))
+    if not out:
+        raise ConfigError("ingest: no repositories; set ingest.repositories or ingest.repositories_file")
+    names = [r.name for r, _ in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"ingest: repository names must be unique; repeated: {', '.join(dupes)}")
+    return tuple(out)
+
+
+def read_label_table(repo: RepositoryConfig, root: Path) -> pd.DataFrame:
+    """The label CSV as strings, its required columns checked (a missing one names the file)."""
+    csv = root / repo.labels_csv
+    if not csv.is_file():
+        raise ConfigError(f"repository {repo.name!r}: labels_csv {str(csv)!r} not found")
+    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    needed = [repo.path_column, repo.patient_column, *repo.label_columns] + ([repo.split_column] if repo.split_column else [])
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise ConfigError(f"repository {repo.name!r}: {csv.name} has no column(s) {', '.join(map(repr, missing))}; "
+                          f"it has {', '.join(map(repr, table.columns))}")
+    return table
+
+
+def _labels(repo: RepositoryConfig, row: dict) -> tuple[str, ...]:
+    """Caption phrases of one label row, or ValueError with the reason (becomes a reject)."""
+    if len(repo.label_columns) == 1:
+        raw = row[repo.label_columns[0]].strip()
+        if raw == "":
+            raise ValueError(f"missing label in column {repo.label_columns[0]!r}")
+        if raw not in repo.classes:
+            raise ValueError(f"label {raw!r} not in the classes of repository {repo.name!r}")
+        return (repo.classes[raw],)
+    phrases = []
+    for col in repo.label_columns:
+        raw = row[col].strip().lower()
+        if raw in PRESENT:
+            if col not in repo.classes:
+                raise ValueError(f"finding column {col!r} has no caption phrase in classes")
+            phrases.append(repo.classes[col])
+        elif raw not in ABSENT:
+            raise ValueError(f"label value {raw!r} in column {col!r} is not 0/1")
+    if not phrases:
+        raise ValueError("no positive finding among the label columns")
+    return tuple(phrases)
+
+
+def list_repository(repo: RepositoryConfig, root: Path, cfg: IngestConfig) -> tuple[list[Item], list[dict], dict[str, str]]:
+    """(items to read, listing rejects, {ref: relative path}) for one repository.
+
+    Each file on disk pairs with the label row of its own path or of its nearest listed
+    ancestor folder (label tables of DICOM series often list the series folder).
+    """
+    if not root.is_dir():
+        raise ConfigError(f"repository {repo.name!r}: path {str(root)!r} is not a folder")
+    table = read_label_table(repo, root)
+    rows: dict[str, dict] = {}
+    for row in table.to_dict("records"):
+        rows.setdefault(str(PurePosixPath(row[repo.path_column].strip().replace("\\", "/"))), row)
+    files = sorted(p.relative_to(root).as_posix() for p in root.glob(repo.glob) if p.is_file())
+    items, rejects, source_map, used = [], [], {}, set()
+    for rel in files:
+        ref = source_ref(repo.name, rel, cfg.split_salt)
+        source_map[ref] = rel
+        key = next((k for k in [rel, *map(str, PurePosixPath(rel).parents)] if k in rows), None)
+        if key is None:
+            rejects.append({"source_ref": ref, "stage": "listing", "reason": f"no row in {repo.labels_csv} (missing label)"})
+            continue
+        used.add(key)
+        row = rows[key]
+        patient = row[repo.patient_column].strip()
+        if not patient:
+            rejects.append({"source_ref": ref, "stage": "listing", "reason": f"missing patient id in column {repo.patient_column!r}"})
+            continue
+        try:
+            labels = _labels(repo, row)
+        except ValueError as exc:
+            rejects.append({"source_ref": ref, "stage": "listing", "reason": str(exc)})
+            continue
+        hashed = patient_hash(patient, cfg.split_salt)
+        split = row[repo.split_column].strip() if repo.split_column else split_for(hashed, cfg.split_fractions)
+        if split not in ("train", "val", "test"):
+            rejects.append({"source_ref": ref, "stage": "listing", "reason": f"split {split!r} is not train/val/test"})
+            continue
+        items.append(Item(ref, str((root / rel).resolve()), repo.name, hashed, split, labels,
+                          repo.template.format(label=join_phrases(list(labels)))))
+    for key in sorted(set(rows) - used):
+        ref = source_ref(repo.name, key, cfg.split_salt)
+        source_map[ref] = key
+        rejects.append({"source_ref": ref, "stage": "listing", "reason": f"listed in {repo.labels_csv} but no such file matches {repo.glob!r}"})
+    return items, rejects, source_map

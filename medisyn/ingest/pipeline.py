@@ -1,0 +1,147 @@
+"""The ``ingest`` stage: repositories → corpus parquet shards + rejects, on Ray Data.
+
+    listing (driver: labels joined, ids hashed)
+      → Ray Data map: read + transform + encode, one task per unit of files → staging shards
+      → duplicates found per repository from the small hash columns (driver)
+      → Ray Data map: staging shard minus duplicates → corpus shard + rejects shard
+      → summary.json and a printed table
+
+Memory stays bounded: tasks stream row groups to disk and return only counts; the driver
+reads only hash and label columns, never images. Re-running skips finished units and
+finalized shards, so an interrupted ingest resumes without duplicating a shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medisyn.config import RunConfig
+from medisyn.ingest.dedup import find_duplicates
+from medisyn.ingest.listing import Item, list_repository, load_repositories
+from medisyn.ingest.summary import summarize, write_summary
+from medisyn.ingest.worker import REJECT_SCHEMA, atomic_write_table, atomic_write_text, finalize_unit, process_unit, unit_id
+
+log = logging.getLogger(__name__)
+
+
+def ingest_dirs(cfg: RunConfig) -> dict[str, Path]:
+    root = cfg.run_path
+    return {"corpus": root / "corpus", "rejects": root / "rejects", "staging": root / "ingest" / "staging",
+            "ingest": root / "ingest", "private": root / "private"}
+
+
+def _settings(repo, cfg) -> dict:
+    i = cfg.ingest
+    return {
+        "kind": repo.kind, "specialty": repo.specialty, "image_type": repo.image_type, "frames": repo.frames,
+        "intensity": repo.intensity, "size": i.size, "png_compress_level": i.png_compress_level,
+        "window": [i.ct_window_width, i.ct_window_level], "pct": [i.percentile_low, i.percentile_high],
+        "wsi_level": i.wsi_level, "wsi_patch_size": i.wsi_patch_size, "wsi_overlap": i.wsi_overlap,
+        "wsi_tissue_fraction": i.wsi_tissue_fraction, "row_group_rows": i.row_group_rows,
+    }
+
+
+def plan_units(repo, items: list[Item], cfg: RunConfig, staging: Path) -> list[dict]:
+    """Chunks of ``files_per_task`` files (one slide per unit), each with a content-derived id."""
+    per = 1 if repo.kind == "wsi" else cfg.ingest.files_per_task
+    settings = _settings(repo, cfg)
+    units = []
+    for start in range(0, len(items), per):
+        chunk = items[start:start + per]
+        uid = unit_id(repo.name, [it.ref for it in chunk], {**settings, "captions": [it.caption for it in chunk],
+                                                           "splits": [it.split for it in chunk]})
+        units.append({"id": uid, "dir": str(staging), "settings": settings, "items": [
+            {"ref": it.ref, "path": it.path, "repo": it.repo, "patient": it.patient, "split": it.split,
+             "labels": list(it.labels), "caption": it.caption} for it in chunk]})
+    return units
+
+
+def _ray_map(rows: list[dict], fn, name: str) -> list[dict]:
+    """Run ``fn`` over rows as a Ray Data job (one block per row, Ray's progress bar shown)."""
+    import ray
+
+    if not rows:
+        return []
+    ds = ray.data.from_items([{"unit": json.dumps(r)} for r in rows], override_num_blocks=len(rows))
+    return ds.map(fn, num_cpus=1).take_all()
+
+
+def _dedup(units: list[dict], staging: Path, max_distance: int) -> dict[str, dict[str, list[str]]]:
+    """``{unit id: {ref: [reason, kept ref]}}`` from the hash columns of each repository's shards."""
+    by_repo: dict[str, list[str]] = {}
+    for u in units:
+        by_repo.setdefault(u["items"][0]["repo"], []).append(u["id"])
+    dropped_by_unit: dict[str, dict[str, list[str]]] = {u["id"]: {} for u in units}
+    for repo, uids in by_repo.items():
+        cols = {"source_ref": [], "id": [], "phash": []}
+        unit_of = {}
+        for uid in uids:
+            t = pq.read_table(staging / f"{uid}.parquet", columns=list(cols))
+            for k in cols:
+                cols[k].extend(t.column(k).to_pylist())
+            unit_of.update({r: uid for r in t.column("source_ref").to_pylist()})
+        for ref, (reason, kept) in find_duplicates(cols["source_ref"], cols["id"], cols["phash"], max_distance).items():
+            dropped_by_unit[unit_of[ref]][ref] = [reason, kept]
+    return dropped_by_unit
+
+
+def _remove_stale(folder: Path, keep: set[str]) -> None:
+    for f in folder.glob("*.parquet"):
+        if f.name not in keep:
+            f.unlink()
+
+
+def run(cfg: RunConfig) -> dict:
+    from medisyn.raytools import ensure_ray
+
+    d = ingest_dirs(cfg)
+    for p in d.values():
+        p.mkdir(parents=True, exist_ok=True)
+    repos = load_repositories(cfg.ingest, cfg.resolve)  # config errors stop here, before any work
+    listing_rejects, source_map, units = [], [], []
+    for repo, root in repos:
+        items, rejects, refs = list_repository(repo, root, cfg.ingest)
+        log.info("ingest: %s: %d files to read, %d rejected at listing", repo.name, len(items), len(rejects))
+        listing_rejects += rejects
+        source_map += [{"source_ref": r, "source": repo.name, "path": p} for r, p in refs.items()]
+        units += plan_units(repo, items, cfg, d["staging"])
+    atomic_write_table(pa.Table.from_pylist(source_map, pa.schema([("source_ref", pa.string()), ("source", pa.string()),
+                                                                    ("path", pa.string())])), d["private"] / "source_map.parquet")
+
+    todo = [u for u in units if not (d["staging"] / f"{u['id']}.json").exists()]
+    log.info("ingest: %d units, %d already done, %d to process", len(units), len(units) - len(todo), len(todo))
+    ensure_ray()
+    _ray_map(todo, process_unit, "read")
+    unit_counts = [json.loads((d["staging"] / f"{u['id']}.json").read_text()) for u in units]
+
+    dropped = _dedup(units, d["staging"], cfg.ingest.near_duplicate_bits)
+    state_file = d["ingest"] / "finalized.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    jobs = []
+    for u in units:
+        fp = hashlib.sha256(json.dumps(dropped[u["id"]], sort_keys=True).encode()).hexdigest()
+        done = state.get(u["id"]) == fp and (d["corpus"] / f"{u['id']}.parquet").exists() \
+            and (d["rejects"] / f"{u['id']}.parquet").exists()
+        if not done:
+            jobs.append({"id": u["id"], "staging": str(d["staging"]), "corpus": str(d["corpus"]),
+                         "rejects": str(d["rejects"]), "dropped": dropped[u["id"]], "fp": fp})
+    log.info("ingest: %d shards to finalize", len(jobs))
+    _ray_map(jobs, finalize_unit, "finalize")
+    state = {u["id"]: hashlib.sha256(json.dumps(dropped[u["id"]], sort_keys=True).encode()).hexdigest() for u in units}
+    atomic_write_text(json.dumps(state, indent=0), state_file)
+
+    listing_name = "listing.parquet"
+    atomic_write_table(pa.Table.from_pylist(listing_rejects, REJECT_SCHEMA), d["rejects"] / listing_name)
+    current = {f"{u['id']}.parquet" for u in units}
+    _remove_stale(d["corpus"], current)
+    _remove_stale(d["rejects"], current | {listing_name})
+
+    summary = summarize(d["corpus"], d["rejects"], unit_counts, files=len(source_map))
+    write_summary(summary, d["ingest"] / "summary.json")
+    return summary

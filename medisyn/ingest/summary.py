@@ -1,0 +1,89 @@
+"""The ingest summary: the shape of the paper's Extended Data Tables 1–2, plus what was dropped.
+
+Reads only small columns of the shards (never the images), so it is cheap at any scale.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from medisyn.ingest.split import SPLITS
+
+
+def _read(folder: Path, columns: list[str]) -> dict[str, list]:
+    out: dict[str, list] = {c: [] for c in columns}
+    for f in sorted(folder.glob("*.parquet")):
+        t = pq.read_table(f, columns=columns)
+        for c in columns:
+            out[c].extend(t.column(c).to_pylist())
+    return out
+
+
+def _by_split(keys: list, splits: list[str]) -> dict[str, dict[str, int]]:
+    table: dict[str, dict[str, int]] = {}
+    for k, s in zip(keys, splits):
+        row = table.setdefault(k, {sp: 0 for sp in SPLITS} | {"total": 0})
+        row[s] += 1
+        row["total"] += 1
+    return dict(sorted(table.items()))
+
+
+def summarize(corpus: Path, rejects: Path, unit_counts: list[dict], files: int) -> dict:
+    c = _read(corpus, ["specialty", "image_type", "labels", "split", "source"])
+    r = _read(rejects, ["stage", "reason"])
+    dup_reasons = Counter(reason.split(" of ")[0] for stage, reason in zip(r["stage"], r["reason"]) if stage == "dedup")
+    reject_reasons = Counter(reason for stage, reason in zip(r["stage"], r["reason"]) if stage != "dedup")
+    background = sum(u["background"] for u in unit_counts)
+    total = {sp: 0 for sp in SPLITS} | {"total": 0}
+    for s in c["split"]:
+        total[s] += 1
+        total["total"] += 1
+    return {
+        "pairs": total,
+        "by_specialty": _by_split(c["specialty"], c["split"]),
+        "by_image_type": _by_split(c["image_type"], c["split"]),
+        "by_class": _by_split([f"{t}: {' + '.join(l)}" for t, l in zip(c["image_type"], c["labels"])], c["split"]),
+        "by_source": _by_split(c["source"], c["split"]),
+        "rejects": dict(reject_reasons.most_common()),
+        "duplicates": dict(dup_reasons.most_common()),
+        "background_patches": background,
+        # every item accounted for: images (frames, patches) that reached the corpus, were
+        # duplicates, were rejected, or were background; files listed but unreadable are rejects
+        "accounting": {
+            "files_listed": files,
+            "corpus": total["total"],
+            "duplicates": sum(dup_reasons.values()),
+            "rejected": sum(reject_reasons.values()),
+            "background": background,
+        },
+    }
+
+
+def format_table(summary: dict) -> str:
+    lines = []
+
+    def table(title: str, rows: dict[str, dict[str, int]]):
+        lines.append(f"{title:44s} {'train':>8s} {'val':>8s} {'test':>8s} {'total':>8s}")
+        for k, v in rows.items():
+            lines.append(f"  {k[:42]:42s} {v['train']:8d} {v['val']:8d} {v['test']:8d} {v['total']:8d}")
+        lines.append("")
+
+    table("pairs by specialty", summary["by_specialty"] | {"total": summary["pairs"]})
+    table("pairs by image type", summary["by_image_type"])
+    table("pairs by class", summary["by_class"])
+    lines.append(f"rejected: {sum(summary['rejects'].values())}")
+    lines += [f"  {n:6d}  {reason}" for reason, n in summary["rejects"].items()]
+    lines.append(f"duplicates removed: {sum(summary['duplicates'].values())}")
+    lines += [f"  {n:6d}  {reason}" for reason, n in summary["duplicates"].items()]
+    lines.append(f"background patches dropped: {summary['background_patches']}")
+    return "\n".join(lines)
+
+
+def write_summary(summary: dict, path: Path) -> None:
+    path.write_text(json.dumps(summary, indent=2))
+    print(format_table(summary))
+    print(f"summary: {path}")
