@@ -1,15 +1,23 @@
 """Exact and near duplicates within a repository — what a diffusion model memorizes first.
 
 Exact: the same pixel hash. Near: perceptual hashes (64-bit pHash) within a Hamming
-distance ``k``. Pairs are found by the pigeonhole trick instead of all pairs: split the 64
-bits into ``k + 1`` bands; two hashes within distance ``k`` agree exactly on at least one
-band, so only images sharing a band value are compared. Of each group the first image (by
-source reference, so the choice is the same on every run) is kept.
+distance ``k`` *and* grey 32×32 thumbnails within an RMS difference ``rms`` (of the full
+range). pHash alone is too coarse for medical images: neighbouring CT slices or two
+different patients' OCT scans share their low-frequency structure and land within 4 bits
+while differing by 10% of the range pixel for pixel. The thumbnail check keeps those and
+still catches re-encoded, rescaled or slightly shifted copies (RMS well under 1%).
+
+Candidate pairs come from the pigeonhole trick instead of all pairs: split the 64 bits into
+``k + 1`` bands; two hashes within distance ``k`` agree exactly on at least one band, so
+only images sharing a band value are compared. Of each group the first image (by source
+reference, so the choice is the same on every run) is kept.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+
+import numpy as np
 
 
 def _bands(bits: int, k: int) -> list[tuple[int, int]]:
@@ -18,8 +26,13 @@ def _bands(bits: int, k: int) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in range(n)]
 
 
-def find_duplicates(refs: list[str], pixel_hashes: list[str], phashes: list[str], max_distance: int = 4
-                    ) -> dict[str, tuple[str, str]]:
+def _rms(a: bytes, b: bytes) -> float:
+    x = np.frombuffer(a, np.uint8).astype(np.float32) - np.frombuffer(b, np.uint8).astype(np.float32)
+    return float(np.sqrt(np.mean(x * x)) / 255.0)
+
+
+def find_duplicates(refs: list[str], pixel_hashes: list[str], phashes: list[str], max_distance: int = 4,
+                    thumbs: list[bytes] | None = None, max_rms: float = 0.01) -> dict[str, tuple[str, str]]:
     """``{ref: (reason, kept_ref)}`` for every image to drop; all inputs are aligned lists.
 
     ``reason`` is "exact duplicate" or "near duplicate". Ordering by ``ref`` makes the kept
@@ -46,7 +59,8 @@ def find_duplicates(refs: list[str], pixel_hashes: list[str], phashes: list[str]
         keys = [(b, (h >> lo) & ((1 << (hi - lo)) - 1)) for b, (lo, hi) in enumerate(bands)]
         for key in keys:
             candidates.update(buckets.get(key, ()))
-        match = min((j for j in candidates if (values[j] ^ h).bit_count() <= max_distance),
+        match = min((j for j in candidates if (values[j] ^ h).bit_count() <= max_distance
+                     and (thumbs is None or _rms(thumbs[i], thumbs[j]) <= max_rms)),
                     key=lambda j: refs[j], default=None)
         if match is not None:
             dropped[refs[i]] = ("near duplicate", refs[match])

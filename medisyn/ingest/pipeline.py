@@ -28,6 +28,7 @@ from medisyn.ingest.summary import summarize, write_summary
 from medisyn.ingest.worker import REJECT_SCHEMA, atomic_write_table, atomic_write_text, finalize_unit, process_unit, unit_id
 
 log = logging.getLogger(__name__)
+STAGING_FORMAT = 2  # bump when the staging shard layout changes, so old shards are not reused
 
 
 def ingest_dirs(cfg: RunConfig) -> dict[str, Path]:
@@ -44,6 +45,7 @@ def _settings(repo, cfg) -> dict:
         "window": [i.ct_window_width, i.ct_window_level], "pct": [i.percentile_low, i.percentile_high],
         "wsi_level": i.wsi_level, "wsi_patch_size": i.wsi_patch_size, "wsi_overlap": i.wsi_overlap,
         "wsi_tissue_fraction": i.wsi_tissue_fraction, "row_group_rows": i.row_group_rows,
+        "format": STAGING_FORMAT,
     }
 
 
@@ -72,21 +74,22 @@ def _ray_map(rows: list[dict], fn, name: str) -> list[dict]:
     return ds.map(fn, num_cpus=1).take_all()
 
 
-def _dedup(units: list[dict], staging: Path, max_distance: int) -> dict[str, dict[str, list[str]]]:
+def _dedup(units: list[dict], staging: Path, max_distance: int, max_rms: float) -> dict[str, dict[str, list[str]]]:
     """``{unit id: {ref: [reason, kept ref]}}`` from the hash columns of each repository's shards."""
     by_repo: dict[str, list[str]] = {}
     for u in units:
         by_repo.setdefault(u["items"][0]["repo"], []).append(u["id"])
     dropped_by_unit: dict[str, dict[str, list[str]]] = {u["id"]: {} for u in units}
     for repo, uids in by_repo.items():
-        cols = {"source_ref": [], "id": [], "phash": []}
+        cols = {"source_ref": [], "id": [], "phash": [], "thumb": []}
         unit_of = {}
         for uid in uids:
             t = pq.read_table(staging / f"{uid}.parquet", columns=list(cols))
             for k in cols:
                 cols[k].extend(t.column(k).to_pylist())
             unit_of.update({r: uid for r in t.column("source_ref").to_pylist()})
-        for ref, (reason, kept) in find_duplicates(cols["source_ref"], cols["id"], cols["phash"], max_distance).items():
+        found = find_duplicates(cols["source_ref"], cols["id"], cols["phash"], max_distance, cols["thumb"], max_rms)
+        for ref, (reason, kept) in found.items():
             dropped_by_unit[unit_of[ref]][ref] = [reason, kept]
     return dropped_by_unit
 
@@ -120,7 +123,7 @@ def run(cfg: RunConfig) -> dict:
     _ray_map(todo, process_unit, "read")
     unit_counts = [json.loads((d["staging"] / f"{u['id']}.json").read_text()) for u in units]
 
-    dropped = _dedup(units, d["staging"], cfg.ingest.near_duplicate_bits)
+    dropped = _dedup(units, d["staging"], cfg.ingest.near_duplicate_bits, cfg.ingest.near_duplicate_rms)
     state_file = d["ingest"] / "finalized.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     jobs = []

@@ -40,7 +40,8 @@ CORPUS_SCHEMA = pa.schema([
     ("original_size", pa.list_(pa.int32())),   # (height, width) before resizing
     ("crop_top_left", pa.list_(pa.int32())),   # (top, left) of the crop after resizing
 ])
-STAGING_SCHEMA = CORPUS_SCHEMA.append(pa.field("phash", pa.string()))
+STAGING_SCHEMA = CORPUS_SCHEMA.append(pa.field("phash", pa.string())).append(pa.field("thumb", pa.binary()))
+THUMB = 32  # side of the grey thumbnail that confirms a near duplicate
 REJECT_SCHEMA = pa.schema([("source_ref", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 
 
@@ -86,6 +87,7 @@ def _images(item: dict, s: dict):
 
 def _row(item: dict, s: dict, arr: np.ndarray, suffix: str) -> dict:
     square, info = resize_center_crop_info(arr, s["size"])
+    pil = Image.fromarray(square)
     return {
         "id": hashlib.sha256(square.tobytes() + str(square.shape).encode()).hexdigest()[:32],
         "image": encode_png(square, s["png_compress_level"]),
@@ -93,7 +95,8 @@ def _row(item: dict, s: dict, arr: np.ndarray, suffix: str) -> dict:
         "labels": item["labels"], "patient_id": item["patient"], "split": item["split"],
         "source": item["repo"], "source_ref": item["ref"] + suffix,
         "original_size": list(info.original_size), "crop_top_left": list(info.crop_top_left),
-        "phash": str(imagehash.phash(Image.fromarray(square))),
+        "phash": str(imagehash.phash(pil)),
+        "thumb": pil.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX).tobytes(),
     }
 
 
