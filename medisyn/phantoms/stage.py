@@ -27,7 +27,7 @@ def ensure_phantoms(out: Path, seed: int, scale: str, defects: bool = True) -> d
     marker = out / "phantoms.json"
     if marker.is_file():
         summary = json.loads(marker.read_text())
-        if (summary.get("seed"), summary.get("scale"), bool(summary.get("defects", True))) == (seed, scale, defects):
+        if (summary.get("seed"), summary.get("scale"), bool(summary.get("defects_planted", True))) == (seed, scale, defects):
             log.info("phantoms: %s already holds seed %d, scale %s; nothing to do", out, seed, scale)
             return summary
     if out.exists():
