@@ -7,6 +7,8 @@ instruments, sutures) are rasterised with PIL.ImageDraw, which is fast C code.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
@@ -14,22 +16,43 @@ from scipy import ndimage
 F32 = np.float32
 
 
+@lru_cache(maxsize=32)
 def grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column coordinate arrays (float32), shape (h, w) each."""
+    """Row and column coordinate arrays (float32, read-only, cached), shape (h, w)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(F32)
+    yy.flags.writeable = False
+    xx.flags.writeable = False
     return yy, xx
+
+
+def _bbox(h: int, w: int, cy: float, cx: float, rad: float):
+    """Clipped bounding box (slices + local coordinate offsets) of a disc."""
+    y0, y1 = max(0, int(np.floor(cy - rad))), min(h, int(np.ceil(cy + rad)) + 1)
+    x0, x1 = max(0, int(np.floor(cx - rad))), min(w, int(np.ceil(cx + rad)) + 1)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    dy = (np.arange(y0, y1, dtype=F32) - F32(cy))[:, None]
+    dx = (np.arange(x0, x1, dtype=F32) - F32(cx))[None, :]
+    return (slice(y0, y1), slice(x0, x1)), dy, dx
 
 
 def ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float,
             angle: float = 0.0, soft: float = 1.0) -> np.ndarray:
-    """Soft-edged filled ellipse mask in [0, 1]; `soft` is the edge width in pixels."""
-    yy, xx = grid(h, w)
-    dy, dx = yy - cy, xx - cx
+    """Soft-edged filled ellipse mask in [0, 1]; `soft` is the edge width in pixels.
+
+    Only the bounding box is evaluated, so small shapes on big canvases are cheap.
+    """
+    out = np.zeros((h, w), F32)
+    bb = _bbox(h, w, cy, cx, max(rx, ry) + soft + 1)
+    if bb is None:
+        return out
+    sl, dy, dx = bb
     c, s = np.cos(angle), np.sin(angle)
     u = (dx * c + dy * s) / max(rx, 1e-3)
     v = (-dx * s + dy * c) / max(ry, 1e-3)
     d = (np.sqrt(u * u + v * v) - 1.0) * min(rx, ry)  # ~signed distance in px
-    return np.clip(0.5 - d / max(soft, 1e-3), 0.0, 1.0).astype(F32)
+    out[sl] = np.clip(0.5 - d / max(soft, 1e-3), 0.0, 1.0)
+    return out
 
 
 def blob(h: int, w: int, cy: float, cx: float, r: float, rng: np.random.Generator,
@@ -41,24 +64,31 @@ def blob(h: int, w: int, cy: float, cx: float, r: float, rng: np.random.Generato
     Low harmonics give lobulated/irregular outlines; `spikes` adds narrow
     radial spicules (malignant masses) of relative length `spike_len`.
     """
-    yy, xx = grid(h, w)
-    dy, dx = yy - cy, xx - cx
+    amps = [irregularity * rng.uniform(0.3, 1.0) / (k - 1) ** 0.7 for k in range(2, 2 + harmonics)]
+    phases = [rng.uniform(0, 2 * np.pi) for _ in amps]
+    if spikes:
+        s_ang = rng.uniform(-np.pi, np.pi, spikes)
+        s_wid = rng.uniform(0.04, 0.09, spikes)
+        s_len = spike_len * rng.uniform(0.5, 1.0, spikes)
+    out = np.zeros((h, w), F32)
+    rmax = r * (1 + sum(amps) + (spike_len if spikes else 0)) / min(aspect, 1.0) + soft + 1
+    bb = _bbox(h, w, cy, cx, rmax)
+    if bb is None:
+        return out
+    sl, dy, dx = bb
     c, s = np.cos(angle), np.sin(angle)
     u, v = dx * c + dy * s, (-dx * s + dy * c) * aspect
     theta = np.arctan2(v, u)
     rho = np.sqrt(u * u + v * v)
     rad = np.ones_like(theta)
-    for k in range(2, 2 + harmonics):
-        amp = irregularity * rng.uniform(0.3, 1.0) / (k - 1) ** 0.7
-        rad += amp * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    for k, (amp, ph) in enumerate(zip(amps, phases), start=2):
+        rad += amp * np.cos(k * theta + ph)
     if spikes:
-        ang = rng.uniform(-np.pi, np.pi, spikes)
-        d = np.angle(np.exp(1j * (theta[..., None] - ang)))  # wrapped difference
-        width = rng.uniform(0.04, 0.09, spikes)
-        length = spike_len * rng.uniform(0.5, 1.0, spikes)
-        rad += (length * np.clip(1 - np.abs(d) / width, 0, 1)).max(axis=-1)
+        d = np.angle(np.exp(1j * (theta[..., None] - s_ang)))  # wrapped difference
+        rad += (s_len * np.clip(1 - np.abs(d) / s_wid, 0, 1)).max(axis=-1)
     rr = r * np.maximum(rad, 0.2)
-    return np.clip(0.5 - (rho - rr) / soft, 0.0, 1.0).astype(F32)
+    out[sl] = np.clip(0.5 - (rho - rr) / soft, 0.0, 1.0)
+    return out
 
 
 def smooth_noise(rng: np.random.Generator, h: int, w: int, scale: float,
@@ -91,21 +121,28 @@ def dots(rng: np.random.Generator, h: int, w: int, n: int, radius: float,
     """Mask of `n` small round dots (nuclei, spots, pustules) in [0, 1].
 
     Dot centres are sampled with probability proportional to `weight` (a
-    density map), splatted as impulses and blurred, then thresholded softly.
+    density map, full or reduced resolution: a cell is drawn, then a uniform
+    position inside it), splatted as impulses, blurred and softly thresholded.
     """
+    if n <= 0:
+        return np.zeros((h, w), F32)
     if weight is None:
-        idx = rng.integers(0, h * w, n)
+        ys, xs = rng.uniform(0, h, n), rng.uniform(0, w, n)
     else:
+        gh, gw = weight.shape
         p = np.clip(weight, 0, None).ravel().astype(np.float64)
-        if p.sum() <= 0 or n == 0:
+        if p.sum() <= 0:
             return np.zeros((h, w), F32)
-        idx = rng.choice(h * w, size=n, p=p / p.sum())
+        cell = rng.choice(gh * gw, size=n, p=p / p.sum())
+        ys = (cell // gw + rng.uniform(0, 1, n)) * (h / gh)
+        xs = (cell % gw + rng.uniform(0, 1, n)) * (w / gw)
+    idx = np.clip(ys.astype(np.int64), 0, h - 1) * w + np.clip(xs.astype(np.int64), 0, w - 1)
     imp = np.zeros(h * w, F32)
-    np.add.at(imp, idx, rng.uniform(1 - jitter, 1 + jitter, idx.size).astype(F32))
-    imp = imp.reshape(h, w)
-    g = ndimage.gaussian_filter(imp, radius / 1.6)
-    peak = 1.0 / (2 * np.pi * (radius / 1.6) ** 2)
-    return np.clip(g / (0.45 * peak), 0, 1).astype(F32)
+    np.add.at(imp, idx, rng.uniform(1 - jitter, 1 + jitter, n).astype(F32))
+    sig = radius / 1.6
+    g = ndimage.gaussian_filter(imp.reshape(h, w), sig, truncate=2.5)
+    g *= F32(2 * np.pi * sig * sig / 0.45)
+    return np.clip(g, 0, 1, out=g)
 
 
 def polyline_mask(h: int, w: int, paths: list[np.ndarray], widths: list[float],
@@ -170,9 +207,11 @@ def vignette(h: int, w: int, strength: float = 0.6, radius: float = 0.75) -> np.
 
 
 def compose(base: np.ndarray, mask: np.ndarray, color) -> np.ndarray:
-    """Alpha-blend a colour (scalar or RGB) onto `base` through `mask`."""
-    m = mask[..., None] if base.ndim == 3 else mask
-    return base * (1 - m) + np.asarray(color, F32) * m
+    """Alpha-blend a colour (scalar, RGB or image) onto `base` through `mask`."""
+    m = mask[..., None] if base.ndim == 3 and mask.ndim == 2 else mask
+    d = np.subtract(base, np.asarray(color, F32), dtype=F32)
+    d *= m
+    return np.subtract(base, d, dtype=F32)
 
 
 def to_u8(a: np.ndarray) -> np.ndarray:
