@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(show)
     bench = sub.add_parser("bench", help="throughput benchmarks (ingest, train, generate)")
     bench.add_argument("what", choices=["ingest", "train", "generate"])
+    bench.add_argument("--images", type=int, default=256, help="source images per kind (ingest)")
     _config_args(bench)
     return parser
 
@@ -123,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "pipeline":
         run_pipeline(cfg)
     elif args.command == "bench":
-        print(f"medisyn: bench {args.what} is not built yet (issue #{4 if args.what == 'ingest' else 5 if args.what == 'train' else 6})",
-              file=sys.stderr)
-        return 2
+        if args.what == "ingest":
+            from medisyn.ingest.bench import run as bench_ingest
+            bench_ingest(cfg, images=args.images)
+        else:
+            print(f"medisyn: bench {args.what} is not built yet (issue #{5 if args.what == 'train' else 6})", file=sys.stderr)
+            return 2
     else:
         run_stage(args.command, cfg)
     return 0

@@ -28,7 +28,7 @@ from medisyn.ingest.summary import summarize, write_summary
 from medisyn.ingest.worker import REJECT_SCHEMA, atomic_write_table, atomic_write_text, finalize_unit, process_unit, unit_id
 
 log = logging.getLogger(__name__)
-STAGING_FORMAT = 2  # bump when the staging shard layout changes, so old shards are not reused
+STAGING_FORMAT = 3  # bump when the staging shard layout changes, so old shards are not reused
 
 
 def ingest_dirs(cfg: RunConfig) -> dict[str, Path]:
@@ -42,6 +42,7 @@ def _settings(repo, cfg) -> dict:
     return {
         "kind": repo.kind, "specialty": repo.specialty, "image_type": repo.image_type, "frames": repo.frames,
         "intensity": repo.intensity, "size": i.size, "png_compress_level": i.png_compress_level,
+        "image_format": i.image_format,
         "window": [i.ct_window_width, i.ct_window_level], "pct": [i.percentile_low, i.percentile_high],
         "wsi_level": i.wsi_level, "wsi_patch_size": i.wsi_patch_size, "wsi_overlap": i.wsi_overlap,
         "wsi_tissue_fraction": i.wsi_tissue_fraction, "row_group_rows": i.row_group_rows,
@@ -64,14 +65,14 @@ def plan_units(repo, items: list[Item], cfg: RunConfig, staging: Path) -> list[d
     return units
 
 
-def _ray_map(rows: list[dict], fn, name: str) -> list[dict]:
+def _ray_map(rows: list[dict], fn, max_tasks: int = 0) -> list[dict]:
     """Run ``fn`` over rows as a Ray Data job (one block per row, Ray's progress bar shown)."""
     import ray
 
     if not rows:
         return []
     ds = ray.data.from_items([{"unit": json.dumps(r)} for r in rows], override_num_blocks=len(rows))
-    return ds.map(fn, num_cpus=1).take_all()
+    return ds.map(fn, num_cpus=1, concurrency=max_tasks or None).take_all()
 
 
 def _dedup(units: list[dict], staging: Path, max_distance: int, max_rms: float) -> dict[str, dict[str, list[str]]]:
@@ -120,7 +121,7 @@ def run(cfg: RunConfig) -> dict:
     todo = [u for u in units if not (d["staging"] / f"{u['id']}.json").exists()]
     log.info("ingest: %d units, %d already done, %d to process", len(units), len(units) - len(todo), len(todo))
     ensure_ray()
-    _ray_map(todo, process_unit, "read")
+    _ray_map(todo, process_unit, cfg.ingest.max_tasks)
     unit_counts = [json.loads((d["staging"] / f"{u['id']}.json").read_text()) for u in units]
 
     dropped = _dedup(units, d["staging"], cfg.ingest.near_duplicate_bits, cfg.ingest.near_duplicate_rms)
@@ -135,7 +136,7 @@ def run(cfg: RunConfig) -> dict:
             jobs.append({"id": u["id"], "staging": str(d["staging"]), "corpus": str(d["corpus"]),
                          "rejects": str(d["rejects"]), "dropped": dropped[u["id"]], "fp": fp})
     log.info("ingest: %d shards to finalize", len(jobs))
-    _ray_map(jobs, finalize_unit, "finalize")
+    _ray_map(jobs, finalize_unit, cfg.ingest.max_tasks)
     state = {u["id"]: hashlib.sha256(json.dumps(dropped[u["id"]], sort_keys=True).encode()).hexdigest() for u in units}
     atomic_write_text(json.dumps(state, indent=0), state_file)
 
