@@ -40,7 +40,7 @@ STAGES = (
     Stage("audit-memorization", "nearest-neighbour copy audit (embeddings + FAISS + patch distance)"),
     Stage("audit-utility", "ResNet-50 real vs real+synthetic trials (Ray Tune) with bootstrap CIs"),
     Stage("reader", "the blinded reader-study web app"),
-    Stage("report", "the HTML report of every stage"),
+    Stage("report", "the HTML report of every stage", "medisyn.report:run"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
 

@@ -1,0 +1,148 @@
+"""The ``report`` stage: one HTML page of what a run produced, pictures first.
+
+Each section reads one stage's outputs and is skipped, with a note, when that stage has not
+run. Figures are PNG files beside the page (``report/``), so the page opens from any file
+browser and can be copied off a cluster. Only captions and counts appear — never a source
+path or an identifier.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from medisyn.config import RunConfig  # noqa: E402
+
+log = logging.getLogger(__name__)
+PAPER_PAIRS = {  # DESIGN §2: the paper's pairs per specialty (train, val, test)
+    "radiology": (367_779, 48_091, 45_887), "surgery": (245_000, 29_250, 29_948),
+    "pathology": (154_659, 20_007, 19_009), "ophthalmology": (128_744, 15_166, 16_836),
+    "dermatology": (36_929, 4_661, 4_645), "gastroenterology": (89_080, 11_135, 11_136),
+}
+
+
+def corpus_samples(corpus: Path, per_class: int = 4) -> dict[str, list[tuple[bytes, str]]]:
+    """Up to ``per_class`` train images per caption, grouped by specialty, read shard by shard."""
+    out: dict[str, list[tuple[bytes, str]]] = defaultdict(list)
+    seen: dict[str, int] = defaultdict(int)
+    for f in sorted(corpus.glob("*.parquet")):
+        meta = pq.read_table(f, columns=["caption", "split"]).to_pylist()
+        wanted = [i for i, m in enumerate(meta) if m["split"] == "train" and seen[m["caption"]] < per_class]
+        if not wanted:
+            continue
+        table = pq.read_table(f, columns=["image", "caption", "specialty"]).take(wanted)
+        for row in table.to_pylist():
+            if seen[row["caption"]] < per_class:
+                seen[row["caption"]] += 1
+                out[row["specialty"]].append((row["image"], row["caption"]))
+    return dict(sorted(out.items()))
+
+
+def contact_sheet(samples: list[tuple[bytes, str]], per_row: int = 4, tile: int = 160) -> Image.Image:
+    """Tiles in rows of one caption each, the caption written above its row."""
+    by_caption: dict[str, list[bytes]] = defaultdict(list)
+    for img, cap in samples:
+        by_caption[cap].append(img)
+    label_h = 18
+    sheet = Image.new("RGB", (per_row * tile, len(by_caption) * (tile + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (cap, imgs) in enumerate(by_caption.items()):
+        y = r * (tile + label_h)
+        draw.text((4, y + 3), cap[: 7 * per_row * tile // 40], fill="black")
+        for c, data in enumerate(imgs[:per_row]):
+            im = Image.open(io.BytesIO(data)).convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS)
+            sheet.paste(im, (c * tile, y + label_h))
+    return sheet
+
+
+def split_chart(summary: dict, path: Path) -> None:
+    """Pairs per specialty and split: ours beside the paper's shares (Extended Data Table 1)."""
+    specs = list(summary["by_specialty"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, (title, counts) in zip(axes, [
+        ("this run", {s: [summary["by_specialty"][s][k] for k in ("train", "val", "test")] for s in specs}),
+        ("the paper", {s: list(PAPER_PAIRS.get(s, (0, 0, 0))) for s in specs}),
+    ]):
+        left = [0] * len(specs)
+        for i, split in enumerate(("train", "val", "test")):
+            vals = [counts[s][i] for s in specs]
+            ax.barh(specs, vals, left=left, label=split)
+            left = [a + b for a, b in zip(left, vals)]
+        ax.set_title(f"image-caption pairs: {title}")
+        ax.invert_yaxis()
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(rows: dict[str, dict[str, int]], first: str) -> str:
+    head = f"<tr><th>{html.escape(first)}</th><th>train</th><th>val</th><th>test</th><th>total</th></tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{v[c]:,}</td>" for c in ("train", "val", "test", "total")) + "</tr>"
+        for k, v in rows.items())
+    return f"<table>{head}{body}</table>"
+
+
+def ingest_section(cfg: RunConfig, figs: Path) -> str:
+    summary_file = cfg.run_path / "ingest" / "summary.json"
+    if not summary_file.exists():
+        return "<h2>Corpus</h2><p class=todo>ingest has not run.</p>"
+    summary = json.loads(summary_file.read_text())
+    split_chart(summary, figs / "pairs_by_specialty.png")
+    parts = ["<h2>Corpus</h2>",
+             f"<p>{summary['pairs']['total']:,} image–caption pairs (train {summary['pairs']['train']:,}, "
+             f"val {summary['pairs']['val']:,}, test {summary['pairs']['test']:,}); split by patient.</p>",
+             '<img src="report/pairs_by_specialty.png" alt="pairs by specialty">']
+    for spec, samples in corpus_samples(cfg.run_path / "corpus").items():
+        name = f"corpus_{spec}.png"
+        contact_sheet(samples).save(figs / name)
+        parts.append(f'<h3>{html.escape(spec)}: training images by caption</h3><img src="report/{name}" alt="{spec}">')
+    parts += ["<h3>Pairs by image type</h3>", _table(summary["by_image_type"], "image type"),
+              "<h3>Pairs by class</h3>", _table(summary["by_class"], "image type: class")]
+    acc = summary["accounting"]
+    drops = [("rejected", summary["rejects"]), ("duplicates removed", summary["duplicates"])]
+    parts.append(f"<h3>Nothing lost</h3><p>{acc['files_listed']:,} source files listed; {acc['corpus']:,} images in the "
+                 f"corpus, {acc['duplicates']:,} duplicates, {acc['rejected']:,} rejected, {acc['background']:,} "
+                 "background patches.</p>")
+    for title, reasons in drops:
+        if reasons:
+            rows = "".join(f"<tr><td>{n:,}</td><td>{html.escape(r)}</td></tr>" for r, n in reasons.items())
+            parts.append(f"<p>{title}:</p><table><tr><th>files</th><th>reason</th></tr>{rows}</table>")
+    return "\n".join(parts)
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MediSyn report: {run}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%;border:1px solid #eee}}.todo{{color:#888}}</style>
+</head><body><h1>MediSyn run <code>{run}</code></h1>
+<p>Config: <code>{config}</code>; model preset <code>{preset}</code>.</p>
+{sections}
+<h2>Still to come</h2><p class=todo>{todo}</p>
+</body></html>"""
+
+
+def run(cfg: RunConfig) -> Path:
+    from medisyn.cli import STAGES
+
+    figs = cfg.run_path / "report"
+    figs.mkdir(parents=True, exist_ok=True)
+    todo = ", ".join(s.name for s in STAGES if not s.target) or "nothing"
+    page = PAGE.format(run=html.escape(cfg.run_dir), config=html.escape(Path(cfg.config_path).name or "defaults"),
+                       preset=cfg.model.preset, sections=ingest_section(cfg, figs), todo=todo)
+    out = cfg.run_path / "report.html"
+    out.write_text(page)
+    print(f"report: {out}")
+    return out
