@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from medisyn.ingest.config import IMAGE_TYPES, SPECIALTIES  # one list for the generator and ingest
+
 from . import dermatology, gastro, ophthalmology, pathology, radiology, surgery, xray_us
 
-SPECIALTIES = ("radiology", "dermatology", "pathology", "ophthalmology", "surgery", "gastroenterology")
-IMAGE_TYPES = ("computed tomography", "X-ray", "magnetic resonance imaging", "ultrasound", "dermoscopy",
-               "clinical images", "microscopy", "optical coherence tomography", "fundoscopy", "endoscopy")
 KINDS = ("dicom", "wsi", "image")
 
 
