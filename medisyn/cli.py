@@ -33,8 +33,8 @@ class Stage:
 STAGES = (
     Stage("phantoms", "generate the offline phantom source repositories", "medisyn.phantoms.stage:run"),
     Stage("ingest", "source repositories -> corpus parquet shards + rejects (Ray Data)", "medisyn.ingest.pipeline:run"),
-    Stage("cache", "VAE latent moments and caption encodings (Ray Data)", issue=5),
-    Stage("train", "fine-tune the SDXL U-Net (Ray Train)", issue=5),
+    Stage("cache", "VAE latent moments and caption encodings (Ray Data)", "medisyn.train.cache:run"),
+    Stage("train", "fine-tune the SDXL U-Net (Ray Train)", "medisyn.train.trainer:run"),
     Stage("select", "pick the lowest-FID epoch checkpoint and export it", issue=5),
     Stage("generate", "synthetic sets by Ray Data batch inference", issue=6),
     Stage("audit-memorization", "nearest-neighbour copy audit (embeddings + FAISS + patch distance)"),

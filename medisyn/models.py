@@ -178,6 +178,22 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None) -> S
     return pipe
 
 
+def load_vae(cfg: ModelConfig) -> AutoencoderKL:
+    """The frozen VAE alone (cache actors need nothing else)."""
+    if cfg.preset == "tiny" and not cfg.base:
+        return build_tiny_pipeline(cfg.seed).vae
+    if cfg.vae or not cfg.base:
+        return AutoencoderKL.from_pretrained(_source(cfg.vae, SDXL_VAE, "vae"))
+    return AutoencoderKL.from_pretrained(_source(cfg.base, SDXL_BASE, "base"), subfolder="vae")
+
+
+def load_unet(cfg: ModelConfig) -> UNet2DConditionModel:
+    """The U-Net to fine-tune: the preset's, or the one inside ``base``."""
+    if cfg.preset == "tiny" and not cfg.base:
+        return build_tiny_pipeline(cfg.seed).unet
+    return UNet2DConditionModel.from_pretrained(_source(cfg.base, SDXL_BASE, "base"), subfolder="unet")
+
+
 def save_pipeline(pipe: StableDiffusionXLPipeline, out: str | Path) -> Path:
     """Save in the diffusers layout, loadable with ``StableDiffusionXLPipeline.from_pretrained``."""
     out = Path(out)

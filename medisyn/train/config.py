@@ -27,6 +27,7 @@ class TrainConfig:
     per_worker_batch: int = 32                    # samples per worker per micro-step
     num_workers: int = 4                          # Ray Train workers (one GPU each when use_gpu)
     use_gpu: bool = True
+    cpus_per_worker: float = 1.0                  # CPUs each worker reserves (below 1 leaves CPUs for Ray Data on small machines)
     resolution: int = 512                         # training image side in pixels (the demo trains smaller)
     caption_dropout: float = 0.1                  # fraction of captions replaced by "" at each step
     mixed_precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype; master weights stay fp32

@@ -1,0 +1,175 @@
+"""The ``cache`` stage: what the frozen encoders say, computed once, so training runs the U-Net only.
+
+- Latents: for every train image, the VAE posterior's mean and log-variance (fp16), not a
+  sample — training draws a fresh latent from them at every step. Ray Data streams the
+  corpus through an actor pool (one GPU per actor on GPU clusters) and writes parquet.
+- Text: for every *unique* caption (a million images share a few hundred templated
+  captions) and for "", both text encoders' hidden states (concatenated, as SDXL's U-Net
+  reads them) and the pooled embedding of the second encoder.
+
+Keyed by model identity and training resolution (``cache/<identity>/``); latents are keyed by
+image id inside it, so a re-run encodes only images not yet cached, and a changed model or
+resolution writes a new cache beside the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medisyn.config import ModelConfig, RunConfig
+from medisyn.ingest.worker import atomic_write_table
+
+log = logging.getLogger(__name__)
+
+
+def model_identity(model: ModelConfig, resolution: int) -> str:
+    """Folder name of a cache: which networks and which training resolution it belongs to."""
+    key = json.dumps({"preset": model.preset, "base": model.base, "vae": model.vae, "seed": model.seed,
+                      "resolution": resolution}, sort_keys=True)
+    return f"{model.preset}-r{resolution}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    return cfg.run_path / "cache" / model_identity(cfg.model, cfg.train.resolution)
+
+
+def load_image(data: bytes, resolution: int) -> np.ndarray:
+    """Corpus bytes → float32 CHW in [-1, 1] at the training resolution (antialiased)."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    if im.size != (resolution, resolution):
+        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+class VaeEncoder:
+    """Ray Data callable class: loads the VAE once per actor, encodes a batch per call.
+
+    Batch in: ``id``, ``image`` (corpus bytes), ``caption``, ``original_size``, ``crop_top_left``.
+    Batch out: ``id``, ``caption``, ``original_size``, ``crop_top_left`` (scaled to the training
+    resolution), ``mean`` and ``logvar`` (float16, 4 × r/8 × r/8).
+    """
+
+    def __init__(self, model: dict, resolution: int):
+        import torch
+
+        from medisyn.models import load_vae
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.vae = load_vae(ModelConfig(**model)).to(self.device, self.dtype).eval()
+        self.resolution = resolution
+
+    def __call__(self, batch: dict) -> dict:
+        torch = self.torch
+        x = np.stack([load_image(b, self.resolution) for b in batch["image"]])
+        with torch.no_grad():
+            dist = self.vae.encode(torch.from_numpy(x).to(self.device, self.dtype)).latent_dist
+        scale = self.resolution / 512.0
+        crops = np.stack([np.asarray(c, dtype=np.float32) for c in batch["crop_top_left"]]) * scale
+        return {
+            "id": batch["id"], "caption": batch["caption"],
+            "original_size": np.stack([np.asarray(s, dtype=np.int32) for s in batch["original_size"]]),
+            "crop_top_left": np.rint(crops).astype(np.int32),
+            "mean": dist.mean.float().cpu().numpy().astype(np.float16),
+            "logvar": dist.logvar.float().cpu().numpy().astype(np.float16),
+        }
+
+
+def _cached_ids(latents: Path) -> set[str]:
+    """Ids already encoded; an unreadable (half-written) file is removed and its ids redone."""
+    ids: set[str] = set()
+    for f in latents.glob("*.parquet"):
+        try:
+            ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+        except Exception:
+            log.warning("cache: removing unreadable latent shard %s", f.name)
+            f.unlink()
+    return ids
+
+
+def encode_text(cfg: RunConfig, captions: list[str], out: Path) -> None:
+    """Both encoders' states for each caption and "" (row 0), written as one parquet file."""
+    import torch
+
+    from medisyn.models import load_pipeline
+
+    pipe = load_pipeline(cfg.model)
+    texts = [""] + sorted(set(captions) - {""})
+    embeds, pooled = [], []
+    with torch.no_grad():
+        for start in range(0, len(texts), 64):
+            e, _, p, _ = pipe.encode_prompt(texts[start:start + 64], device="cpu", num_images_per_prompt=1,
+                                            do_classifier_free_guidance=False)
+            embeds.append(e.to(torch.float16).numpy())
+            pooled.append(p.to(torch.float16).numpy())
+    e, p = np.concatenate(embeds), np.concatenate(pooled)
+    table = pa.table({"caption": texts, "embeds": [x.tobytes() for x in e], "pooled": [x.tobytes() for x in p]})
+    table = table.replace_schema_metadata({"embeds_shape": json.dumps(list(e.shape[1:])),
+                                           "pooled_shape": json.dumps(list(p.shape[1:]))})
+    atomic_write_table(table, out)
+
+
+def load_text(path: Path):
+    """(captions, embeds [C, 77, D], pooled [C, P]) as float16 numpy; row 0 is the empty caption."""
+    t = pq.read_table(path)
+    meta = t.schema.metadata
+    es, ps = json.loads(meta[b"embeds_shape"]), json.loads(meta[b"pooled_shape"])
+    embeds = np.stack([np.frombuffer(b, np.float16).reshape(es) for b in t.column("embeds").to_pylist()])
+    pooled = np.stack([np.frombuffer(b, np.float16).reshape(ps) for b in t.column("pooled").to_pylist()])
+    return t.column("caption").to_pylist(), embeds, pooled
+
+
+def run(cfg: RunConfig) -> Path:
+    import ray
+
+    from medisyn.raytools import ensure_ray
+
+    corpus = sorted((cfg.run_path / "corpus").glob("*.parquet"))
+    if not corpus:
+        raise FileNotFoundError(f"cache: no corpus shards in {cfg.run_path / 'corpus'}; run `medisyn ingest` first")
+    out = cache_dir(cfg)
+    latents = out / "latents"
+    latents.mkdir(parents=True, exist_ok=True)
+    meta = pa.concat_tables(pq.read_table(f, columns=["id", "caption", "split"]) for f in corpus)
+    train = meta.filter(pa.compute.equal(meta.column("split"), "train"))
+    captions = train.column("caption").to_pylist()
+    if not (out / "text.parquet").exists() or set(load_text(out / "text.parquet")[0]) != set(captions) | {""}:
+        encode_text(cfg, captions, out / "text.parquet")
+    done = _cached_ids(latents)
+    todo = sorted(set(train.column("id").to_pylist()) - done)
+    log.info("cache: %d train images, %d cached, %d to encode; %d unique captions", train.num_rows, len(done),
+             len(todo), len(set(captions)))
+    if todo:
+        ensure_ray()
+        wanted = set(todo)
+        use_gpu = cfg.train.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
+        ds = ray.data.read_parquet([str(f) for f in corpus],
+                                   columns=["id", "image", "caption", "split", "original_size", "crop_top_left"])
+        ds = ds.filter(lambda r: r["id"] in wanted)
+        ds = ds.map_batches(VaeEncoder, fn_constructor_kwargs={"model": _model_dict(cfg.model), "resolution": cfg.train.resolution},
+                            batch_size=cfg.cache.batch_size, concurrency=cfg.cache.num_actors,
+                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+        ds.write_parquet(str(latents))
+    from medisyn.models import load_vae
+
+    scaling = float(load_vae(cfg.model).config.scaling_factor)
+    (out / "cache.json").write_text(json.dumps({"images": len(_cached_ids(latents)), "captions": len(set(captions)) + 1,
+                                                "resolution": cfg.train.resolution, "model": _model_dict(cfg.model),
+                                                "scaling_factor": scaling}))
+    print(f"cache: {out}")
+    return out
+
+
+def _model_dict(model: ModelConfig) -> dict:
+    return {"preset": model.preset, "base": model.base, "vae": model.vae, "seed": model.seed}

@@ -1,0 +1,59 @@
+"""The ``train`` stage: a Ray Train ``TorchTrainer`` over the cached latents.
+
+Checkpoints land in ``<run_dir>/checkpoints/epoch-NNN/`` (Ray Train's storage), one per epoch.
+A worker that dies restarts from the latest one (``FailureConfig(max_failures)``); a re-run
+of a finished or interrupted job finds the run's state there and continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from medisyn.config import RunConfig
+from medisyn.configtools import to_dict
+from medisyn.train.cache import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+def checkpoints(cfg: RunConfig) -> list[Path]:
+    """Epoch checkpoints of the run, oldest first."""
+    return sorted(p for p in (cfg.run_path / "checkpoints").glob("epoch-*") if (p / "unet").is_dir())
+
+
+def run(cfg: RunConfig, fail_at_step: int = -1):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from medisyn.raytools import ensure_ray
+    from medisyn.train.loop import train_loop_per_worker
+
+    cache = cache_dir(cfg)
+    info_file = cache / "cache.json"
+    if not info_file.exists():
+        raise FileNotFoundError(f"train: no cache at {cache}; run `medisyn cache` with the same model and train.resolution")
+    info = json.loads(info_file.read_text())
+    t = cfg.train
+    log.info("train: %d workers x %d per worker x %d accumulation = effective batch %d; %d epochs",
+             t.num_workers, t.per_worker_batch, t.accumulation, t.effective_batch, t.epochs)
+    ensure_ray()
+    run_root = cfg.run_path.resolve()
+    (run_root / "train_log").mkdir(parents=True, exist_ok=True)
+    data = ray.data.read_parquet(str(cache / "latents"))
+    config = {k: v for k, v in to_dict(cfg).items() if k != "config_path"}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": config, "text": str((cache / "text.parquet").resolve()),
+                           "scaling_factor": info["scaling_factor"], "log_dir": str(run_root / "train_log"),
+                           "fail_at_step": fail_at_step},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name="checkpoints", storage_path=str(run_root),
+                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+        datasets={"train": data},
+    )
+    result = trainer.fit()
+    print(f"train: {len(checkpoints(cfg))} epoch checkpoints in {run_root / 'checkpoints'}; last metrics {result.metrics}")
+    return result
