@@ -55,3 +55,18 @@ def tiny_pipe():
     from medisyn.models import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def ingested(ray_cluster, phantom_root, tmp_path_factory):
+    """The phantoms ingested once with the demo config: (config, run dir, summary)."""
+    from pathlib import Path
+
+    from medisyn.config import load_config
+    from medisyn.ingest.pipeline import run as ingest
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(root / "jobs/configs/demo.yaml",
+                      [f"run_dir={run_dir}", f"ingest.repositories_file={phantom_root / 'repositories.yaml'}"])
+    return cfg, run_dir, ingest(cfg)

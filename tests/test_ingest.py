@@ -55,15 +55,6 @@ def _expected_items(phantom_root: Path, cfg) -> int:
     return n
 
 
-@pytest.fixture(scope="module")
-def ingested(ray_cluster, phantom_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ingest-run")
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml",
-                      [f"run_dir={run_dir}", f"ingest.repositories_file={phantom_root / 'repositories.yaml'}"])
-    summary = ingest(cfg)
-    return cfg, run_dir, summary
-
-
 def test_every_item_is_accounted_for(ingested, phantom_root):
     cfg, run_dir, summary = ingested
     acc = summary["accounting"]

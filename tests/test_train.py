@@ -1,0 +1,84 @@
+"""Training: the per-step pieces as units, then one real 2-worker Ray Train run with a worker killed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medisyn.train.loop import add_time_ids, dropout_mask, sample_latents
+
+
+def test_latents_are_fresh_draws_from_the_moments():
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(64, 4, 8, 8).half(), torch.full((64, 4, 8, 8), -2.0).half()
+    a, b = sample_latents(mean, logvar, 0.13025, g), sample_latents(mean, logvar, 0.13025, g)
+    assert not torch.equal(a, b)                                             # a new latent every step
+    assert ((a + b) / 2 - mean.float() * 0.13025).mean().abs() < 0.005       # centred on the mean, scaled
+    assert abs((a / 0.13025 - mean.float()).std().item() - torch.exp(torch.tensor(-1.0)).item()) < 0.02
+
+
+def test_caption_dropout_is_drawn_per_step():
+    g = torch.Generator().manual_seed(0)
+    masks = [dropout_mask(1000, 0.1, g) for _ in range(2)]
+    assert all(0.07 < m.float().mean() < 0.13 for m in masks)
+    assert not torch.equal(masks[0], masks[1])
+
+
+def test_time_ids_follow_sdxl_order():
+    ids = add_time_ids(torch.tensor([[768, 1024]]), torch.tensor([[0, 85]]), 512)
+    assert ids.tolist() == [[768.0, 1024.0, 0.0, 85.0, 512.0, 512.0]]
+
+
+def test_ema_weights_move():
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from medisyn.models import build_tiny_pipeline
+
+    unet = build_tiny_pipeline().unet
+    ema = EMAModel(unet.parameters(), decay=0.999, model_cls=UNet2DConditionModel, model_config=unet.config)
+    before = [p.clone() for p in ema.shadow_params]
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-2)
+    for _ in range(3):  # diffusers' EMA copies the weights on its first step (warm-up), then averages
+        for p in unet.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        ema.step(unet.parameters())
+    moved = sum(not torch.equal(a, b) for a, b in zip(before, ema.shadow_params))
+    assert moved > 0.9 * len(before)
+    same = sum(torch.equal(s, p) for s, p in zip(ema.shadow_params, unet.parameters()))
+    assert same == 0  # a moving average, not a copy
+
+
+@pytest.mark.ray
+def test_two_workers_two_epochs_survive_a_killed_worker(ingested):
+    from medisyn.config import load_config
+    from medisyn.train.cache import cache_dir, run as cache
+    from medisyn.train.trainer import checkpoints, run as train
+
+    base, run_dir, _ = ingested
+    cfg = load_config(base.config_path, [f"run_dir={run_dir}", f"ingest.repositories_file={base.ingest.repositories_file}",
+                                         "train.resolution=64", "train.per_worker_batch=8", "train.effective_batch=16",
+                                         "train.epochs=2", "train.max_failures=2"])
+    cache(cfg)
+    info = json.loads((cache_dir(cfg) / "cache.json").read_text())
+    assert info["images"] > 300 and info["resolution"] == 64
+    per_epoch = info["images"] // 16
+    result = train(cfg, fail_at_step=per_epoch + 5)   # a worker dies during epoch 1
+
+    log = run_dir / "train_log"
+    marker = log / "fault-injected"
+    assert marker.exists()                                    # the failure really happened
+    ckpts = checkpoints(cfg)
+    assert [c.name for c in ckpts] == ["epoch-000", "epoch-001"]  # one per epoch, none twice
+    assert (ckpts[0] / "unet/diffusion_pytorch_model.safetensors").exists()
+    assert (log / "epoch-000-rank-0.json").stat().st_mtime < marker.stat().st_mtime  # epoch 0 not redone
+    epochs = [[json.loads((log / f"epoch-{e:03d}-rank-{r}.json").read_text()) for r in (0, 1)] for e in (0, 1)]
+    assert epochs[1][0]["loss"] < epochs[0][0]["loss"]        # it learns
+    dropped = [set(epochs[e][0]["dropped_ids"]) | set(epochs[e][1]["dropped_ids"]) for e in (0, 1)]
+    for e in (0, 1):
+        assert 0.04 < epochs[e][0]["dropped_fraction"] < 0.18
+    assert len(dropped[0] & dropped[1]) < 0.5 * len(dropped[0])  # not the same images every epoch
+    assert result.metrics["epoch"] == 1 and result.metrics["effective_batch"] == 16
