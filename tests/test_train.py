@@ -52,22 +52,29 @@ def test_ema_weights_move():
     assert same == 0  # a moving average, not a copy
 
 
-@pytest.mark.ray
-def test_two_workers_two_epochs_survive_a_killed_worker(ingested):
+@pytest.fixture(scope="module")
+def trained(ingested):
+    """Cache at 64 px, then 2 epochs on 2 workers with a worker killed during epoch 1."""
     from medisyn.config import load_config
     from medisyn.train.cache import cache_dir, run as cache
-    from medisyn.train.trainer import checkpoints, run as train
+    from medisyn.train.trainer import run as train
 
     base, run_dir, _ = ingested
     cfg = load_config(base.config_path, [f"run_dir={run_dir}", f"ingest.repositories_file={base.ingest.repositories_file}",
                                          "train.resolution=64", "train.per_worker_batch=8", "train.effective_batch=16",
-                                         "train.epochs=2", "train.max_failures=2"])
+                                         "train.epochs=2", "train.max_failures=2", "select.num_images=16", "select.steps=4"])
     cache(cfg)
     info = json.loads((cache_dir(cfg) / "cache.json").read_text())
-    assert info["images"] > 300 and info["resolution"] == 64
-    per_epoch = info["images"] // 16
-    result = train(cfg, fail_at_step=per_epoch + 5)   # a worker dies during epoch 1
+    result = train(cfg, fail_at_step=info["images"] // 16 + 5)
+    return cfg, run_dir, info, result
 
+
+@pytest.mark.ray
+def test_two_workers_two_epochs_survive_a_killed_worker(trained):
+    from medisyn.train.trainer import checkpoints
+
+    cfg, run_dir, info, result = trained
+    assert info["images"] > 300 and info["resolution"] == 64
     log = run_dir / "train_log"
     marker = log / "fault-injected"
     assert marker.exists()                                    # the failure really happened
@@ -82,3 +89,29 @@ def test_two_workers_two_epochs_survive_a_killed_worker(ingested):
         assert 0.04 < epochs[e][0]["dropped_fraction"] < 0.18
     assert len(dropped[0] & dropped[1]) < 0.5 * len(dropped[0])  # not the same images every epoch
     assert result.metrics["epoch"] == 1 and result.metrics["effective_batch"] == 16
+
+
+@pytest.mark.ray
+def test_select_picks_lowest_fid_and_exports_a_plain_diffusers_pipeline(trained):
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from medisyn.train.select import run as select
+
+    cfg, run_dir, _, _ = trained
+    selection = select(cfg)
+    fids = {c["checkpoint"]: c["fid"] for c in selection["checkpoints"]}
+    assert set(fids) == {"epoch-000", "epoch-001"} and all(np.isfinite(list(fids.values())))
+    assert selection["best"] == min(fids, key=fids.get)
+    assert "offline" in selection["feature_extractor"] and "not comparable" in selection["feature_extractor"]
+    assert set(selection["checkpoints"][0]["fid_by_specialty"]) <= {"radiology", "dermatology", "pathology",
+                                                                    "ophthalmology", "surgery", "gastroenterology"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(run_dir / "model")
+    assert pipe.config.force_zeros_for_empty_prompt is False
+    exported = load_file(run_dir / "model/unet/diffusion_pytorch_model.safetensors")
+    best = load_file(run_dir / "checkpoints" / selection["best"] / "unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], best[k]) for k in best)
+    img = pipe("Dermoscopy image showing melanoma.", height=64, width=64, num_inference_steps=3,
+               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert img.shape == (64, 64, 3) and np.isfinite(img).all()
