@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput benchmarks (ingest, train, generate)")
     bench.add_argument("what", choices=["ingest", "train", "generate"])
     bench.add_argument("--images", type=int, default=256, help="source images per kind (ingest)")
+    bench.add_argument("--preset", choices=["tiny", "sdxl-random"], default="tiny", help="U-Net for train/generate benches")
+    bench.add_argument("--batch", type=int, default=0, help="samples per step (0: preset default)")
+    bench.add_argument("--resolution", type=int, default=0, help="image side in pixels (0: preset default)")
+    bench.add_argument("--steps", type=int, default=0, help="timed steps (0: default)")
     _config_args(bench)
     return parser
 
@@ -127,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "ingest":
             from medisyn.ingest.bench import run as bench_ingest
             bench_ingest(cfg, images=args.images)
+        elif args.what == "train":
+            from medisyn.train.bench import run as bench_train
+            bench_train(args.preset, args.batch, args.resolution, args.steps)
         else:
-            print(f"medisyn: bench {args.what} is not built yet (issue #{5 if args.what == 'train' else 6})", file=sys.stderr)
+            print(f"medisyn: bench {args.what} is not built yet (issue #6)", file=sys.stderr)
             return 2
     else:
         run_stage(args.command, cfg)

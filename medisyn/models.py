@@ -120,6 +120,23 @@ def tiny_unet(cross_attention_dim: int = 64, pooled_dim: int = 32) -> UNet2DCond
     )
 
 
+# SDXL base 1.0's U-Net (unet/config.json): 2.57 B parameters. Built from this dict with random
+# weights, it gives the real architecture for benchmarks without a download.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+    use_linear_projection=True, norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+
+def sdxl_random_unet() -> UNet2DConditionModel:
+    """The real SDXL U-Net architecture with random weights (benchmarks; no download)."""
+    return UNet2DConditionModel(**SDXL_UNET)
+
+
 def tiny_vae() -> AutoencoderKL:
     """Four levels, so the latent factor is 8 as in SDXL's VAE (and scaling factor 0.13025)."""
     return AutoencoderKL(

@@ -123,6 +123,39 @@ def ingest_section(cfg: RunConfig, figs: Path) -> str:
     return "\n".join(parts)
 
 
+def training_section(cfg: RunConfig, figs: Path) -> str:
+    logs = sorted((cfg.run_path / "train_log").glob("epoch-*-rank-0.json"))
+    if not logs:
+        return "<h2>Training</h2><p class=todo>train has not run.</p>"
+    epochs = [json.loads(f.read_text()) for f in logs]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([e["epoch"] for e in epochs], [e["loss"] for e in epochs], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE on predicted noise (rank 0)")
+    fig.tight_layout()
+    fig.savefig(figs / "train_loss.png", dpi=110)
+    plt.close(fig)
+    last = epochs[-1]
+    parts = ["<h2>Training</h2>", '<img src="report/train_loss.png" alt="training loss">',
+             f"<p>{len(epochs)} epochs, {last['step']:,} optimizer steps, effective batch {last['effective_batch']}, "
+             f"{last['samples_per_s']:.1f} samples/s in the last epoch; caption dropout drawn per step "
+             f"({last['dropped_fraction']:.1%} of samples in the last epoch).</p>"]
+    selection_file = cfg.run_path / "selection.json"
+    if selection_file.exists():
+        sel = json.loads(selection_file.read_text())
+        specs = sorted({k for c in sel["checkpoints"] for k in c["fid_by_specialty"]})
+        head = "<tr><th>checkpoint</th><th>FID</th>" + "".join(f"<th>{html.escape(s)}</th>" for s in specs) + "</tr>"
+        rows = "".join(
+            f"<tr><td>{c['checkpoint']}{' (best)' if c['checkpoint'] == sel['best'] else ''}</td><td>{c['fid']:.4g}</td>"
+            + "".join(f"<td>{c['fid_by_specialty'].get(s, float('nan')):.4g}</td>" for s in specs) + "</tr>"
+            for c in sel["checkpoints"])
+        parts += [f"<h3>Checkpoint selection: FID over {sel['num_images']:,} images</h3>",
+                  f"<p>Feature extractor: {html.escape(sel['feature_extractor'])}.</p>", f"<table>{head}{rows}</table>",
+                  f"<p>Exported: <code>{html.escape(Path(sel['exported']).name)}/</code> — loads with "
+                  "<code>StableDiffusionXLPipeline.from_pretrained</code>.</p>"]
+    return "\n".join(parts)
+
+
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MediSyn report: {run}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
@@ -141,7 +174,8 @@ def run(cfg: RunConfig) -> Path:
     figs.mkdir(parents=True, exist_ok=True)
     todo = ", ".join(s.name for s in STAGES if not s.target) or "nothing"
     page = PAGE.format(run=html.escape(cfg.run_dir), config=html.escape(Path(cfg.config_path).name or "defaults"),
-                       preset=cfg.model.preset, sections=ingest_section(cfg, figs), todo=todo)
+                       preset=cfg.model.preset, todo=todo,
+                       sections=ingest_section(cfg, figs) + training_section(cfg, figs))
     out = cfg.run_path / "report.html"
     out.write_text(page)
     print(f"report: {out}")

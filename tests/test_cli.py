@@ -50,7 +50,8 @@ def test_phantoms_command_is_idempotent(tmp_path, capsys):
 def test_demo_pipeline_end_to_end(tmp_path):
     """`make demo` in a fresh run dir: every built stage runs and the report is written."""
     run_dir = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "medisyn.cli", "pipeline", "--config", str(DEMO), f"run_dir={run_dir}"],
+    fast = ["train.resolution=64", "select.num_images=8", "select.steps=4"]  # same path as the demo, smaller
+    proc = subprocess.run([sys.executable, "-m", "medisyn.cli", "pipeline", "--config", str(DEMO), f"run_dir={run_dir}", *fast],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "ingest/summary.json").read_text())
@@ -58,4 +59,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
     page = (run_dir / "report.html").read_text()
     assert "image–caption pairs" in page and (run_dir / "report/corpus_pathology.png").stat().st_size > 10_000
     assert "stages still to come" in proc.stdout
+    assert json.loads((run_dir / "selection.json").read_text())["best"] in ("epoch-000", "epoch-001")
+    assert (run_dir / "model/model_index.json").exists() and "Training" in page
     assert "LEAKCANARY" not in proc.stdout + proc.stderr + page

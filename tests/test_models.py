@@ -111,3 +111,13 @@ def test_tiny_pipeline_bf16_on_cuda():
     g = torch.Generator("cuda").manual_seed(0)
     img = pipe(PROMPT, negative_prompt="", height=64, width=64, num_inference_steps=4, generator=g, output_type="np").images[0]
     assert np.isfinite(img).all() and img.std() > 1e-3
+
+
+def test_sdxl_random_unet_is_the_real_architecture():
+    from diffusers import UNet2DConditionModel
+
+    from medisyn.models import SDXL_UNET
+
+    with torch.device("meta"):  # no memory: shapes only
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base 1.0's U-Net

@@ -1,0 +1,31 @@
+"""The benchmarks run (tiny scale, CPU) and report numbers; speed itself is never asserted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medisyn.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_tiny_on_cpu(capsys):
+    from medisyn.train.bench import run
+
+    results = run("tiny", batch=2, resolution=64, steps=1)
+    assert [r["recipe"] for r in results][0] == "eager fp32" and results[0]["ratio"] == 1.0
+    assert all(r["samples_per_s"] > 0 and r["tflops"] > 0 for r in results)
+    assert "TFLOP forward per sample" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_bench_ingest_small(ray_cluster, capsys):
+    from medisyn.ingest.bench import run
+
+    results = run(load_config(ROOT / "jobs/configs/demo.yaml"), images=8)
+    assert [(r["source"], r["workers"]) for r in results] == [("ct", 1), ("ct", 2), ("png", 1), ("png", 2)]
+    assert all(r["images"] == 8 and r["per_core"] > 0 for r in results)
+    out = capsys.readouterr().out
+    assert "scaling efficiency 1 -> 2 workers" in out and "faster" in out
