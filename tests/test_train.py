@@ -31,6 +31,22 @@ def test_time_ids_follow_sdxl_order():
     assert ids.tolist() == [[768.0, 1024.0, 0.0, 85.0, 512.0, 512.0]]
 
 
+def test_text_cache_encodes_only_new_captions(tmp_path):
+    from medisyn.config import load_config
+    from medisyn.train.cache import encode_text, load_text
+
+    cfg = load_config(None, ["model.preset=tiny", f"run_dir={tmp_path}"])
+    out = tmp_path / "text.parquet"
+    assert encode_text(cfg, ["Dermoscopy image showing melanoma."], out) == 2  # "" and the caption
+    caps, e1, p1 = load_text(out)
+    assert caps == ["", "Dermoscopy image showing melanoma."] and e1.shape == (2, 77, 64) and p1.shape == (2, 32)
+    assert encode_text(cfg, ["Dermoscopy image showing melanoma.", "Fundus photograph showing glaucoma."], out) == 1
+    caps, e2, _ = load_text(out)
+    assert caps[2] == "Fundus photograph showing glaucoma." and (e2[:2] == e1).all()
+    assert not (e2[0] == e2[1]).all()  # "" is encoded, not zeros, and differs from a caption
+    assert encode_text(cfg, ["Fundus photograph showing glaucoma."], out) == 0
+
+
 def test_ema_weights_move():
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
@@ -63,7 +79,8 @@ def trained(ingested):
     cfg = load_config(base.config_path, [f"run_dir={run_dir}", f"ingest.repositories_file={base.ingest.repositories_file}",
                                          "train.resolution=64", "train.per_worker_batch=8", "train.effective_batch=16",
                                          "train.epochs=2", "train.max_failures=2", "select.num_images=16", "select.steps=4"])
-    cache(cfg)
+    first = cache(cfg)
+    assert first["latents_encoded"] > 300 and cache(cfg)["latents_encoded"] == 0  # a re-run encodes nothing
     info = json.loads((cache_dir(cfg) / "cache.json").read_text())
     result = train(cfg, fail_at_step=info["images"] // 16 + 5)
     return cfg, run_dir, info, result

@@ -98,26 +98,33 @@ def _cached_ids(latents: Path) -> set[str]:
     return ids
 
 
-def encode_text(cfg: RunConfig, captions: list[str], out: Path) -> None:
-    """Both encoders' states for each caption and "" (row 0), written as one parquet file."""
+def encode_text(cfg: RunConfig, captions: list[str], out: Path) -> int:
+    """Both encoders' states for "" (row 0) and every caption; only captions not yet cached are
+    encoded, the rest are kept as they are. Returns how many were encoded."""
     import torch
 
     from medisyn.models import load_pipeline
 
+    old_caps, old_e, old_p = load_text(out) if out.exists() else ([], None, None)
+    known = set(old_caps)
+    new = [c for c in ([""] if "" not in known else []) + sorted(set(captions) - known - {""})]
+    if not new:
+        return 0
     pipe = load_pipeline(cfg.model)
-    texts = [""] + sorted(set(captions) - {""})
-    embeds, pooled = [], []
+    embeds, pooled = [] if old_e is None else [old_e], [] if old_p is None else [old_p]
     with torch.no_grad():
-        for start in range(0, len(texts), 64):
-            e, _, p, _ = pipe.encode_prompt(texts[start:start + 64], device="cpu", num_images_per_prompt=1,
+        for start in range(0, len(new), 64):
+            e, _, p, _ = pipe.encode_prompt(new[start:start + 64], device="cpu", num_images_per_prompt=1,
                                             do_classifier_free_guidance=False)
             embeds.append(e.to(torch.float16).numpy())
             pooled.append(p.to(torch.float16).numpy())
+    texts = old_caps + new
     e, p = np.concatenate(embeds), np.concatenate(pooled)
     table = pa.table({"caption": texts, "embeds": [x.tobytes() for x in e], "pooled": [x.tobytes() for x in p]})
     table = table.replace_schema_metadata({"embeds_shape": json.dumps(list(e.shape[1:])),
                                            "pooled_shape": json.dumps(list(p.shape[1:]))})
     atomic_write_table(table, out)
+    return len(new)
 
 
 def load_text(path: Path):
@@ -130,8 +137,9 @@ def load_text(path: Path):
     return t.column("caption").to_pylist(), embeds, pooled
 
 
-def run(cfg: RunConfig) -> Path:
+def run(cfg: RunConfig) -> dict:
     import ray
+    from ray.data.expressions import col
 
     from medisyn.raytools import ensure_ray
 
@@ -144,19 +152,18 @@ def run(cfg: RunConfig) -> Path:
     meta = pa.concat_tables(pq.read_table(f, columns=["id", "caption", "split"]) for f in corpus)
     train = meta.filter(pa.compute.equal(meta.column("split"), "train"))
     captions = train.column("caption").to_pylist()
-    if not (out / "text.parquet").exists() or set(load_text(out / "text.parquet")[0]) != set(captions) | {""}:
-        encode_text(cfg, captions, out / "text.parquet")
+    encoded = encode_text(cfg, captions, out / "text.parquet")
     done = _cached_ids(latents)
     todo = sorted(set(train.column("id").to_pylist()) - done)
-    log.info("cache: %d train images, %d cached, %d to encode; %d unique captions", train.num_rows, len(done),
-             len(todo), len(set(captions)))
+    log.info("cache: %d train images, %d cached, %d to encode; %d unique captions (%d newly encoded)",
+             train.num_rows, len(done), len(todo), len(set(captions)), encoded)
     if todo:
         ensure_ray()
-        wanted = set(todo)
+        wanted = todo
         use_gpu = cfg.train.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
         ds = ray.data.read_parquet([str(f) for f in corpus],
                                    columns=["id", "image", "caption", "split", "original_size", "crop_top_left"])
-        ds = ds.filter(lambda r: r["id"] in wanted)
+        ds = ds.filter(expr=col("id").is_in(sorted(wanted)))
         ds = ds.map_batches(VaeEncoder, fn_constructor_kwargs={"model": _model_dict(cfg.model), "resolution": cfg.train.resolution},
                             batch_size=cfg.cache.batch_size, concurrency=cfg.cache.num_actors,
                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
@@ -164,11 +171,11 @@ def run(cfg: RunConfig) -> Path:
     from medisyn.models import load_vae
 
     scaling = float(load_vae(cfg.model).config.scaling_factor)
-    (out / "cache.json").write_text(json.dumps({"images": len(_cached_ids(latents)), "captions": len(set(captions)) + 1,
+    (out / "cache.json").write_text(json.dumps({"images": len(_cached_ids(latents)), "train_ids": sorted(set(train.column("id").to_pylist())), "captions": len(set(captions)) + 1,
                                                 "resolution": cfg.train.resolution, "model": _model_dict(cfg.model),
                                                 "scaling_factor": scaling}))
     print(f"cache: {out}")
-    return out
+    return {"dir": out, "latents_encoded": len(todo), "captions_encoded": encoded}
 
 
 def _model_dict(model: ModelConfig) -> dict:

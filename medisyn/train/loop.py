@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 CHECKPOINT_STATE = "training_state.pt"
 
@@ -101,6 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, t.epochs):
         started, seen, losses, dropped = time.perf_counter(), 0, [], []
         micro = 0
+        bar = tqdm(total=config.get("batches_per_epoch"), desc=f"epoch {epoch}", disable=rank != 0, mininterval=5)
         for batch in shard.iter_batches(batch_size=t.per_worker_batch, batch_format="numpy", local_shuffle_buffer_size=256,
                                         local_shuffle_seed=cfg.seed * 100 + epoch * 10 + rank, drop_last=False):
             fail_at = config.get("fail_at_step", -1)
@@ -131,6 +133,9 @@ def train_loop_per_worker(config: dict) -> None:
                 step += 1
             losses.append(loss.item())
             seen += n
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        bar.close()
         if micro % t.accumulation:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

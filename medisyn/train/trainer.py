@@ -41,13 +41,17 @@ def run(cfg: RunConfig, fail_at_step: int = -1):
     ensure_ray()
     run_root = cfg.run_path.resolve()
     (run_root / "train_log").mkdir(parents=True, exist_ok=True)
-    data = ray.data.read_parquet(str(cache / "latents"))
+    from ray.data.expressions import col
+
+    # only images of the current corpus's train split: the cache may hold ids a re-ingest dropped
+    data = ray.data.read_parquet(str(cache / "latents")).filter(expr=col("id").is_in(info["train_ids"]))
     config = {k: v for k, v in to_dict(cfg).items() if k != "config_path"}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": config, "text": str((cache / "text.parquet").resolve()),
                            "scaling_factor": info["scaling_factor"], "log_dir": str(run_root / "train_log"),
-                           "fail_at_step": fail_at_step},
+                           "fail_at_step": fail_at_step,
+                           "batches_per_epoch": -(-len(info["train_ids"]) // (t.num_workers * t.per_worker_batch))},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="checkpoints", storage_path=str(run_root),
