@@ -51,6 +51,7 @@ def summarize(corpus: Path, rejects: Path, unit_counts: list[dict], files: int) 
         "rejects": dict(reject_reasons.most_common()),
         "duplicates": dict(dup_reasons.most_common()),
         "background_patches": background,
+        "task_seconds": sum(u.get("seconds", 0.0) for u in unit_counts),  # CPU-task time spent reading units
         # every item accounted for: images (frames, patches) that reached the corpus, were
         # duplicates, were rejected, or were background; files listed but unreadable are rejects
         "accounting": {

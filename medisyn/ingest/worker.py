@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def process_unit(row: dict) -> dict:
     Writes ``<dir>/<id>.parquet`` (accepted rows), ``<id>.rejects.parquet`` and, last,
     ``<id>.json`` (counts). Returns the counts.
     """
+    started = time.perf_counter()
     unit = json.loads(row["unit"])
     s, out = unit["settings"], Path(unit["dir"])
     uid = unit["id"]
@@ -146,6 +148,7 @@ def process_unit(row: dict) -> dict:
             writer.write_table(pa.Table.from_pylist(buffer, STAGING_SCHEMA))
     os.replace(tmp, out / f"{uid}.parquet")
     counts["rejected"] = len(rejects)
+    counts["seconds"] = time.perf_counter() - started
     atomic_write_table(pa.Table.from_pylist(rejects, REJECT_SCHEMA), out / f"{uid}.rejects.parquet")
     atomic_write_text(json.dumps(counts), out / f"{uid}.json")
     return counts
