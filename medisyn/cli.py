@@ -36,7 +36,7 @@ STAGES = (
     Stage("cache", "VAE latent moments and caption encodings (Ray Data)", "medisyn.train.cache:run"),
     Stage("train", "fine-tune the SDXL U-Net (Ray Train)", "medisyn.train.trainer:run"),
     Stage("select", "pick the lowest-FID epoch checkpoint and export it", "medisyn.train.select:run"),
-    Stage("generate", "synthetic sets by Ray Data batch inference", issue=6),
+    Stage("generate", "synthetic sets by Ray Data batch inference", "medisyn.infer.generate:run"),
     Stage("audit-memorization", "nearest-neighbour copy audit (embeddings + FAISS + patch distance)"),
     Stage("audit-utility", "ResNet-50 real vs real+synthetic trials (Ray Tune) with bootstrap CIs"),
     Stage("reader", "the blinded reader-study web app"),

@@ -1,0 +1,144 @@
+"""Generation: prompt sets checked up front; counts, manifest and metadata; resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from medisyn.config import load_config
+from medisyn.configtools import ConfigError
+from medisyn.infer.prompts import expand, image_identity, load_prompt_set, match_to_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_set(path: Path, prompts: list[dict], name: str = "tiny-set") -> Path:
+    path.write_text(yaml.safe_dump({"name": name, "prompts": prompts}))
+    return path
+
+
+def test_paper_sets_load():
+    mem, util = load_prompt_set("memorization"), load_prompt_set("utility")
+    assert mem.total == 20 * 500 and len({e.specialty for e in mem.entries}) == 6
+    by_task = {}
+    for e in util.entries:
+        by_task[e.task] = by_task.get(e.task, 0) + e.count
+    assert by_task == {"chest-xray": 1000, "dermoscopy": 1000, "prostatectomy": 1000}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"prompt": "x", "count": 2, "colour": "red"}, "prompts[0]: unknown key 'colour'"),
+    ({"prompt": "  ", "count": 2}, "prompts[0]: empty prompt"),
+    ({"prompt": "CT image.", "count": 0}, "prompts[0] ('CT image.'): count must be a positive integer, got 0"),
+    ({"prompt": "CT image.", "count": "5"}, "count must be a positive integer, got '5'"),
+    ({"prompt": "CT image.", "count": 1, "specialty": "cardiology"}, "unknown specialty 'cardiology'; expected one of radiology"),
+    ({"prompt": "CT image.", "count": 1, "image_type": "PET"}, "unknown image_type 'PET'"),
+])
+def test_malformed_sets_name_the_entry(tmp_path, entry, message):
+    with pytest.raises(ConfigError) as err:
+        load_prompt_set(str(_write_set(tmp_path / "bad.yaml", [entry])))
+    assert message in str(err.value)
+
+
+def test_csv_sets_and_their_errors(tmp_path):
+    good = tmp_path / "mine.csv"
+    good.write_text("prompt,count,specialty,labels\nDermoscopy image showing melanoma.,3,dermatology,melanoma\n")
+    s = load_prompt_set(str(good))
+    assert s.name == "mine" and s.entries[0].count == 3 and s.entries[0].labels == ("melanoma",)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,count\nA prompt.,many\n")
+    with pytest.raises(ConfigError, match=r"bad.csv row 2 \('A prompt.'\): count 'many' is not an integer"):
+        load_prompt_set(str(bad))
+    with pytest.raises(ConfigError, match="known sets: memorization, utility"):
+        load_prompt_set("nonexistent")
+
+
+def test_ids_and_seeds_are_pure_functions():
+    assert image_identity("s", "p", 3) == image_identity("s", "p", 3)
+    assert len({image_identity("s", "p", i) for i in range(100)}) == 100
+    assert image_identity("s", "p", 0) != image_identity("t", "p", 0)
+
+
+def test_match_to_corpus_keeps_task_totals():
+    s = load_prompt_set("utility")
+    caps = ["Dermoscopy image showing melanoma."] * 3 + ["Dermoscopy image showing melanocytic nevi."]
+    m = match_to_corpus(s, caps)
+    derm = {e.prompt: e.count for e in m.entries if e.task == "dermoscopy"}
+    assert derm == {"Dermoscopy image showing melanoma.": 750, "Dermoscopy image showing melanocytic nevi.": 250}
+    assert sum(e.count for e in m.entries if e.task == "chest-xray") == 1000  # no match: unchanged
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from medisyn.models import build_tiny_pipeline, save_pipeline
+
+    return save_pipeline(build_tiny_pipeline(), tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _cfg(run_dir: Path, model: Path, set_file: Path):
+    return load_config(ROOT / "jobs/configs/demo.yaml", [
+        f"run_dir={run_dir}", f"generate.checkpoint={model}", f"generate.sets=[{set_file}]", "generate.steps=3",
+        "generate.resolution=64", "generate.batch_size=4", "generate.max_actors=1", "generate.max_per_prompt=0"])
+
+
+def _pixels(folder: Path) -> dict[str, np.ndarray]:
+    return {f.name: np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png")) if f.name != "contact_sheet.png"}
+
+
+@pytest.mark.ray
+def test_generate_counts_manifest_metadata_and_resume(ray_cluster, tiny_model, tmp_path):
+    from medisyn.infer.generate import run
+
+    set_file = _write_set(tmp_path / "tiny-set.yaml", [
+        {"prompt": "Dermoscopy image showing melanoma.", "count": 5, "specialty": "dermatology", "image_type": "dermoscopy",
+         "labels": ["melanoma"]},
+        {"prompt": "Optical coherence tomography image showing drusen.", "count": 3, "specialty": "ophthalmology"}])
+    (result,) = run(_cfg(tmp_path / "a", tiny_model, set_file))
+    out = tmp_path / "a/synthetic/tiny-set"
+    manifest = pq.read_table(out / "manifest.parquet").to_pandas()
+    assert result["images"] == 8 and len(manifest) == 8 and manifest["id"].is_unique
+    assert manifest.groupby("prompt").size().to_dict() == {"Dermoscopy image showing melanoma.": 5,
+                                                             "Optical coherence tomography image showing drusen.": 3}
+    row = manifest.iloc[0]
+    assert (row.steps, row.guidance_scale, row.scheduler, row.checkpoint) == (3, 7.0, "euler", "tiny")
+    assert (row["id"], row.seed) == image_identity("tiny-set", row.prompt, row["index"])
+    png = Image.open(out / row.file)
+    assert png.size == (64, 64) and png.text == {"prompt": row.prompt, "seed": str(row.seed), "checkpoint": "tiny"}
+    assert set(png.info) - {"prompt", "seed", "checkpoint"} <= {"dpi"}
+    assert (out / "contact_sheet.png").exists()
+    uninterrupted = _pixels(out)
+    assert len(uninterrupted) == 8
+
+    # an interrupted run: some images made, one write cut short, no manifest yet
+    b = tmp_path / "b/synthetic/tiny-set"
+    b.mkdir(parents=True)
+    for name in list(uninterrupted)[:3]:
+        (b / name).write_bytes((out / name).read_bytes())
+    (b / f".{list(uninterrupted)[3]}.0123.tmp").write_bytes(b"half a png")
+    (again,) = run(_cfg(tmp_path / "b", tiny_model, set_file))
+    assert again["made"] == 5 and again["images"] == 8
+    resumed = _pixels(b)
+    assert set(resumed) == set(uninterrupted) and not list(b.glob(".*.tmp"))
+    for name, px in uninterrupted.items():
+        assert np.abs(px.astype(int) - resumed[name].astype(int)).max() <= 1, name
+    (third,) = run(_cfg(tmp_path / "b", tiny_model, set_file))  # nothing left to do
+    assert third["made"] == 0 and len(pq.read_table(b / "manifest.parquet")) == 8
+
+
+def test_generate_validates_every_set_before_any_image(tmp_path, tiny_model):
+    from medisyn.infer.generate import run
+
+    good = _write_set(tmp_path / "good.yaml", [{"prompt": "CT image.", "count": 1}], name="good")
+    bad = _write_set(tmp_path / "bad.yaml", [{"prompt": "CT image.", "count": -1}], name="bad")
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path / 'run'}", f"generate.checkpoint={tiny_model}",
+                                                        f"generate.sets=[{good}, {bad}]"])
+    with pytest.raises(ConfigError, match="count must be a positive integer, got -1"):
+        run(cfg)
+    assert not (tmp_path / "run/synthetic").exists()
