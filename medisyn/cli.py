@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             from medisyn.train.bench import run as bench_train
             bench_train(args.preset, args.batch, args.resolution, args.steps)
         else:
-            print(f"medisyn: bench {args.what} is not built yet (issue #6)", file=sys.stderr)
-            return 2
+            from medisyn.infer.bench import run as bench_generate
+            bench_generate(args.preset, args.batch, args.resolution, args.steps)
     else:
         run_stage(args.command, cfg)
     return 0

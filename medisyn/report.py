@@ -156,6 +156,25 @@ def training_section(cfg: RunConfig, figs: Path) -> str:
     return "\n".join(parts)
 
 
+def synthetic_section(cfg: RunConfig, figs: Path) -> str:
+    sets = sorted(p for p in (cfg.run_path / "synthetic").glob("*") if (p / "manifest.parquet").exists())
+    if not sets:
+        return "<h2>Synthetic sets</h2><p class=todo>generate has not run.</p>"
+    parts = ["<h2>Synthetic sets</h2>"]
+    if cfg.model.preset == "tiny":
+        parts.append("<p class=todo>Tiny preset: random VAE and text encoders, a U-Net trained for minutes — these "
+                     "images show the pipeline works, not what MediSyn draws.</p>")
+    for d in sets:
+        m = pq.read_table(d / "manifest.parquet", columns=["prompt", "steps", "guidance_scale", "checkpoint"]).to_pylist()
+        name = f"synthetic_{d.name}.png"
+        if (d / "contact_sheet.png").exists():
+            Image.open(d / "contact_sheet.png").save(figs / name)
+        parts.append(f"<h3>{html.escape(d.name)}: {len(m):,} images, {len({r['prompt'] for r in m})} prompts, "
+                     f"{m[0]['steps']} Euler steps, guidance {m[0]['guidance_scale']}, checkpoint "
+                     f"{html.escape(m[0]['checkpoint'])}</h3><img src=\"report/{name}\" alt=\"{html.escape(d.name)}\">")
+    return "\n".join(parts)
+
+
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MediSyn report: {run}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
@@ -175,7 +194,7 @@ def run(cfg: RunConfig) -> Path:
     todo = ", ".join(s.name for s in STAGES if not s.target) or "nothing"
     page = PAGE.format(run=html.escape(cfg.run_dir), config=html.escape(Path(cfg.config_path).name or "defaults"),
                        preset=cfg.model.preset, todo=todo,
-                       sections=ingest_section(cfg, figs) + training_section(cfg, figs))
+                       sections=ingest_section(cfg, figs) + training_section(cfg, figs) + synthetic_section(cfg, figs))
     out = cfg.run_path / "report.html"
     out.write_text(page)
     print(f"report: {out}")

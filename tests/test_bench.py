@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from medisyn.config import load_config
 
@@ -18,6 +19,25 @@ def test_bench_train_tiny_on_cpu(capsys):
     assert [r["recipe"] for r in results][0] == "eager fp32" and results[0]["ratio"] == 1.0
     assert all(r["samples_per_s"] > 0 and r["tflops"] > 0 for r in results)
     assert "TFLOP forward per sample" in capsys.readouterr().out
+
+
+def test_bench_generate_tiny_on_cpu(capsys):
+    from medisyn.infer.bench import run
+
+    results = run("tiny", resolution=64, steps=2)
+    assert [r["batch"] for r in results] == [4, 8] and results[0]["ratio"] == 1.0
+    assert all(r["images_per_s"] > 0 for r in results)
+    assert "Euler 2 steps, guidance 7" in capsys.readouterr().out
+
+
+def test_sdxl_random_pipeline_has_sdxl_shapes():
+    from diffusers import AutoencoderKL
+
+    from medisyn.infer.bench import SDXL_VAE_CONFIG
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # SDXL's VAE
 
 
 @pytest.mark.ray

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from medisyn.cli import STAGES, main
@@ -50,7 +51,8 @@ def test_phantoms_command_is_idempotent(tmp_path, capsys):
 def test_demo_pipeline_end_to_end(tmp_path):
     """`make demo` in a fresh run dir: every built stage runs and the report is written."""
     run_dir = tmp_path / "demo"
-    fast = ["train.resolution=64", "select.num_images=8", "select.steps=4"]  # same path as the demo, smaller
+    fast = ["train.resolution=64", "select.num_images=8", "select.steps=4",  # same path as the demo, smaller
+            "generate.max_per_prompt=1", "generate.steps=3", "generate.resolution=64"]
     proc = subprocess.run([sys.executable, "-m", "medisyn.cli", "pipeline", "--config", str(DEMO), f"run_dir={run_dir}", *fast],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,4 +63,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert "stages still to come" in proc.stdout
     assert json.loads((run_dir / "selection.json").read_text())["best"] in ("epoch-000", "epoch-001")
     assert (run_dir / "model/model_index.json").exists() and "Training" in page
+    manifest = pq.read_table(run_dir / "synthetic/memorization/manifest.parquet")
+    assert manifest.num_rows == 20 and "Synthetic sets" in page
     assert "LEAKCANARY" not in proc.stdout + proc.stderr + page

@@ -142,3 +142,65 @@ def test_generate_validates_every_set_before_any_image(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="count must be a positive integer, got -1"):
         run(cfg)
     assert not (tmp_path / "run/synthetic").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_actor_pool_grows_when_a_node_joins(tiny_model, tmp_path):
+    """Head node with 1 CPU; generation starts on it; a second node joins with `ray start --address`;
+    the pool grows to 2 actors and every image is made exactly once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a private test cluster
+    env.pop("RAY_ADDRESS", None)
+    import shutil
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    common = ["--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
+                    *common], check=True, env=env, capture_output=True)
+    try:
+        set_file = _write_set(tmp_path / "elastic.yaml", [{"prompt": f"Dermoscopy image showing melanoma. {i}", "count": 16}
+                                                         for i in range(6)], name="elastic")
+        run_dir = tmp_path / "run"
+        out = run_dir / "synthetic/elastic"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medisyn.cli", "generate", "--config", str(ROOT / "jobs/configs/demo.yaml"),
+             f"run_dir={run_dir}", f"generate.checkpoint={tiny_model}", f"generate.sets=[{set_file}]",
+             "generate.steps=10", "generate.resolution=128", "generate.batch_size=4", "generate.min_actors=1",
+             "generate.max_actors=2", "generate.max_per_prompt=0"],
+            env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list(out.glob("*.png"))) < 4 and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        made_before_join = len(list(out.glob("*.png")))
+        subprocess.run([ray_bin, "start", f"--address={address}", f"--temp-dir={temp}", *common], check=True, env=env,
+                       capture_output=True)
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log[-3000:]
+        assert made_before_join < 96
+        actors = list((out / ".actors").iterdir())
+        assert len(actors) == 2, (actors, log[-2000:])          # the pool grew onto the new node
+        manifest = pq.read_table(out / "manifest.parquet").to_pandas()
+        files = sorted(p.name for p in out.glob("*.png") if p.name != "contact_sheet.png")
+        assert len(manifest) == 96 and manifest["file"].is_unique and sorted(manifest["file"]) == files
+    finally:
+        # not `ray stop`: that would stop every Ray cluster on the machine, the test session's too
+        subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -154,7 +154,9 @@ def generate_set(cfg: RunConfig, pset: PromptSet) -> dict:
     if todo:
         ensure_ray()
         use_gpu = cfg.train.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
-        ds = ray.data.from_items([{"id": j.id, "seed": j.seed, "prompt": j.prompt} for j in todo])
+        # one block per batch: blocks are what the pool hands out, so new actors find work waiting
+        ds = ray.data.from_items([{"id": j.id, "seed": j.seed, "prompt": j.prompt} for j in todo],
+                                 override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
         ds = ds.map_batches(
             ImageGenerator, batch_size=g.batch_size, concurrency=(g.min_actors, g.max_actors),
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else g.cpus_per_actor,
