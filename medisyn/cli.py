@@ -120,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medisyn: config error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _dispatch(args, cfg)
+    except (ConfigError, FileNotFoundError) as exc:  # a missing input or a bad set: say it, no traceback
+        print(f"medisyn: {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args, cfg: RunConfig) -> int:
     if args.command == "phantoms":
         from medisyn.phantoms.stage import run_cli
         run_cli(cfg, out=args.out, seed=args.seed, scale=args.scale, defects=not args.no_defects)

@@ -32,6 +32,18 @@ def test_unbuilt_stage_says_so(capsys):
     assert f"stage {unbuilt.name!r} is not built yet" in str(exc.value.code)
 
 
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.py") if not p.name.startswith("_")))
+def test_job_entrypoints_reach_the_cli(job):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0 and "--config" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_missing_prerequisite_is_a_message_not_a_traceback(tmp_path, capsys):
+    assert main(["select", "--config", str(DEMO), f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "no epoch checkpoints" in err and "Traceback" not in err
+
+
 def test_config_prints_resolved_values(capsys):
     assert main(["config", "--config", str(DEMO), "train.epochs=7"]) == 0
     assert "epochs: 7" in capsys.readouterr().out

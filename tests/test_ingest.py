@@ -82,7 +82,7 @@ def test_planted_defects_are_rejected_for_their_reason(ingested, phantom_root):
     rejects = _read_dir(run_dir / "rejects").set_index("source_ref")["reason"].to_dict()
     expected = {
         "truncated_dicom": "truncated pixel data", "dicom_without_pixel_data": "no pixel data",
-        "duplicate_image": "exact duplicate of", "unknown_label": "label 'UNK' not in the classes",
+        "duplicate_image": "exact duplicate of", "unknown_label": "label in column 'diagnosis' not in the classes",
         "not_a_tiff": "unreadable slide", "empty_file": "empty file (0 bytes)", "unlabelled_image": "missing label",
     }
     assert {d["kind"] for d in planted} == set(expected)

@@ -92,7 +92,8 @@ def _labels(repo: RepositoryConfig, row: dict) -> tuple[str, ...]:
         if raw == "":
             raise ValueError(f"missing label in column {repo.label_columns[0]!r}")
         if raw not in repo.classes:
-            raise ValueError(f"label {raw!r} not in the classes of repository {repo.name!r}")
+            # the value itself is not repeated: a misconfigured column could hold identifiers
+            raise ValueError(f"label in column {repo.label_columns[0]!r} not in the classes of repository {repo.name!r}")
         return (repo.classes[raw],)
     phrases = []
     for col in repo.label_columns:
@@ -102,7 +103,7 @@ def _labels(repo: RepositoryConfig, row: dict) -> tuple[str, ...]:
                 raise ValueError(f"finding column {col!r} has no caption phrase in classes")
             phrases.append(repo.classes[col])
         elif raw not in ABSENT:
-            raise ValueError(f"label value {raw!r} in column {col!r} is not 0/1")
+            raise ValueError(f"label value in column {col!r} is not 0/1")
     if not phrases:
         raise ValueError("no positive finding among the label columns")
     return tuple(phrases)
@@ -143,7 +144,7 @@ def list_repository(repo: RepositoryConfig, root: Path, cfg: IngestConfig) -> tu
         hashed = patient_hash(patient, cfg.split_salt)
         split = row[repo.split_column].strip() if repo.split_column else split_for(hashed, cfg.split_fractions)
         if split not in ("train", "val", "test"):
-            rejects.append({"source_ref": ref, "stage": "listing", "reason": f"split {split!r} is not train/val/test"})
+            rejects.append({"source_ref": ref, "stage": "listing", "reason": f"value in split column {repo.split_column!r} is not train/val/test"})
             continue
         items.append(Item(ref, str((root / rel).resolve()), repo.name, hashed, split, labels,
                           repo.template.format(label=join_phrases(list(labels)))))

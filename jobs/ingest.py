@@ -1,0 +1,5 @@
+"""Ray job entrypoint: `ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/ingest.py --config FILE [key=value ...]`."""
+
+from _entry import run
+
+run("ingest")
