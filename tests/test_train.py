@@ -132,3 +132,6 @@ def test_select_picks_lowest_fid_and_exports_a_plain_diffusers_pipeline(trained)
     img = pipe("Dermoscopy image showing melanoma.", height=64, width=64, num_inference_steps=3,
                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert img.shape == (64, 64, 3) and np.isfinite(img).all()
+    stamp = (run_dir / "selection.json").stat().st_mtime_ns
+    assert select(cfg)["best"] == selection["best"]  # a re-run with nothing new selects nothing again
+    assert (run_dir / "selection.json").stat().st_mtime_ns == stamp

@@ -172,6 +172,14 @@ def run(cfg: RunConfig) -> dict:
     ckpts = checkpoints(cfg)
     if not ckpts:
         raise FileNotFoundError(f"select: no epoch checkpoints in {cfg.run_path / 'checkpoints'}; run `medisyn train` first")
+    fingerprint = {"checkpoints": [c.name for c in ckpts], "select": to_dict(cfg.select), "seed": cfg.seed,
+                   "resolution": cfg.train.resolution, "model": to_dict(cfg.model)}
+    done_file = cfg.run_path / "selection.json"
+    if done_file.exists() and (cfg.run_path / "model" / "model_index.json").exists():
+        done = json.loads(done_file.read_text())
+        if done.get("fingerprint") == fingerprint:
+            print(f"select: {done['best']} already selected for these checkpoints and settings ({done_file})")
+            return done
     real = sample_real(cfg, cfg.select.num_images)
     images = _real_images(cfg, {r["id"] for r in real})
     label = OFFLINE_LABEL if cfg.select.feature_extractor == "offline" else STANDARD_LABEL
@@ -186,8 +194,8 @@ def run(cfg: RunConfig) -> dict:
     model_dir = export_pipeline(cfg, cfg.run_path / "checkpoints" / best["checkpoint"], cfg.run_path / "model")
     selection = {"feature_extractor": label, "num_images": len(real), "steps": cfg.select.steps,
                  "guidance_scale": cfg.select.guidance_scale, "checkpoints": scores, "best": best["checkpoint"],
-                 "exported": str(model_dir)}
-    (cfg.run_path / "selection.json").write_text(json.dumps(selection, indent=2))
+                 "exported": str(model_dir), "fingerprint": fingerprint}
+    done_file.write_text(json.dumps(selection, indent=2))
     for s in scores:
         print(f"select: {s['checkpoint']}: FID {s['fid']:.4g} [{cfg.select.feature_extractor}]"
               + ("  <- best" if s is best else ""))
