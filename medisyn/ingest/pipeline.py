@@ -66,7 +66,7 @@ def plan_units(repo, items: list[Item], cfg: RunConfig, staging: Path) -> list[d
 
 
 def _ray_map(rows: list[dict], fn, max_tasks: int = 0) -> list[dict]:
-    """Run ``fn`` over rows as a Ray Data job (one block per row, Ray's progress bar shown)."""
+    """Run ``fn`` over rows as a Ray Data job: one block per row, so every row is its own task."""
     import ray
 
     if not rows:
@@ -127,18 +127,15 @@ def run(cfg: RunConfig) -> dict:
     dropped = _dedup(units, d["staging"], cfg.ingest.near_duplicate_bits, cfg.ingest.near_duplicate_rms)
     state_file = d["ingest"] / "finalized.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    jobs = []
-    for u in units:
-        fp = hashlib.sha256(json.dumps(dropped[u["id"]], sort_keys=True).encode()).hexdigest()
-        done = state.get(u["id"]) == fp and (d["corpus"] / f"{u['id']}.parquet").exists() \
-            and (d["rejects"] / f"{u['id']}.parquet").exists()
-        if not done:
-            jobs.append({"id": u["id"], "staging": str(d["staging"]), "corpus": str(d["corpus"]),
-                         "rejects": str(d["rejects"]), "dropped": dropped[u["id"]], "fp": fp})
+    # a corpus shard is final for a given set of duplicates to drop; rewrite it when that set changes
+    fingerprints = {u["id"]: hashlib.sha256(json.dumps(dropped[u["id"]], sort_keys=True).encode()).hexdigest() for u in units}
+    jobs = [{"id": uid, "staging": str(d["staging"]), "corpus": str(d["corpus"]), "rejects": str(d["rejects"]),
+             "dropped": dropped[uid]}
+            for uid, fp in fingerprints.items()
+            if not (state.get(uid) == fp and (d["corpus"] / f"{uid}.parquet").exists() and (d["rejects"] / f"{uid}.parquet").exists())]
     log.info("ingest: %d shards to finalize", len(jobs))
     _ray_map(jobs, finalize_unit, cfg.ingest.max_tasks)
-    state = {u["id"]: hashlib.sha256(json.dumps(dropped[u["id"]], sort_keys=True).encode()).hexdigest() for u in units}
-    atomic_write_text(json.dumps(state, indent=0), state_file)
+    atomic_write_text(json.dumps(fingerprints, indent=0), state_file)
 
     listing_name = "listing.parquet"
     atomic_write_table(pa.Table.from_pylist(listing_rejects, REJECT_SCHEMA), d["rejects"] / listing_name)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medisyn.config import ModelConfig, RunConfig
+from medisyn.configtools import to_dict
 from medisyn.ingest.worker import atomic_write_table
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def run(cfg: RunConfig) -> dict:
         ds = ray.data.read_parquet([str(f) for f in corpus],
                                    columns=["id", "image", "caption", "split", "original_size", "crop_top_left"])
         ds = ds.filter(expr=col("id").is_in(sorted(wanted)))
-        ds = ds.map_batches(VaeEncoder, fn_constructor_kwargs={"model": _model_dict(cfg.model), "resolution": cfg.train.resolution},
+        ds = ds.map_batches(VaeEncoder, fn_constructor_kwargs={"model": to_dict(cfg.model), "resolution": cfg.train.resolution},
                             batch_size=cfg.cache.batch_size, concurrency=cfg.cache.num_actors,
                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
         ds.write_parquet(str(latents))
@@ -172,11 +173,8 @@ def run(cfg: RunConfig) -> dict:
 
     scaling = float(load_vae(cfg.model).config.scaling_factor)
     (out / "cache.json").write_text(json.dumps({"images": len(_cached_ids(latents)), "train_ids": sorted(set(train.column("id").to_pylist())), "captions": len(set(captions)) + 1,
-                                                "resolution": cfg.train.resolution, "model": _model_dict(cfg.model),
+                                                "resolution": cfg.train.resolution, "model": to_dict(cfg.model),
                                                 "scaling_factor": scaling}))
     print(f"cache: {out}")
     return {"dir": out, "latents_encoded": len(todo), "captions_encoded": encoded}
 
-
-def _model_dict(model: ModelConfig) -> dict:
-    return {"preset": model.preset, "base": model.base, "vae": model.vae, "seed": model.seed}
