@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
-test-fast: $(STAMP)  ## everything but the one slow end-to-end test
+test-fast: $(STAMP)  ## everything but the tests marked slow (end-to-end pipeline, elastic cluster)
 	$(PY) -m pytest -m "not slow"
 
 demo: $(STAMP)
