@@ -108,8 +108,8 @@ def resolve_set(cfg: RunConfig, name: str) -> PromptSet:
     if pset.match_corpus and (cfg.run_path / "corpus").is_dir():
         import pyarrow.parquet as pq
 
-        caps = [c for f in sorted((cfg.run_path / "corpus").glob("*.parquet"))
-                for c, s in zip(*pq.read_table(f, columns=["caption", "split"]).to_pydict().values()) if s == "train"]
+        caps = [r["caption"] for f in sorted((cfg.run_path / "corpus").glob("*.parquet"))
+                for r in pq.read_table(f, columns=["caption", "split"]).to_pylist() if r["split"] == "train"]
         pset = match_to_corpus(pset, caps)
     return cap_counts(pset, cfg.generate.max_per_prompt)
 

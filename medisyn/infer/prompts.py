@@ -65,12 +65,16 @@ def image_identity(set_name: str, prompt: str, index: int) -> tuple[str, int]:
     return h[:20], int(h[20:28], 16)
 
 
+def _reject_unknown(data: dict, valid: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+
+
 def _entry(raw, where: str) -> PromptEntry:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with prompt and count, got {raw!r}")
-    unknown = sorted(set(raw) - set(ENTRY_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(ENTRY_KEYS)}")
+    _reject_unknown(raw, ENTRY_KEYS, where)
     prompt = raw.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError(f"{where}: empty prompt")
@@ -115,9 +119,7 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with name and prompts")
-    unknown = sorted(set(data) - set(SET_KEYS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(SET_KEYS)}")
+    _reject_unknown(data, SET_KEYS, str(path))
     entries = data.get("prompts")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{path}: prompts must be a non-empty list")

@@ -27,10 +27,6 @@ class Rejected(Exception):
         self.reason = reason
 
 
-# Intensity policies: "auto" picks per file (CT window, percentile for MR/MG/other >8-bit).
-INTENSITY = ("auto", "ct_window", "percentile", "minmax", "none")
-
-
 def _check_size(path: Path) -> None:
     if path.stat().st_size == 0:
         raise Rejected("empty file (0 bytes)")

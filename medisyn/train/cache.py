@@ -172,7 +172,7 @@ def run(cfg: RunConfig) -> dict:
     from medisyn.models import load_vae
 
     scaling = float(load_vae(cfg.model).config.scaling_factor)
-    (out / "cache.json").write_text(json.dumps({"images": len(_cached_ids(latents)), "train_ids": sorted(set(train.column("id").to_pylist())), "captions": len(set(captions)) + 1,
+    (out / "cache.json").write_text(json.dumps({"images": len(done) + len(todo), "train_ids": sorted(set(train.column("id").to_pylist())), "captions": len(set(captions)) + 1,
                                                 "resolution": cfg.train.resolution, "model": to_dict(cfg.model),
                                                 "scaling_factor": scaling}))
     print(f"cache: {out}")
