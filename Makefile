@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medisyn-installed
 
-.PHONY: test demo test-fast clean-demo
+.PHONY: test demo test-fast lint clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,10 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)  ## ruff: lint rules and formatting (line length 120, pyproject.toml), checked, never rewritten
+	$(VENV)/bin/ruff check medisyn tests jobs
+	$(VENV)/bin/ruff format --check medisyn tests jobs
+
+test: lint
 	$(PY) -m pytest
 
-test-fast: $(STAMP)  ## everything but the tests marked slow (end-to-end pipeline, elastic cluster)
+test-fast: lint  ## everything but the tests marked slow (end-to-end pipeline, elastic cluster)
 	$(PY) -m pytest -m "not slow"
 
 demo: $(STAMP)

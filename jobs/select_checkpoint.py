@@ -1,4 +1,7 @@
-"""Ray job entrypoint (not select.py: that name would shadow the standard library module): `ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/select_checkpoint.py --config FILE [key=value ...]`."""
+"""Ray job entrypoint for the `select` stage (not select.py: that would shadow the stdlib module).
+
+ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/select_checkpoint.py --config FILE [key=value ...]
+"""
 
 from _entry import run
 

@@ -1,4 +1,7 @@
-"""Ray job entrypoint: `ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/train.py --config FILE [key=value ...]`."""
+"""Ray job entrypoint for the `train` stage.
+
+ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/train.py --config FILE [key=value ...]
+"""
 
 from _entry import run
 

@@ -12,54 +12,28 @@ import importlib
 import logging
 import sys
 import time
-from dataclasses import dataclass
 
 import yaml
 
 from medisyn.config import ConfigError, RunConfig, load_config, to_dict
+from medisyn.presets import get_preset, preset_names
+from medisyn.stages import STAGE_BY_NAME, STAGES, Stage, not_built_message
 
 log = logging.getLogger("medisyn")
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    help: str
-    target: str = ""   # "module:function" taking a RunConfig; "" = not built yet
-    issue: int = 0     # the issue that builds it, when not built yet
-
-
-# In pipeline order (DESIGN.md §1). `pipeline` runs the built ones and names the rest.
-STAGES = (
-    Stage("phantoms", "generate the offline phantom source repositories", "medisyn.phantoms.stage:run"),
-    Stage("ingest", "source repositories -> corpus parquet shards + rejects (Ray Data)", "medisyn.ingest.pipeline:run"),
-    Stage("cache", "VAE latent moments and caption encodings (Ray Data)", "medisyn.train.cache:run"),
-    Stage("train", "fine-tune the SDXL U-Net (Ray Train)", "medisyn.train.trainer:run"),
-    Stage("select", "pick the lowest-FID epoch checkpoint and export it", "medisyn.train.select:run"),
-    Stage("generate", "synthetic sets by Ray Data batch inference", "medisyn.infer.generate:run"),
-    Stage("audit-memorization", "nearest-neighbour copy audit (embeddings + FAISS + patch distance)"),
-    Stage("audit-utility", "ResNet-50 real vs real+synthetic trials (Ray Tune) with bootstrap CIs"),
-    Stage("reader", "the blinded reader-study web app"),
-    Stage("report", "the HTML report of every stage", "medisyn.report:run"),
-)
-STAGE_BY_NAME = {s.name: s for s in STAGES}
-
-
 def _stage_fn(stage: Stage):
+    """The stage's function, imported only now (the CLI is the one module that resolves targets)."""
     module, fn = stage.target.split(":")
     return getattr(importlib.import_module(module), fn)
 
 
-def _not_built(stage: Stage) -> str:
-    where = f" (issue #{stage.issue})" if stage.issue else ""
-    return f"stage {stage.name!r} is not built yet{where}"
-
-
 def run_stage(name: str, cfg: RunConfig) -> None:
     stage = STAGE_BY_NAME[name]
-    if not stage.target:
-        raise SystemExit(f"medisyn: {_not_built(stage)}; built so far: "
-                         + ", ".join(s.name for s in STAGES if s.target))
+    if not stage.built:
+        raise SystemExit(
+            f"medisyn: {not_built_message(stage)}; built so far: " + ", ".join(s.name for s in STAGES if s.built)
+        )
     start = time.perf_counter()
     log.info("stage %s: starting (run dir %s)", name, cfg.run_dir)
     _stage_fn(stage)(cfg)
@@ -68,14 +42,17 @@ def run_stage(name: str, cfg: RunConfig) -> None:
 
 def run_pipeline(cfg: RunConfig) -> None:
     """Every built stage in order; the stages still to come are named, not silently skipped."""
-    todo = [s for s in STAGES if not s.target]
+    todo = [s for s in STAGES if not s.built]
     for stage in STAGES:
         if stage.name == "phantoms" and not cfg.phantoms.enabled:
             continue
-        if stage.target:
+        if stage.built:
             run_stage(stage.name, cfg)
     if todo:
-        print("pipeline: stages still to come: " + ", ".join(f"{s.name}" + (f" (#{s.issue})" if s.issue else "") for s in todo))
+        print(
+            "pipeline: stages still to come: "
+            + ", ".join(f"{s.name}" + (f" (#{s.issue})" if s.issue else "") for s in todo)
+        )
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -96,14 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(ph)
 
     for stage in STAGES[1:]:
-        _config_args(sub.add_parser(stage.name, help=stage.help + ("" if stage.target else f" [{_not_built(stage)}]")))
+        _config_args(
+            sub.add_parser(stage.name, help=stage.help + ("" if stage.built else f" [{not_built_message(stage)}]"))
+        )
     _config_args(sub.add_parser("pipeline", help="every built stage in order"))
     show = sub.add_parser("config", help="print the resolved, validated config and exit")
     _config_args(show)
     bench = sub.add_parser("bench", help="throughput benchmarks (ingest, train, generate)")
     bench.add_argument("what", choices=["ingest", "train", "generate"])
     bench.add_argument("--images", type=int, default=256, help="source images per kind (ingest)")
-    bench.add_argument("--preset", choices=["tiny", "sdxl-random"], default="tiny", help="U-Net for train/generate benches")
+    bench.add_argument(
+        "--preset",
+        choices=[p for p in preset_names("diffusion") if "build" in get_preset(p)],
+        default="tiny",
+        help="build preset (random weights) for the train/generate benches",
+    )
     bench.add_argument("--batch", type=int, default=0, help="samples per step (0: preset default)")
     bench.add_argument("--resolution", type=int, default=0, help="image side in pixels (0: preset default)")
     bench.add_argument("--steps", type=int, default=0, help="timed steps (0: default)")
@@ -113,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -130,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args, cfg: RunConfig) -> int:
     if args.command == "phantoms":
         from medisyn.phantoms.stage import run_cli
+
         run_cli(cfg, out=args.out, seed=args.seed, scale=args.scale, defects=not args.no_defects)
     elif args.command == "config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -138,12 +126,15 @@ def _dispatch(args, cfg: RunConfig) -> int:
     elif args.command == "bench":
         if args.what == "ingest":
             from medisyn.ingest.bench import run as bench_ingest
+
             bench_ingest(cfg, images=args.images)
         elif args.what == "train":
             from medisyn.train.bench import run as bench_train
+
             bench_train(args.preset, args.batch, args.resolution, args.steps)
         else:
             from medisyn.infer.bench import run as bench_generate
+
             bench_generate(args.preset, args.batch, args.resolution, args.steps)
     else:
         run_stage(args.command, cfg)

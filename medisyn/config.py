@@ -17,28 +17,35 @@ from medisyn.audit.config import MemorizationConfig, UtilityConfig
 from medisyn.configtools import ConfigError, apply_overrides, build, read_yaml, to_dict
 from medisyn.infer.config import GenerateConfig
 from medisyn.ingest.config import IngestConfig
+from medisyn.presets import preset_names
 from medisyn.reader.config import ReaderConfig
-from medisyn.train.config import CacheConfig, SelectConfig, TrainConfig
+from medisyn.select.config import SelectConfig
+from medisyn.train.config import CacheConfig, TrainConfig
 
 __all__ = ["ConfigError", "ModelConfig", "PhantomsConfig", "RunConfig", "load_config", "to_dict"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which networks to build: the SDXL preset (hub ids or local dirs) or the offline tiny one."""
+    """Which networks to build: a diffusion preset of ``medisyn/presets`` (sdxl, tiny, sdxl-random)."""
 
-    preset: Literal["tiny", "sdxl"] = "sdxl"
-    base: str = ""                                # SDXL base repo id or local dir; "" = the preset's default
-    vae: str = ""                                 # VAE repo id or local dir; "" = the preset's default (fp16-fix)
-    seed: int = 0                                 # weight-init seed of the tiny preset
+    preset: str = "sdxl"  # a diffusion preset name (medisyn/presets/<name>.json)
+    base: str = ""  # SDXL base repo id or local dir; "" = the preset's default
+    vae: str = ""  # VAE repo id or local dir; "" = the preset's default (fp16-fix)
+    seed: int = 0  # weight-init seed of build presets (tiny, sdxl-random)
+
+    def __post_init__(self):
+        valid = preset_names("diffusion")
+        if self.preset not in valid:
+            raise ConfigError(f"model.preset: unknown preset {self.preset!r}; expected one of {', '.join(valid)}")
 
 
 @dataclass(frozen=True)
 class PhantomsConfig:
     """The offline demo corpus (``medisyn phantoms``), used when the run starts from phantoms."""
 
-    enabled: bool = False                         # generate phantom repositories before ingest
-    out: str = "phantoms"                         # folder under run_dir
+    enabled: bool = False  # generate phantom repositories before ingest
+    out: str = "phantoms"  # folder under run_dir
     seed: int = 0
     scale: Literal["small", "medium"] = "small"
 
@@ -47,8 +54,8 @@ class PhantomsConfig:
 class RunConfig:
     """Everything one run needs; each stage reads its own section."""
 
-    run_dir: str = "runs/default"                 # root of every output (local path or cluster URI)
-    seed: int = 0                                 # global seed for splits, sampling and trials
+    run_dir: str = "runs/default"  # root of every output (local path or cluster URI)
+    seed: int = 0  # global seed for splits, sampling and trials
     model: ModelConfig = field(default_factory=ModelConfig)
     phantoms: PhantomsConfig = field(default_factory=PhantomsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -59,7 +66,7 @@ class RunConfig:
     audit_memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
     audit_utility: UtilityConfig = field(default_factory=UtilityConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
-    config_path: str = ""                         # set by load_config: the YAML file this came from
+    config_path: str = ""  # set by load_config: the YAML file this came from
 
     @property
     def run_path(self) -> Path:

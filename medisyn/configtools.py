@@ -51,8 +51,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         choices = get_args(tp)
         if value not in choices:
             raise ConfigError(
-                f"{key}: {value!r} is not a valid choice; expected one of "
-                + ", ".join(repr(c) for c in choices)
+                f"{key}: {value!r} is not a valid choice; expected one of " + ", ".join(repr(c) for c in choices)
             )
         return value
     if origin in (typing.Union, types.UnionType):
@@ -77,7 +76,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         elif args:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}: {value!r}")
-            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         else:
             items = list(value)
         return tuple(items)
@@ -112,7 +111,9 @@ def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, names, n=1)
     path = f"{where}.{key}" if where else key
     hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
-    return ConfigError(f"unknown key {path!r}{hint} valid keys{' of ' + repr(where) if where else ''}: {', '.join(names)}")
+    return ConfigError(
+        f"unknown key {path!r}{hint} valid keys{' of ' + repr(where) if where else ''}: {', '.join(names)}"
+    )
 
 
 def build(cls: type, data: Any, where: str = "") -> Any:
@@ -132,7 +133,8 @@ def build(cls: type, data: Any, where: str = "") -> Any:
         path = f"{where}.{key}" if where else str(key)
         kwargs[key] = _coerce(value, hints[key], path)
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:

@@ -1,10 +1,12 @@
-"""Every network of the pipeline, from a preset or a path.
+"""Every network of the pipeline, from a preset (``medisyn/presets/*.json``) or a path.
 
-``sdxl`` loads SDXL base 1.0 (text encoders, tokenizers, U-Net, scheduler) with the
-fp16-fix VAE, from hub ids or local directories of the same layout. ``tiny`` builds the
-very same classes from small configs in code — no download — so tests, CI and the CPU demo
-run the real code path. Both give a :class:`StableDiffusionXLPipeline` whose unconditional
-branch is the encoding of "" (``force_zeros_for_empty_prompt=False``), as training uses.
+A ``build`` preset (``tiny``, ``sdxl-random``) makes SDXL's very classes from the configs in
+its file with seeded random weights — no download — so tests, CI and the CPU demo run the
+real code path. A ``pretrained`` preset (``sdxl``) loads SDXL base 1.0 with the fp16-fix VAE
+from hub ids, and ``model.base``/``model.vae`` point any preset at local directories of the
+same layout. Every pipeline's unconditional branch is the encoding of ""
+(``force_zeros_for_empty_prompt=False``), as training uses. Embedders for the memorization
+audit come from ``embedder`` presets through open_clip.
 """
 
 from __future__ import annotations
@@ -13,22 +15,20 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from medisyn.config import ModelConfig
+from medisyn.presets import get_preset
 
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
 MAX_TOKENS = 77  # CLIP context length, as in SDXL
-
-# Scheduler settings of SDXL base 1.0 (its scheduler_config.json), shared by both presets.
-SDXL_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, interpolation_type="linear",
-    use_karras_sigmas=False,
-)
 
 # Words the tiny tokenizer knows: the paper's caption templates and class phrases, the
 # phantom repositories' ones, and common radiology/pathology words for user prompts.
@@ -79,7 +79,11 @@ def build_tiny_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerF
         single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         model_max_length=MAX_TOKENS,
     )
 
@@ -88,77 +92,79 @@ def check_tokenizer(tokenizer, expected_vocab: int | None = None, name: str = "t
     """Fail loudly on a degenerate tokenizer (offline hub loads can return one without raising)."""
     size = len(tokenizer)
     if size < 100 or (expected_vocab is not None and size != expected_vocab):
-        raise RuntimeError(f"{name}: vocabulary has {size} entries (expected {expected_vocab or 'at least 100'}); "
-                           "the tokenizer files are missing or were not loaded")
+        raise RuntimeError(
+            f"{name}: vocabulary has {size} entries (expected {expected_vocab or 'at least 100'}); "
+            "the tokenizer files are missing or were not loaded"
+        )
     ids = tokenizer("image showing", add_special_tokens=False).input_ids
     if len(set(ids)) < 2:
         raise RuntimeError(f"{name}: distinct words map to the same id {ids}; the tokenizer is degenerate")
 
 
-def tiny_text_encoder_config(tokenizer: PreTrainedTokenizerFast, projection_dim: int = 32) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, hidden_act="gelu",
-        projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+def _text_encoder(spec: dict, tokenizer, cls):
+    """A CLIP text encoder from a preset's sizes; vocabulary and special ids come from the tokenizer."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # CLIP pools at eos: it must be the tokenizer's
+        pad_token_id=tokenizer.pad_token_id,
+        **spec,
     )
+    return cls(config)
 
 
-def tiny_unet(cross_attention_dim: int = 64, pooled_dim: int = 32) -> UNet2DConditionModel:
-    """SDXL's U-Net layout (text-time conditioning, linear projections) at ~3 M parameters."""
-    time_dim = 8
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2),
-        cross_attention_dim=cross_attention_dim, use_linear_projection=True, norm_num_groups=8,
-        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        # SDXL: 6 time ids (original size, crop top-left, target size) x time_dim + pooled text
-        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
-    )
+def _check_shapes(name: str, unet: dict, te1: dict, te2: dict) -> None:
+    """SDXL's U-Net reads both encoders' states and encoder 2's pooled embedding: sizes must agree."""
+    cross = te1["hidden_size"] + te2["hidden_size"]
+    if unet["cross_attention_dim"] != cross:
+        raise ValueError(
+            f"preset {name!r}: unet.cross_attention_dim {unet['cross_attention_dim']} must equal the two text "
+            f"encoders' hidden sizes summed ({cross})"
+        )
+    added = 6 * unet["addition_time_embed_dim"] + te2["projection_dim"]
+    if unet["projection_class_embeddings_input_dim"] != added:
+        raise ValueError(
+            f"preset {name!r}: unet.projection_class_embeddings_input_dim "
+            f"{unet['projection_class_embeddings_input_dim']} must be 6 x addition_time_embed_dim + "
+            f"text_encoder_2.projection_dim ({added})"
+        )
 
 
-# SDXL base 1.0's U-Net (unet/config.json): 2.57 B parameters. Built from this dict with random
-# weights, it gives the real architecture for benchmarks without a download.
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-    use_linear_projection=True, norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
+def scheduler_config(name: str = "sdxl-scheduler") -> dict:
+    """A scheduler preset's settings (SDXL base 1.0's scheduler_config.json by default)."""
+    return get_preset(name, "scheduler")["config"]
 
 
-def sdxl_random_unet() -> UNet2DConditionModel:
-    """The real SDXL U-Net architecture with random weights (benchmarks; no download)."""
-    return UNet2DConditionModel(**SDXL_UNET)
+def build_unet(preset: str) -> UNet2DConditionModel:
+    """A build preset's U-Net alone, random weights (benchmarks; no text encoders, no VAE)."""
+    return UNet2DConditionModel(**get_preset(preset, "diffusion")["build"]["unet"])
 
 
-def tiny_vae() -> AutoencoderKL:
-    """Four levels, so the latent factor is 8 as in SDXL's VAE (and scaling factor 0.13025)."""
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(8, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=128, scaling_factor=0.13025, force_upcast=False,
-    )
+def build_pipeline(preset: str = "tiny", seed: int = 0) -> StableDiffusionXLPipeline:
+    """A ``build`` preset as a full SDXL pipeline with seeded random weights, offline.
 
-
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """The ``tiny`` preset: SDXL's classes with random weights, built offline in about a second."""
+    Components are made in a fixed order after one seed, so a preset and a seed always give
+    the same weights, on every worker.
+    """
+    spec = get_preset(preset, "diffusion").get("build")
+    if spec is None:
+        raise ValueError(f"preset {preset!r} loads pretrained weights; it has no configs to build from")
+    _check_shapes(preset, spec["unet"], spec["text_encoder"], spec["text_encoder_2"])
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
-    text_encoder = CLIPTextModel(tiny_text_encoder_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder_config(tokenizer_2))
-    cross_dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
-    unet = tiny_unet(cross_attention_dim=cross_dim, pooled_dim=text_encoder_2.config.projection_dim)
+    text_encoder = _text_encoder(spec["text_encoder"], tokenizer, CLIPTextModel)
+    text_encoder_2 = _text_encoder(spec["text_encoder_2"], tokenizer_2, CLIPTextModelWithProjection)
+    unet = UNet2DConditionModel(**spec["unet"])
     pipe = StableDiffusionXLPipeline(
-        vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), force_zeros_for_empty_prompt=False,
+        vae=AutoencoderKL(**spec["vae"]),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**scheduler_config(spec["scheduler"])),
+        force_zeros_for_empty_prompt=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -173,19 +179,32 @@ def _source(value: str, default: str, what: str) -> str:
     return str(Path(src).expanduser()) if looks_local else src
 
 
-def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None) -> StableDiffusionXLPipeline:
-    """The pipeline a config names: ``tiny`` from code, ``sdxl`` from hub ids or local dirs.
+def _builds(cfg: ModelConfig) -> bool:
+    """True when the networks come from the preset's configs (no ``base`` given, a build preset)."""
+    return not cfg.base and "build" in get_preset(cfg.preset, "diffusion")
 
-    A ``base`` that holds a full exported pipeline (e.g. a fine-tuned run's export) also
-    carries its own VAE; ``vae`` then overrides it only when set explicitly.
-    """
-    if cfg.preset == "tiny" and not cfg.base:
-        pipe = build_tiny_pipeline(cfg.seed)
+
+def _pretrained(cfg: ModelConfig) -> tuple[str, str]:
+    """(base, vae) sources: ``model.base``/``model.vae`` or the preset's hub ids. A ``base`` that is
+    a full exported pipeline carries its own VAE, so the preset's VAE applies only without one."""
+    defaults = get_preset(cfg.preset, "diffusion").get("pretrained", {})
+    if not (cfg.base or defaults.get("base")):
+        raise ValueError(f"model.preset {cfg.preset!r} has no pretrained weights; set model.base to a model dir")
+    base = _source(cfg.base, defaults.get("base", ""), "base")
+    vae_default = "" if cfg.base else defaults.get("vae", "")
+    vae = _source(cfg.vae, vae_default, "vae") if (cfg.vae or vae_default) else ""
+    return base, vae
+
+
+def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None) -> StableDiffusionXLPipeline:
+    """The pipeline a config names: a build preset from code, else hub ids or local dirs."""
+    if _builds(cfg):
+        pipe = build_pipeline(cfg.preset, cfg.seed)
         return pipe.to(dtype=torch_dtype) if torch_dtype else pipe
-    base = _source(cfg.base, SDXL_BASE, "base")
+    base, vae = _pretrained(cfg)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype else {}
-    if cfg.vae or cfg.preset == "sdxl" and not cfg.base:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(_source(cfg.vae, SDXL_VAE, "vae"), **kwargs)
+    if vae:
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae, **kwargs)
     pipe = StableDiffusionXLPipeline.from_pretrained(base, **kwargs)
     check_tokenizer(pipe.tokenizer, name=f"{base}/tokenizer")
     check_tokenizer(pipe.tokenizer_2, name=f"{base}/tokenizer_2")
@@ -196,19 +215,49 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None) -> S
 
 
 def load_vae(cfg: ModelConfig) -> AutoencoderKL:
-    """The frozen VAE alone (cache actors need nothing else)."""
-    if cfg.preset == "tiny" and not cfg.base:
-        return build_tiny_pipeline(cfg.seed).vae
-    if cfg.vae or not cfg.base:
-        return AutoencoderKL.from_pretrained(_source(cfg.vae, SDXL_VAE, "vae"))
-    return AutoencoderKL.from_pretrained(_source(cfg.base, SDXL_BASE, "base"), subfolder="vae")
+    """The frozen VAE alone (cache actors need nothing else); the same weights load_pipeline gives."""
+    if _builds(cfg):
+        return build_pipeline(cfg.preset, cfg.seed).vae
+    base, vae = _pretrained(cfg)
+    return AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(base, subfolder="vae")
 
 
 def load_unet(cfg: ModelConfig) -> UNet2DConditionModel:
     """The U-Net to fine-tune: the preset's, or the one inside ``base``."""
-    if cfg.preset == "tiny" and not cfg.base:
-        return build_tiny_pipeline(cfg.seed).unet
-    return UNet2DConditionModel.from_pretrained(_source(cfg.base, SDXL_BASE, "base"), subfolder="unet")
+    if _builds(cfg):
+        return build_pipeline(cfg.preset, cfg.seed).unet
+    return UNet2DConditionModel.from_pretrained(_pretrained(cfg)[0], subfolder="unet")
+
+
+def load_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    """The training noise schedule: the preset's scheduler, or the one inside ``base``."""
+    if _builds(cfg):
+        spec = get_preset(cfg.preset, "diffusion")["build"]
+        return DDPMScheduler.from_config(scheduler_config(spec["scheduler"]))
+    return DDPMScheduler.from_pretrained(_pretrained(cfg)[0], subfolder="scheduler")
+
+
+def load_embedder(name: str, seed: int = 0):
+    """(open_clip model in eval mode, its preprocessing transform) for an embedder preset or source.
+
+    ``name`` is an embedder preset (``biomedclip``, ``tiny-embedder``) or an open_clip source
+    (``hf-hub:org/repo``, ``local-dir:/path``) such as a local copy of BiomedCLIP.
+    """
+    import open_clip
+
+    if name.startswith(("hf-hub:", "local-dir:")):
+        entry = {"open_clip": name}
+    else:
+        entry = get_preset(name, "embedder")
+    if "open_clip" in entry:
+        model, _, preprocess = open_clip.create_model_and_transforms(entry["open_clip"])
+    else:
+        torch.manual_seed(seed)
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        model = open_clip.CLIP(**entry["open_clip_config"])
+        preprocess = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
+    return model.eval(), preprocess
 
 
 def save_pipeline(pipe: StableDiffusionXLPipeline, out: str | Path) -> Path:

@@ -20,3 +20,14 @@ def ensure_ray(**kwargs) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     log.info("ray: %s CPUs, %s GPUs", ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+
+
+def gpus_available(wanted: bool = True) -> bool:
+    """Whether this run's GPU work gets GPUs: asked for (``train.use_gpu``) and the cluster has some.
+
+    One answer for every stage: a CPU-only cluster runs the same actors on CPUs instead of
+    queueing GPU requests it can never grant.
+    """
+    import ray
+
+    return wanted and ray.cluster_resources().get("GPU", 0) > 0

@@ -9,7 +9,6 @@ path or an identifier.
 from __future__ import annotations
 
 import html
-import io
 import json
 import logging
 from collections import defaultdict
@@ -19,66 +18,62 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from medisyn.config import RunConfig  # noqa: E402
+from medisyn.figures import contact_sheet  # noqa: E402
+from medisyn.records import read_corpus, read_manifest  # noqa: E402
+from medisyn.stages import STAGES  # noqa: E402
 
 log = logging.getLogger(__name__)
 PAPER_PAIRS = {  # DESIGN §2: the paper's pairs per specialty (train, val, test)
-    "radiology": (367_779, 48_091, 45_887), "surgery": (245_000, 29_250, 29_948),
-    "pathology": (154_659, 20_007, 19_009), "ophthalmology": (128_744, 15_166, 16_836),
-    "dermatology": (36_929, 4_661, 4_645), "gastroenterology": (89_080, 11_135, 11_136),
+    "radiology": (367_779, 48_091, 45_887),
+    "surgery": (245_000, 29_250, 29_948),
+    "pathology": (154_659, 20_007, 19_009),
+    "ophthalmology": (128_744, 15_166, 16_836),
+    "dermatology": (36_929, 4_661, 4_645),
+    "gastroenterology": (89_080, 11_135, 11_136),
 }
 
 
 def corpus_samples(corpus: Path, per_class: int = 4) -> dict[str, list[tuple[bytes, str]]]:
-    """Up to ``per_class`` train images per caption, grouped by specialty, read shard by shard."""
-    out: dict[str, list[tuple[bytes, str]]] = defaultdict(list)
+    """Up to ``per_class`` train images per caption, grouped by specialty, read shard by shard.
+
+    Picks rows from the small columns first, then reads only those rows' images.
+    """
+    meta = read_corpus(corpus, columns=["id", "caption"], split="train").to_pylist()
     seen: dict[str, int] = defaultdict(int)
-    for f in sorted(corpus.glob("*.parquet")):
-        meta = pq.read_table(f, columns=["caption", "split"]).to_pylist()
-        wanted = [i for i, m in enumerate(meta) if m["split"] == "train" and seen[m["caption"]] < per_class]
-        if not wanted:
-            continue
-        table = pq.read_table(f, columns=["image", "caption", "specialty"]).take(wanted)
-        for row in table.to_pylist():
-            if seen[row["caption"]] < per_class:
-                seen[row["caption"]] += 1
-                out[row["specialty"]].append((row["image"], row["caption"]))
+    wanted = []
+    for row in meta:
+        if seen[row["caption"]] < per_class:
+            seen[row["caption"]] += 1
+            wanted.append(row["id"])
+    table = read_corpus(corpus, columns=["id", "image", "caption", "specialty"], ids=wanted)
+    by_id = {row["id"]: row for row in table.to_pylist()}
+    out: dict[str, list[tuple[bytes, str]]] = defaultdict(list)
+    for image_id in wanted:
+        row = by_id[image_id]
+        out[row["specialty"]].append((row["image"], row["caption"]))
     return dict(sorted(out.items()))
-
-
-def contact_sheet(samples: list[tuple[bytes, str]], per_row: int = 4, tile: int = 160) -> Image.Image:
-    """Tiles in rows of one caption each, the caption written above its row."""
-    by_caption: dict[str, list[bytes]] = defaultdict(list)
-    for img, cap in samples:
-        by_caption[cap].append(img)
-    label_h = 18
-    sheet = Image.new("RGB", (per_row * tile, len(by_caption) * (tile + label_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (cap, imgs) in enumerate(by_caption.items()):
-        y = r * (tile + label_h)
-        draw.text((4, y + 3), cap[: 7 * per_row * tile // 40], fill="black")
-        for c, data in enumerate(imgs[:per_row]):
-            im = Image.open(io.BytesIO(data)).convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS)
-            sheet.paste(im, (c * tile, y + label_h))
-    return sheet
 
 
 def split_chart(summary: dict, path: Path) -> None:
     """Pairs per specialty and split: ours beside the paper's shares (Extended Data Table 1)."""
     specs = list(summary["by_specialty"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for ax, (title, counts) in zip(axes, [
-        ("this run", {s: [summary["by_specialty"][s][k] for k in ("train", "val", "test")] for s in specs}),
-        ("the paper", {s: list(PAPER_PAIRS.get(s, (0, 0, 0))) for s in specs}),
-    ]):
+    for ax, (title, counts) in zip(
+        axes,
+        [
+            ("this run", {s: [summary["by_specialty"][s][k] for k in ("train", "val", "test")] for s in specs}),
+            ("the paper", {s: list(PAPER_PAIRS.get(s, (0, 0, 0))) for s in specs}),
+        ],
+        strict=True,
+    ):
         left = [0] * len(specs)
         for i, split in enumerate(("train", "val", "test")):
             vals = [counts[s][i] for s in specs]
             ax.barh(specs, vals, left=left, label=split)
-            left = [a + b for a, b in zip(left, vals)]
+            left = [a + b for a, b in zip(left, vals, strict=True)]
         ax.set_title(f"image-caption pairs: {title}")
         ax.invert_yaxis()
     axes[0].legend(loc="lower right")
@@ -90,8 +85,11 @@ def split_chart(summary: dict, path: Path) -> None:
 def _table(rows: dict[str, dict[str, int]], first: str) -> str:
     head = f"<tr><th>{html.escape(first)}</th><th>train</th><th>val</th><th>test</th><th>total</th></tr>"
     body = "".join(
-        f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{v[c]:,}</td>" for c in ("train", "val", "test", "total")) + "</tr>"
-        for k, v in rows.items())
+        f"<tr><td>{html.escape(k)}</td>"
+        + "".join(f"<td>{v[c]:,}</td>" for c in ("train", "val", "test", "total"))
+        + "</tr>"
+        for k, v in rows.items()
+    )
     return f"<table>{head}{body}</table>"
 
 
@@ -101,21 +99,29 @@ def ingest_section(cfg: RunConfig, figs: Path) -> str:
         return "<h2>Corpus</h2><p class=todo>ingest has not run.</p>"
     summary = json.loads(summary_file.read_text())
     split_chart(summary, figs / "pairs_by_specialty.png")
-    parts = ["<h2>Corpus</h2>",
-             f"<p>{summary['pairs']['total']:,} image–caption pairs (train {summary['pairs']['train']:,}, "
-             f"val {summary['pairs']['val']:,}, test {summary['pairs']['test']:,}); split by patient.</p>",
-             '<img src="report/pairs_by_specialty.png" alt="pairs by specialty">']
+    parts = [
+        "<h2>Corpus</h2>",
+        f"<p>{summary['pairs']['total']:,} image–caption pairs (train {summary['pairs']['train']:,}, "
+        f"val {summary['pairs']['val']:,}, test {summary['pairs']['test']:,}); split by patient.</p>",
+        '<img src="report/pairs_by_specialty.png" alt="pairs by specialty">',
+    ]
     for spec, samples in corpus_samples(cfg.run_path / "corpus").items():
         name = f"corpus_{spec}.png"
         contact_sheet(samples).save(figs / name)
         parts.append(f'<h3>{html.escape(spec)}: training images by caption</h3><img src="report/{name}" alt="{spec}">')
-    parts += ["<h3>Pairs by image type</h3>", _table(summary["by_image_type"], "image type"),
-              "<h3>Pairs by class</h3>", _table(summary["by_class"], "image type: class")]
+    parts += [
+        "<h3>Pairs by image type</h3>",
+        _table(summary["by_image_type"], "image type"),
+        "<h3>Pairs by class</h3>",
+        _table(summary["by_class"], "image type: class"),
+    ]
     acc = summary["accounting"]
     drops = [("rejected", summary["rejects"]), ("duplicates removed", summary["duplicates"])]
-    parts.append(f"<h3>Nothing lost</h3><p>{acc['files_listed']:,} source files listed; {acc['corpus']:,} images in the "
-                 f"corpus, {acc['duplicates']:,} duplicates, {acc['rejected']:,} rejected, {acc['background']:,} "
-                 "background patches.</p>")
+    parts.append(
+        f"<h3>Nothing lost</h3><p>{acc['files_listed']:,} source files listed; {acc['corpus']:,} images in the "
+        f"corpus, {acc['duplicates']:,} duplicates, {acc['rejected']:,} rejected, {acc['background']:,} "
+        "background patches.</p>"
+    )
     for title, reasons in drops:
         if reasons:
             rows = "".join(f"<tr><td>{n:,}</td><td>{html.escape(r)}</td></tr>" for r, n in reasons.items())
@@ -136,23 +142,32 @@ def training_section(cfg: RunConfig, figs: Path) -> str:
     fig.savefig(figs / "train_loss.png", dpi=110)
     plt.close(fig)
     last = epochs[-1]
-    parts = ["<h2>Training</h2>", '<img src="report/train_loss.png" alt="training loss">',
-             f"<p>{len(epochs)} epochs, {last['step']:,} optimizer steps, effective batch {last['effective_batch']}, "
-             f"{last['samples_per_s']:.1f} samples/s in the last epoch; caption dropout drawn per step "
-             f"({last['dropped_fraction']:.1%} of samples in the last epoch).</p>"]
+    parts = [
+        "<h2>Training</h2>",
+        '<img src="report/train_loss.png" alt="training loss">',
+        f"<p>{len(epochs)} epochs, {last['step']:,} optimizer steps, effective batch {last['effective_batch']}, "
+        f"{last['samples_per_s']:.1f} samples/s in the last epoch; caption dropout drawn per step "
+        f"({last['dropped_fraction']:.1%} of samples in the last epoch).</p>",
+    ]
     selection_file = cfg.run_path / "selection.json"
     if selection_file.exists():
         sel = json.loads(selection_file.read_text())
         specs = sorted({k for c in sel["checkpoints"] for k in c["fid_by_specialty"]})
         head = "<tr><th>checkpoint</th><th>FID</th>" + "".join(f"<th>{html.escape(s)}</th>" for s in specs) + "</tr>"
         rows = "".join(
-            f"<tr><td>{c['checkpoint']}{' (best)' if c['checkpoint'] == sel['best'] else ''}</td><td>{c['fid']:.4g}</td>"
-            + "".join(f"<td>{c['fid_by_specialty'].get(s, float('nan')):.4g}</td>" for s in specs) + "</tr>"
-            for c in sel["checkpoints"])
-        parts += [f"<h3>Checkpoint selection: FID over {sel['num_images']:,} images</h3>",
-                  f"<p>Feature extractor: {html.escape(sel['feature_extractor'])}.</p>", f"<table>{head}{rows}</table>",
-                  f"<p>Exported: <code>{html.escape(Path(sel['exported']).name)}/</code> — loads with "
-                  "<code>StableDiffusionXLPipeline.from_pretrained</code>.</p>"]
+            f"<tr><td>{c['checkpoint']}{' (best)' if c['checkpoint'] == sel['best'] else ''}</td>"
+            f"<td>{c['fid']:.4g}</td>"
+            + "".join(f"<td>{c['fid_by_specialty'].get(s, float('nan')):.4g}</td>" for s in specs)
+            + "</tr>"
+            for c in sel["checkpoints"]
+        )
+        parts += [
+            f"<h3>Checkpoint selection: FID over {sel['num_images']:,} images</h3>",
+            f"<p>Feature extractor: {html.escape(sel['feature_extractor'])}.</p>",
+            f"<table>{head}{rows}</table>",
+            f"<p>Exported: <code>{html.escape(Path(sel['exported']).name)}/</code> — loads with "
+            "<code>StableDiffusionXLPipeline.from_pretrained</code>.</p>",
+        ]
     return "\n".join(parts)
 
 
@@ -162,16 +177,20 @@ def synthetic_section(cfg: RunConfig, figs: Path) -> str:
         return "<h2>Synthetic sets</h2><p class=todo>generate has not run.</p>"
     parts = ["<h2>Synthetic sets</h2>"]
     if cfg.model.preset == "tiny":
-        parts.append("<p class=todo>Tiny preset: random VAE and text encoders, a U-Net trained for minutes — these "
-                     "images show the pipeline works, not what MediSyn draws.</p>")
+        parts.append(
+            "<p class=todo>Tiny preset: random VAE and text encoders, a U-Net trained for minutes — these "
+            "images show the pipeline works, not what MediSyn draws.</p>"
+        )
     for d in sets:
-        m = pq.read_table(d / "manifest.parquet", columns=["prompt", "steps", "guidance_scale", "checkpoint"]).to_pylist()
+        m = read_manifest(d, columns=["prompt", "steps", "guidance_scale", "checkpoint"]).to_pylist()
         name = f"synthetic_{d.name}.png"
         if (d / "contact_sheet.png").exists():
             Image.open(d / "contact_sheet.png").save(figs / name)
-        parts.append(f"<h3>{html.escape(d.name)}: {len(m):,} images, {len({r['prompt'] for r in m})} prompts, "
-                     f"{m[0]['steps']} Euler steps, guidance {m[0]['guidance_scale']}, checkpoint "
-                     f"{html.escape(m[0]['checkpoint'])}</h3><img src=\"report/{name}\" alt=\"{html.escape(d.name)}\">")
+        parts.append(
+            f"<h3>{html.escape(d.name)}: {len(m):,} images, {len({r['prompt'] for r in m})} prompts, "
+            f"{m[0]['steps']} Euler steps, guidance {m[0]['guidance_scale']}, checkpoint "
+            f'{html.escape(m[0]["checkpoint"])}</h3><img src="report/{name}" alt="{html.escape(d.name)}">'
+        )
     return "\n".join(parts)
 
 
@@ -187,14 +206,16 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:100%;border:1px s
 
 
 def run(cfg: RunConfig) -> Path:
-    from medisyn.cli import STAGES
-
     figs = cfg.run_path / "report"
     figs.mkdir(parents=True, exist_ok=True)
-    todo = ", ".join(s.name for s in STAGES if not s.target) or "nothing"
-    page = PAGE.format(run=html.escape(cfg.run_dir), config=html.escape(Path(cfg.config_path).name or "defaults"),
-                       preset=cfg.model.preset, todo=todo,
-                       sections=ingest_section(cfg, figs) + training_section(cfg, figs) + synthetic_section(cfg, figs))
+    todo = ", ".join(s.name for s in STAGES if not s.built) or "nothing"
+    page = PAGE.format(
+        run=html.escape(cfg.run_dir),
+        config=html.escape(Path(cfg.config_path).name or "defaults"),
+        preset=cfg.model.preset,
+        todo=todo,
+        sections=ingest_section(cfg, figs) + training_section(cfg, figs) + synthetic_section(cfg, figs),
+    )
     out = cfg.run_path / "report.html"
     out.write_text(page)
     print(f"report: {out}")

@@ -11,7 +11,7 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never reach a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,8 +34,13 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     temp_dir = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp_dir), configure_logging=False,
-             object_store_memory=512 * 1024**2)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=str(temp_dir),
+        configure_logging=False,
+        object_store_memory=512 * 1024**2,
+    )
     yield ray
     ray.shutdown()
 
@@ -52,9 +57,9 @@ def phantom_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from medisyn.models import build_tiny_pipeline
+    from medisyn.models import build_pipeline
 
-    return build_tiny_pipeline(seed=0)
+    return build_pipeline("tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +72,8 @@ def ingested(ray_cluster, phantom_root, tmp_path_factory):
 
     root = Path(__file__).resolve().parents[1]
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(root / "jobs/configs/demo.yaml",
-                      [f"run_dir={run_dir}", f"ingest.repositories_file={phantom_root / 'repositories.yaml'}"])
+    cfg = load_config(
+        root / "jobs/configs/demo.yaml",
+        [f"run_dir={run_dir}", f"ingest.repositories_file={phantom_root / 'repositories.yaml'}"],
+    )
     return cfg, run_dir, ingest(cfg)

@@ -33,10 +33,10 @@ def test_bench_generate_tiny_on_cpu(capsys):
 def test_sdxl_random_pipeline_has_sdxl_shapes():
     from diffusers import AutoencoderKL
 
-    from medisyn.infer.bench import SDXL_VAE_CONFIG
+    from medisyn.presets import get_preset
 
     with torch.device("meta"):
-        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+        vae = AutoencoderKL(**get_preset("sdxl-random")["build"]["vae"])
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # SDXL's VAE
 
 

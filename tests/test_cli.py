@@ -10,7 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from medisyn.cli import STAGES, main
+from medisyn.cli import main
+from medisyn.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs/configs/demo.yaml"
@@ -20,13 +21,25 @@ def test_help_lists_every_stage(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for name in ("phantoms", "ingest", "cache", "train", "select", "generate", "audit-memorization",
-                 "audit-utility", "reader", "report", "pipeline", "bench"):
+    for name in (
+        "phantoms",
+        "ingest",
+        "cache",
+        "train",
+        "select",
+        "generate",
+        "audit-memorization",
+        "audit-utility",
+        "reader",
+        "report",
+        "pipeline",
+        "bench",
+    ):
         assert name in out
 
 
 def test_unbuilt_stage_says_so(capsys):
-    unbuilt = next(s for s in STAGES if not s.target)
+    unbuilt = next(s for s in STAGES if not s.built)
     with pytest.raises(SystemExit) as exc:
         main([unbuilt.name, "--config", str(DEMO)])
     assert f"stage {unbuilt.name!r} is not built yet" in str(exc.value.code)
@@ -63,10 +76,21 @@ def test_phantoms_command_is_idempotent(tmp_path, capsys):
 def test_demo_pipeline_end_to_end(tmp_path):
     """`make demo` in a fresh run dir: every built stage runs and the report is written."""
     run_dir = tmp_path / "demo"
-    fast = ["train.resolution=64", "select.num_images=8", "select.steps=4",  # same path as the demo, smaller
-            "generate.max_per_prompt=1", "generate.steps=3", "generate.resolution=64"]
-    proc = subprocess.run([sys.executable, "-m", "medisyn.cli", "pipeline", "--config", str(DEMO), f"run_dir={run_dir}", *fast],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    fast = [
+        "train.resolution=64",
+        "select.num_images=8",
+        "select.steps=4",  # same path as the demo, smaller
+        "generate.max_per_prompt=1",
+        "generate.steps=3",
+        "generate.resolution=64",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "medisyn.cli", "pipeline", "--config", str(DEMO), f"run_dir={run_dir}", *fast],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "ingest/summary.json").read_text())
     assert summary["pairs"]["total"] > 400 and len(summary["by_image_type"]) == 10

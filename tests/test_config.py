@@ -29,21 +29,48 @@ def test_paper_yaml_holds_the_papers_numbers():
     assert (p.ingest.percentile_low, p.ingest.percentile_high) == (0.5, 99.5)
     assert p.ingest.size == 512 and p.ingest.split_fractions == (0.8, 0.1, 0.1) and p.ingest.wsi_overlap <= 0.1
     t = p.train
-    assert (t.epochs, t.learning_rate, t.effective_batch, t.caption_dropout, t.mixed_precision) == (15, 1e-5, 128, 0.1, "bf16")
+    assert (t.epochs, t.learning_rate, t.effective_batch, t.caption_dropout, t.mixed_precision) == (
+        15,
+        1e-5,
+        128,
+        0.1,
+        "bf16",
+    )
     assert t.ema_decay == 0.0 and t.accumulation == 1
-    assert (p.select.num_images, p.generate.scheduler, p.generate.guidance_scale, p.generate.steps) == (10_000, "euler", 7.0, 50)
+    assert (p.select.num_images, p.generate.scheduler, p.generate.guidance_scale, p.generate.steps) == (
+        10_000,
+        "euler",
+        7.0,
+        50,
+    )
     m = p.audit_memorization
     assert (m.images_per_prompt, m.grid, m.threshold) == (500, 4, 0.15) and "BiomedCLIP" in m.embedder
     u = p.audit_utility
-    assert (u.real_full, u.real_half, u.synthetic, u.epochs, u.learning_rate, u.bootstrap_resamples) == (2000, 1000, 1000, 15, 1e-4, 2000)
+    assert (u.real_full, u.real_half, u.synthetic, u.epochs, u.learning_rate, u.bootstrap_resamples) == (
+        2000,
+        1000,
+        1000,
+        15,
+        1e-4,
+        2000,
+    )
     assert p.model.preset == "sdxl" and "fp16-fix" in p.model.vae
     # the dataclass defaults are the paper's numbers too, so a bare config is the paper's recipe
     assert to_dict(load_config(None).train) == to_dict(p.train)
 
 
 def test_overrides_are_typed():
-    cfg = load_config(DEMO, ["train.epochs=3", "train.learning_rate=1", "run_dir=2024", "generate.sets=[a, b]",
-                             "ingest.split_fractions=[0.7, 0.2, 0.1]", "train.use_gpu=true"])
+    cfg = load_config(
+        DEMO,
+        [
+            "train.epochs=3",
+            "train.learning_rate=1",
+            "run_dir=2024",
+            "generate.sets=[a, b]",
+            "ingest.split_fractions=[0.7, 0.2, 0.1]",
+            "train.use_gpu=true",
+        ],
+    )
     assert cfg.train.epochs == 3 and cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
     assert cfg.run_dir == "2024" and cfg.generate.sets == ("a", "b") and cfg.train.use_gpu is True
     assert cfg.ingest.split_fractions == (0.7, 0.2, 0.1)
@@ -95,9 +122,20 @@ def test_missing_and_malformed_files(tmp_path):
 def test_repository_entries_are_checked():
     from medisyn.ingest.config import IngestConfig
 
-    repo = dict(name="r", kind="dicom", path=".", glob="*.dcm", labels_csv="l.csv", path_column="p",
-                label_columns=["label"], patient_column="pid", template="CT image showing {label}.",
-                specialty="radiology", image_type="computed tomography", classes={"1": "pulmonary embolism"})
+    repo = dict(
+        name="r",
+        kind="dicom",
+        path=".",
+        glob="*.dcm",
+        labels_csv="l.csv",
+        path_column="p",
+        label_columns=["label"],
+        patient_column="pid",
+        template="CT image showing {label}.",
+        specialty="radiology",
+        image_type="computed tomography",
+        classes={"1": "pulmonary embolism"},
+    )
     cfg = build(IngestConfig, {"repositories": [repo]}, "ingest")
     assert cfg.repositories[0].label_columns == ("label",)
     with pytest.raises(ConfigError, match=r"ingest.repositories\[0\].kind: 'dcm' is not a valid choice"):
@@ -115,7 +153,9 @@ def test_cli_config_error_stops_before_any_work(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "medisyn.cli", "pipeline", "--config", str(DEMO), f"run_dir={run_dir}", "train.epoch=2"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 2
     assert "unknown key 'train.epoch'; did you mean 'train.epochs'?" in proc.stderr

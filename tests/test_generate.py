@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ from PIL import Image
 
 from medisyn.config import load_config
 from medisyn.configtools import ConfigError
-from medisyn.infer.prompts import expand, image_identity, load_prompt_set, match_to_corpus
+from medisyn.infer.prompts import image_identity, load_prompt_set, match_to_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,14 +31,20 @@ def test_paper_sets_load():
     assert by_task == {"chest-xray": 1000, "dermoscopy": 1000, "prostatectomy": 1000}
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"prompt": "x", "count": 2, "colour": "red"}, "prompts[0]: unknown key 'colour'"),
-    ({"prompt": "  ", "count": 2}, "prompts[0]: empty prompt"),
-    ({"prompt": "CT image.", "count": 0}, "prompts[0] ('CT image.'): count must be a positive integer, got 0"),
-    ({"prompt": "CT image.", "count": "5"}, "count must be a positive integer, got '5'"),
-    ({"prompt": "CT image.", "count": 1, "specialty": "cardiology"}, "unknown specialty 'cardiology'; expected one of radiology"),
-    ({"prompt": "CT image.", "count": 1, "image_type": "PET"}, "unknown image_type 'PET'"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"prompt": "x", "count": 2, "colour": "red"}, "prompts[0]: unknown key 'colour'"),
+        ({"prompt": "  ", "count": 2}, "prompts[0]: empty prompt"),
+        ({"prompt": "CT image.", "count": 0}, "prompts[0] ('CT image.'): count must be a positive integer, got 0"),
+        ({"prompt": "CT image.", "count": "5"}, "count must be a positive integer, got '5'"),
+        (
+            {"prompt": "CT image.", "count": 1, "specialty": "cardiology"},
+            "unknown specialty 'cardiology'; expected one of radiology",
+        ),
+        ({"prompt": "CT image.", "count": 1, "image_type": "PET"}, "unknown image_type 'PET'"),
+    ],
+)
 def test_malformed_sets_name_the_entry(tmp_path, entry, message):
     with pytest.raises(ConfigError) as err:
         load_prompt_set(str(_write_set(tmp_path / "bad.yaml", [entry])))
@@ -77,15 +81,25 @@ def test_match_to_corpus_keeps_task_totals():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from medisyn.models import build_tiny_pipeline, save_pipeline
+    from medisyn.models import build_pipeline, save_pipeline
 
-    return save_pipeline(build_tiny_pipeline(), tmp_path_factory.mktemp("model") / "tiny")
+    return save_pipeline(build_pipeline("tiny"), tmp_path_factory.mktemp("model") / "tiny")
 
 
 def _cfg(run_dir: Path, model: Path, set_file: Path):
-    return load_config(ROOT / "jobs/configs/demo.yaml", [
-        f"run_dir={run_dir}", f"generate.checkpoint={model}", f"generate.sets=[{set_file}]", "generate.steps=3",
-        "generate.resolution=64", "generate.batch_size=4", "generate.max_actors=1", "generate.max_per_prompt=0"])
+    return load_config(
+        ROOT / "jobs/configs/demo.yaml",
+        [
+            f"run_dir={run_dir}",
+            f"generate.checkpoint={model}",
+            f"generate.sets=[{set_file}]",
+            "generate.steps=3",
+            "generate.resolution=64",
+            "generate.batch_size=4",
+            "generate.max_actors=1",
+            "generate.max_per_prompt=0",
+        ],
+    )
 
 
 def _pixels(folder: Path) -> dict[str, np.ndarray]:
@@ -96,16 +110,27 @@ def _pixels(folder: Path) -> dict[str, np.ndarray]:
 def test_generate_counts_manifest_metadata_and_resume(ray_cluster, tiny_model, tmp_path):
     from medisyn.infer.generate import run
 
-    set_file = _write_set(tmp_path / "tiny-set.yaml", [
-        {"prompt": "Dermoscopy image showing melanoma.", "count": 5, "specialty": "dermatology", "image_type": "dermoscopy",
-         "labels": ["melanoma"]},
-        {"prompt": "Optical coherence tomography image showing drusen.", "count": 3, "specialty": "ophthalmology"}])
+    set_file = _write_set(
+        tmp_path / "tiny-set.yaml",
+        [
+            {
+                "prompt": "Dermoscopy image showing melanoma.",
+                "count": 5,
+                "specialty": "dermatology",
+                "image_type": "dermoscopy",
+                "labels": ["melanoma"],
+            },
+            {"prompt": "Optical coherence tomography image showing drusen.", "count": 3, "specialty": "ophthalmology"},
+        ],
+    )
     (result,) = run(_cfg(tmp_path / "a", tiny_model, set_file))
     out = tmp_path / "a/synthetic/tiny-set"
     manifest = pq.read_table(out / "manifest.parquet").to_pandas()
     assert result["images"] == 8 and len(manifest) == 8 and manifest["id"].is_unique
-    assert manifest.groupby("prompt").size().to_dict() == {"Dermoscopy image showing melanoma.": 5,
-                                                             "Optical coherence tomography image showing drusen.": 3}
+    assert manifest.groupby("prompt").size().to_dict() == {
+        "Dermoscopy image showing melanoma.": 5,
+        "Optical coherence tomography image showing drusen.": 3,
+    }
     row = manifest.iloc[0]
     assert (row.steps, row.guidance_scale, row.scheduler, row.checkpoint) == (3, 7.0, "euler", "tiny")
     assert (row["id"], row.seed) == image_identity("tiny-set", row.prompt, row["index"])
@@ -137,8 +162,10 @@ def test_generate_validates_every_set_before_any_image(tmp_path, tiny_model):
 
     good = _write_set(tmp_path / "good.yaml", [{"prompt": "CT image.", "count": 1}], name="good")
     bad = _write_set(tmp_path / "bad.yaml", [{"prompt": "CT image.", "count": -1}], name="bad")
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path / 'run'}", f"generate.checkpoint={tiny_model}",
-                                                        f"generate.sets=[{good}, {bad}]"])
+    cfg = load_config(
+        ROOT / "jobs/configs/demo.yaml",
+        [f"run_dir={tmp_path / 'run'}", f"generate.checkpoint={tiny_model}", f"generate.sets=[{good}, {bad}]"],
+    )
     with pytest.raises(ConfigError, match="count must be a positive integer, got -1"):
         run(cfg)
     assert not (tmp_path / "run/synthetic").exists()
@@ -172,31 +199,60 @@ def test_actor_pool_grows_when_a_node_joins(tiny_model, tmp_path):
 
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     common = ["--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
-                    *common], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", *common],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     try:
-        set_file = _write_set(tmp_path / "elastic.yaml", [{"prompt": f"Dermoscopy image showing melanoma. {i}", "count": 16}
-                                                         for i in range(6)], name="elastic")
+        set_file = _write_set(
+            tmp_path / "elastic.yaml",
+            [{"prompt": f"Dermoscopy image showing melanoma. {i}", "count": 16} for i in range(6)],
+            name="elastic",
+        )
         run_dir = tmp_path / "run"
         out = run_dir / "synthetic/elastic"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "medisyn.cli", "generate", "--config", str(ROOT / "jobs/configs/demo.yaml"),
-             f"run_dir={run_dir}", f"generate.checkpoint={tiny_model}", f"generate.sets=[{set_file}]",
-             "generate.steps=10", "generate.resolution=128", "generate.batch_size=4", "generate.min_actors=1",
-             "generate.max_actors=2", "generate.max_per_prompt=0"],
-            env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "medisyn.cli",
+                "generate",
+                "--config",
+                str(ROOT / "jobs/configs/demo.yaml"),
+                f"run_dir={run_dir}",
+                f"generate.checkpoint={tiny_model}",
+                f"generate.sets=[{set_file}]",
+                "generate.steps=10",
+                "generate.resolution=128",
+                "generate.batch_size=4",
+                "generate.min_actors=1",
+                "generate.max_actors=2",
+                "generate.max_per_prompt=0",
+            ],
+            env={**env, "RAY_ADDRESS": address},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
         deadline = time.time() + 300
         while time.time() < deadline and len(list(out.glob("*.png"))) < 4 and proc.poll() is None:
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         made_before_join = len(list(out.glob("*.png")))
-        subprocess.run([ray_bin, "start", f"--address={address}", f"--temp-dir={temp}", *common], check=True, env=env,
-                       capture_output=True)
+        subprocess.run(
+            [ray_bin, "start", f"--address={address}", f"--temp-dir={temp}", *common],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         log, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, log[-3000:]
         assert made_before_join < 96
         actors = list((out / ".actors").iterdir())
-        assert len(actors) == 2, (actors, log[-2000:])          # the pool grew onto the new node
+        assert len(actors) == 2, (actors, log[-2000:])  # the pool grew onto the new node
         manifest = pq.read_table(out / "manifest.parquet").to_pandas()
         files = sorted(p.name for p in out.glob("*.png") if p.name != "contact_sheet.png")
         assert len(manifest) == 96 and manifest["file"].is_unique and sorted(manifest["file"]) == files

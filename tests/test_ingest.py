@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +57,21 @@ def test_every_item_is_accounted_for(ingested, phantom_root):
     cfg, run_dir, summary = ingested
     acc = summary["accounting"]
     listing_orphans = 0  # label rows without a file would be rejects too; the phantoms have none
-    assert acc["corpus"] + acc["duplicates"] + acc["rejected"] + acc["background"] == \
-        _expected_items(phantom_root, cfg) + listing_orphans
+    assert (
+        acc["corpus"] + acc["duplicates"] + acc["rejected"] + acc["background"]
+        == _expected_items(phantom_root, cfg) + listing_orphans
+    )
     corpus = _read_dir(run_dir / "corpus", ["id", "source_ref", "split", "patient_id", "specialty", "image_type"])
     assert len(corpus) == acc["corpus"] == summary["pairs"]["total"] > 400
     assert corpus["id"].is_unique and corpus["source_ref"].is_unique
-    assert set(corpus["specialty"]) == {"radiology", "dermatology", "pathology", "ophthalmology", "surgery", "gastroenterology"}
+    assert set(corpus["specialty"]) == {
+        "radiology",
+        "dermatology",
+        "pathology",
+        "ophthalmology",
+        "surgery",
+        "gastroenterology",
+    }
     assert len(set(corpus["image_type"])) == 10
     # every listed file is in the corpus or in rejects, by its privacy-safe reference
     source_map = pq.read_table(run_dir / "private/source_map.parquet").to_pandas()
@@ -81,9 +88,13 @@ def test_planted_defects_are_rejected_for_their_reason(ingested, phantom_root):
     ref_of = {f"{s}/{p}": r for r, s, p in source_map[["source_ref", "source", "path"]].itertuples(index=False)}
     rejects = _read_dir(run_dir / "rejects").set_index("source_ref")["reason"].to_dict()
     expected = {
-        "truncated_dicom": "truncated pixel data", "dicom_without_pixel_data": "no pixel data",
-        "duplicate_image": "exact duplicate of", "unknown_label": "label in column 'diagnosis' not in the classes",
-        "not_a_tiff": "unreadable slide", "empty_file": "empty file (0 bytes)", "unlabelled_image": "missing label",
+        "truncated_dicom": "truncated pixel data",
+        "dicom_without_pixel_data": "no pixel data",
+        "duplicate_image": "exact duplicate of",
+        "unknown_label": "label in column 'diagnosis' not in the classes",
+        "not_a_tiff": "unreadable slide",
+        "empty_file": "empty file (0 bytes)",
+        "unlabelled_image": "missing label",
     }
     assert {d["kind"] for d in planted} == set(expected)
     for d in planted:
@@ -108,7 +119,9 @@ def test_corpus_records(ingested):
         im = Image.open(io.BytesIO(row.image))
         assert im.size == (512, 512) and im.mode in ("L", "RGB")
         assert im.format in ("PNG", "WEBP") and (im.mode == "L") == (im.format == "PNG")
-        assert not {"exif", "xmp", "icc_profile", "text", "comment", "Description"} & set(im.info), im.info  # no metadata
+        assert not {"exif", "xmp", "icc_profile", "text", "comment", "Description"} & set(im.info), (
+            im.info
+        )  # no metadata
         assert row.caption.endswith(".") and all(label in row.caption for label in row.labels)
         assert len(row.original_size) == 2 and len(row.crop_top_left) == 2
     cxr = corpus[corpus.source == "chest-xray"]
@@ -140,12 +153,15 @@ def test_rerun_resumes_without_duplicating(ingested):
     cfg, run_dir, summary = ingested
     before = {f.name: f.read_bytes() for f in (run_dir / "corpus").glob("*.parquet")}
     victim = sorted(before)[3]
-    (run_dir / "corpus" / victim).unlink()                               # a lost corpus shard
+    (run_dir / "corpus" / victim).unlink()  # a lost corpus shard
     (run_dir / "ingest/staging" / victim.replace(".parquet", ".json")).unlink()  # and its unit unfinished
     again = ingest(cfg)
     after = {f.name: f.read_bytes() for f in (run_dir / "corpus").glob("*.parquet")}
     assert set(after) == set(before)
-    ids = lambda blob: pq.read_table(io.BytesIO(blob), columns=["id"]).column("id").to_pylist()
+
+    def ids(blob):
+        return pq.read_table(io.BytesIO(blob), columns=["id"]).column("id").to_pylist()
+
     assert ids(after[victim]) == ids(before[victim])
     assert again["accounting"] == summary["accounting"]
 
@@ -153,42 +169,87 @@ def test_rerun_resumes_without_duplicating(ingested):
 def _write_bad_repos(root: Path) -> Path:
     """Three tiny repositories of files that must all be rejected, and one good image."""
     data = (Path(pydicom.__file__).parent / "data/test_files/CT_small.dcm").read_bytes()
-    d = root / "bad-dicom"; d.mkdir(parents=True)
+    d = root / "bad-dicom"
+    d.mkdir(parents=True)
     (d / "truncated.dcm").write_bytes(data[: len(data) // 2])
     (d / "zero.dcm").write_bytes(b"")
     (d / "text.dcm").write_text("patient notes, definitely not DICOM\n" * 20)
     ds = pydicom.dcmread(Path(pydicom.__file__).parent / "data/test_files/CT_small.dcm")
     del ds.PixelData
     ds.save_as(d / "nopixels.dcm")
-    pd.DataFrame({"path": ["truncated.dcm", "zero.dcm", "text.dcm", "nopixels.dcm"], "pid": ["a", "b", "c", "d"],
-                  "label": ["1"] * 4}).to_csv(d / "labels.csv", index=False)
-    i = root / "bad-images"; i.mkdir()
+    pd.DataFrame(
+        {
+            "path": ["truncated.dcm", "zero.dcm", "text.dcm", "nopixels.dcm"],
+            "pid": ["a", "b", "c", "d"],
+            "label": ["1"] * 4,
+        }
+    ).to_csv(d / "labels.csv", index=False)
+    i = root / "bad-images"
+    i.mkdir()
     Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(i / "good.png")
     (i / "corrupt.png").write_bytes((i / "good.png").read_bytes()[:60])
-    pd.DataFrame({"path": ["good.png", "corrupt.png"], "pid": ["e", "f"], "label": ["1", "1"]}).to_csv(i / "labels.csv", index=False)
-    w = root / "bad-slides"; w.mkdir()
+    pd.DataFrame({"path": ["good.png", "corrupt.png"], "pid": ["e", "f"], "label": ["1", "1"]}).to_csv(
+        i / "labels.csv", index=False
+    )
+    w = root / "bad-slides"
+    w.mkdir()
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(w / "flat.tiff")  # a plain (untiled) TIFF: not a slide
     (w / "garbage.tiff").write_bytes(b"II*\x00" + bytes(range(256)) * 4)
-    pd.DataFrame({"path": ["flat.tiff", "garbage.tiff"], "pid": ["g", "h"], "label": ["1", "1"]}).to_csv(w / "labels.csv", index=False)
-    common = dict(path_column="path", label_columns=["label"], patient_column="pid", labels_csv="labels.csv",
-                  classes={"1": "a finding"}, template="Test image showing {label}.")
+    pd.DataFrame({"path": ["flat.tiff", "garbage.tiff"], "pid": ["g", "h"], "label": ["1", "1"]}).to_csv(
+        w / "labels.csv", index=False
+    )
+    common = dict(
+        path_column="path",
+        label_columns=["label"],
+        patient_column="pid",
+        labels_csv="labels.csv",
+        classes={"1": "a finding"},
+        template="Test image showing {label}.",
+    )
     repos = [
-        dict(name="bad-dicom", kind="dicom", path="bad-dicom", glob="*.dcm", specialty="radiology", image_type="computed tomography", **common),
-        dict(name="bad-images", kind="image", path="bad-images", glob="*.png", specialty="dermatology", image_type="dermoscopy", **common),
-        dict(name="bad-slides", kind="wsi", path="bad-slides", glob="*.tiff", specialty="pathology", image_type="microscopy", **common),
+        dict(
+            name="bad-dicom",
+            kind="dicom",
+            path="bad-dicom",
+            glob="*.dcm",
+            specialty="radiology",
+            image_type="computed tomography",
+            **common,
+        ),
+        dict(
+            name="bad-images",
+            kind="image",
+            path="bad-images",
+            glob="*.png",
+            specialty="dermatology",
+            image_type="dermoscopy",
+            **common,
+        ),
+        dict(
+            name="bad-slides",
+            kind="wsi",
+            path="bad-slides",
+            glob="*.tiff",
+            specialty="pathology",
+            image_type="microscopy",
+            **common,
+        ),
     ]
     import yaml
+
     (root / "repositories.yaml").write_text(yaml.safe_dump({"repositories": repos}))
     return root / "repositories.yaml"
 
 
 def test_bad_files_all_land_in_rejects(ray_cluster, tmp_path):
     repos_file = _write_bad_repos(tmp_path / "src")
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path / 'run'}", f"ingest.repositories_file={repos_file}"])
+    cfg = load_config(
+        ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path / 'run'}", f"ingest.repositories_file={repos_file}"]
+    )
     summary = ingest(cfg)
     rejects = _read_dir(tmp_path / "run/rejects")
     source_map = pq.read_table(tmp_path / "run/private/source_map.parquet").to_pandas().set_index("source_ref")["path"]
-    reasons = {source_map[r]: why for r, why in zip(rejects.source_ref, rejects.reason)}
+    reasons = {source_map[r]: why for r, why in zip(rejects.source_ref, rejects.reason, strict=True)}
     assert reasons["truncated.dcm"] == "truncated pixel data"
     assert reasons["zero.dcm"] == "empty file (0 bytes)"
     assert reasons["text.dcm"] == "not DICOM"

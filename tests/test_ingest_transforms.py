@@ -28,7 +28,9 @@ def test_percentile_clip_hand_values():
     y = percentile_clip(x)
     assert y.dtype == np.uint8
     assert (y[0], y[5], y[104], y[500], y[995], y[1000]) == (0, 0, 26, 128, 255, 255)  # 99*255/990 = 25.5 -> 26
-    hot = np.zeros((100, 100)); hot[:, :50] = 100; hot[0, 0] = 1e6  # one hot outlier does not wash out the image
+    hot = np.zeros((100, 100))
+    hot[:, :50] = 100
+    hot[0, 0] = 1e6  # one hot outlier does not wash out the image
     assert percentile_clip(hot)[50, 75] == 0 and percentile_clip(hot)[50, 25] == 255
 
 
@@ -59,7 +61,7 @@ def test_ct_dicom_in_hounsfield_units_then_windowed():
     path = PYDICOM_FILES / "CT_small.dcm"
     ds = pydicom.dcmread(path)
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    (img, meta), = read_dicom(path)
+    ((img, meta),) = read_dicom(path)
     np.testing.assert_array_equal(img, window_ct(hu))
     assert meta == {"frame": 0, "frames": 1}
 
@@ -67,11 +69,11 @@ def test_ct_dicom_in_hounsfield_units_then_windowed():
 def test_mr_percentile_and_monochrome1_inverted(tmp_path):
     path = PYDICOM_FILES / "MR_small.dcm"
     ds = pydicom.dcmread(path)
-    (img, _), = read_dicom(path)
+    ((img, _),) = read_dicom(path)
     np.testing.assert_array_equal(img, percentile_clip(ds.pixel_array.astype(float)))
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.save_as(tmp_path / "mono1.dcm")
-    (inv, _), = read_dicom(tmp_path / "mono1.dcm")
+    ((inv, _),) = read_dicom(tmp_path / "mono1.dcm")
     np.testing.assert_array_equal(inv, 255 - img)
 
 
@@ -108,10 +110,13 @@ def test_compressed_syntaxes_decode_with_the_declared_plugins():
         assert img.dtype == np.uint8 and img.std() > 0
 
 
-@pytest.mark.parametrize("content, reason", [
-    (b"", "empty file (0 bytes)"),
-    (b"hello, this is not a DICOM file at all\n" * 5, "not DICOM"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty file (0 bytes)"),
+        (b"hello, this is not a DICOM file at all\n" * 5, "not DICOM"),
+    ],
+)
 def test_bad_dicom_bytes(tmp_path, content, reason):
     f = tmp_path / "bad.dcm"
     f.write_bytes(content)

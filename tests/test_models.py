@@ -16,15 +16,19 @@ PROMPT = "Optical coherence tomography image showing drusen."
 def _generate(pipe, prompt=PROMPT, seed=0, **kw):
     kw = {"negative_prompt": "", **kw}
     g = torch.Generator().manual_seed(seed)
-    return pipe(prompt, height=64, width=64, num_inference_steps=4, guidance_scale=7.0, generator=g,
-                output_type="np", **kw).images[0]
+    return pipe(
+        prompt, height=64, width=64, num_inference_steps=4, guidance_scale=7.0, generator=g, output_type="np", **kw
+    ).images[0]
 
 
 def test_tiny_has_sdxl_shapes(tiny_pipe):
     unet, te1, te2 = tiny_pipe.unet, tiny_pipe.text_encoder, tiny_pipe.text_encoder_2
     assert unet.config.addition_embed_type == "text_time"
     assert unet.config.cross_attention_dim == te1.config.hidden_size + te2.config.hidden_size
-    assert unet.config.projection_class_embeddings_input_dim == 6 * unet.config.addition_time_embed_dim + te2.config.projection_dim
+    assert (
+        unet.config.projection_class_embeddings_input_dim
+        == 6 * unet.config.addition_time_embed_dim + te2.config.projection_dim
+    )
     assert tiny_pipe.vae_scale_factor == 8
     assert 1e6 < sum(p.numel() for p in unet.parameters()) < 1e7
 
@@ -46,8 +50,12 @@ def test_tokenizer_covers_every_phantom_caption():
 
 def test_pooled_embedding_taken_at_eos(tiny_pipe):
     tok, te2 = tiny_pipe.tokenizer_2, tiny_pipe.text_encoder_2
-    batch = tok(["Dermoscopy image showing melanoma.", "Dermoscopy image showing melanoma. no"],
-                padding="max_length", max_length=77, return_tensors="pt")
+    batch = tok(
+        ["Dermoscopy image showing melanoma.", "Dermoscopy image showing melanoma. no"],
+        padding="max_length",
+        max_length=77,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         out = te2(batch.input_ids, output_hidden_states=True)
     eos = (batch.input_ids == tok.eos_token_id).int().argmax(-1)
@@ -85,7 +93,7 @@ def test_prompt_and_unconditional_branch_matter(tiny_pipe):
 def test_tiny_preset_via_config_is_deterministic():
     a = load_pipeline(ModelConfig(preset="tiny", seed=3))
     b = load_pipeline(ModelConfig(preset="tiny", seed=3))
-    for (n, p), (_, q) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
+    for (n, p), (_, q) in zip(a.unet.named_parameters(), b.unet.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -105,19 +113,21 @@ def test_degenerate_tokenizer_is_refused():
 
 @pytest.mark.gpu
 def test_tiny_pipeline_bf16_on_cuda():
-    from medisyn.models import build_tiny_pipeline
+    from medisyn.models import build_pipeline
 
-    pipe = build_tiny_pipeline().to("cuda", torch.bfloat16)
+    pipe = build_pipeline("tiny").to("cuda", torch.bfloat16)
     g = torch.Generator("cuda").manual_seed(0)
-    img = pipe(PROMPT, negative_prompt="", height=64, width=64, num_inference_steps=4, generator=g, output_type="np").images[0]
+    img = pipe(
+        PROMPT, negative_prompt="", height=64, width=64, num_inference_steps=4, generator=g, output_type="np"
+    ).images[0]
     assert np.isfinite(img).all() and img.std() > 1e-3
 
 
 def test_sdxl_random_unet_is_the_real_architecture():
     from diffusers import UNet2DConditionModel
 
-    from medisyn.models import SDXL_UNET
+    from medisyn.presets import get_preset
 
     with torch.device("meta"):  # no memory: shapes only
-        unet = UNet2DConditionModel(**SDXL_UNET)
+        unet = UNet2DConditionModel(**get_preset("sdxl-random")["build"]["unet"])
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base 1.0's U-Net

@@ -14,8 +14,8 @@ def test_latents_are_fresh_draws_from_the_moments():
     g = torch.Generator().manual_seed(0)
     mean, logvar = torch.randn(64, 4, 8, 8).half(), torch.full((64, 4, 8, 8), -2.0).half()
     a, b = sample_latents(mean, logvar, 0.13025, g), sample_latents(mean, logvar, 0.13025, g)
-    assert not torch.equal(a, b)                                             # a new latent every step
-    assert ((a + b) / 2 - mean.float() * 0.13025).mean().abs() < 0.005       # centred on the mean, scaled
+    assert not torch.equal(a, b)  # a new latent every step
+    assert ((a + b) / 2 - mean.float() * 0.13025).mean().abs() < 0.005  # centred on the mean, scaled
     assert abs((a / 0.13025 - mean.float()).std().item() - torch.exp(torch.tensor(-1.0)).item()) < 0.02
 
 
@@ -51,9 +51,9 @@ def test_ema_weights_move():
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from medisyn.models import build_tiny_pipeline
+    from medisyn.models import build_pipeline
 
-    unet = build_tiny_pipeline().unet
+    unet = build_pipeline("tiny").unet
     ema = EMAModel(unet.parameters(), decay=0.999, model_cls=UNet2DConditionModel, model_config=unet.config)
     before = [p.clone() for p in ema.shadow_params]
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-2)
@@ -62,9 +62,9 @@ def test_ema_weights_move():
             p.grad = torch.randn_like(p)
         opt.step()
         ema.step(unet.parameters())
-    moved = sum(not torch.equal(a, b) for a, b in zip(before, ema.shadow_params))
+    moved = sum(not torch.equal(a, b) for a, b in zip(before, ema.shadow_params, strict=True))
     assert moved > 0.9 * len(before)
-    same = sum(torch.equal(s, p) for s, p in zip(ema.shadow_params, unet.parameters()))
+    same = sum(torch.equal(s, p) for s, p in zip(ema.shadow_params, unet.parameters(), strict=True))
     assert same == 0  # a moving average, not a copy
 
 
@@ -72,13 +72,25 @@ def test_ema_weights_move():
 def trained(ingested):
     """Cache at 64 px, then 2 epochs on 2 workers with a worker killed during epoch 1."""
     from medisyn.config import load_config
-    from medisyn.train.cache import cache_dir, run as cache
+    from medisyn.train.cache import cache_dir
+    from medisyn.train.cache import run as cache
     from medisyn.train.trainer import run as train
 
     base, run_dir, _ = ingested
-    cfg = load_config(base.config_path, [f"run_dir={run_dir}", f"ingest.repositories_file={base.ingest.repositories_file}",
-                                         "train.resolution=64", "train.per_worker_batch=8", "train.effective_batch=16",
-                                         "train.epochs=2", "train.max_failures=2", "select.num_images=16", "select.steps=4"])
+    cfg = load_config(
+        base.config_path,
+        [
+            f"run_dir={run_dir}",
+            f"ingest.repositories_file={base.ingest.repositories_file}",
+            "train.resolution=64",
+            "train.per_worker_batch=8",
+            "train.effective_batch=16",
+            "train.epochs=2",
+            "train.max_failures=2",
+            "select.num_images=16",
+            "select.steps=4",
+        ],
+    )
     first = cache(cfg)
     assert first["latents_encoded"] > 300 and cache(cfg)["latents_encoded"] == 0  # a re-run encodes nothing
     info = json.loads((cache_dir(cfg) / "cache.json").read_text())
@@ -94,13 +106,13 @@ def test_two_workers_two_epochs_survive_a_killed_worker(trained):
     assert info["images"] > 300 and info["resolution"] == 64
     log = run_dir / "train_log"
     marker = log / "fault-injected"
-    assert marker.exists()                                    # the failure really happened
+    assert marker.exists()  # the failure really happened
     ckpts = checkpoints(cfg)
     assert [c.name for c in ckpts] == ["epoch-000", "epoch-001"]  # one per epoch, none twice
     assert (ckpts[0] / "unet/diffusion_pytorch_model.safetensors").exists()
     assert (log / "epoch-000-rank-0.json").stat().st_mtime < marker.stat().st_mtime  # epoch 0 not redone
     epochs = [[json.loads((log / f"epoch-{e:03d}-rank-{r}.json").read_text()) for r in (0, 1)] for e in (0, 1)]
-    assert epochs[1][0]["loss"] < epochs[0][0]["loss"]        # it learns
+    assert epochs[1][0]["loss"] < epochs[0][0]["loss"]  # it learns
     dropped = [set(epochs[e][0]["dropped_ids"]) | set(epochs[e][1]["dropped_ids"]) for e in (0, 1)]
     for e in (0, 1):
         assert 0.04 < epochs[e][0]["dropped_fraction"] < 0.18
@@ -114,7 +126,7 @@ def test_select_picks_lowest_fid_and_exports_a_plain_diffusers_pipeline(trained)
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from medisyn.train.select import run as select
+    from medisyn.select.stage import run as select
 
     cfg, run_dir, _, _ = trained
     selection = select(cfg)
@@ -122,15 +134,27 @@ def test_select_picks_lowest_fid_and_exports_a_plain_diffusers_pipeline(trained)
     assert set(fids) == {"epoch-000", "epoch-001"} and all(np.isfinite(list(fids.values())))
     assert selection["best"] == min(fids, key=fids.get)
     assert "offline" in selection["feature_extractor"] and "not comparable" in selection["feature_extractor"]
-    assert set(selection["checkpoints"][0]["fid_by_specialty"]) <= {"radiology", "dermatology", "pathology",
-                                                                    "ophthalmology", "surgery", "gastroenterology"}
+    assert set(selection["checkpoints"][0]["fid_by_specialty"]) <= {
+        "radiology",
+        "dermatology",
+        "pathology",
+        "ophthalmology",
+        "surgery",
+        "gastroenterology",
+    }
     pipe = StableDiffusionXLPipeline.from_pretrained(run_dir / "model")
     assert pipe.config.force_zeros_for_empty_prompt is False
     exported = load_file(run_dir / "model/unet/diffusion_pytorch_model.safetensors")
     best = load_file(run_dir / "checkpoints" / selection["best"] / "unet/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], best[k]) for k in best)
-    img = pipe("Dermoscopy image showing melanoma.", height=64, width=64, num_inference_steps=3,
-               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    img = pipe(
+        "Dermoscopy image showing melanoma.",
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert img.shape == (64, 64, 3) and np.isfinite(img).all()
     stamp = (run_dir / "selection.json").stat().st_mtime_ns
     assert select(cfg)["best"] == selection["best"]  # a re-run with nothing new selects nothing again

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medisyn.configtools import ConfigError
+from medisyn.presets import preset_names
+
 
 @dataclass(frozen=True)
 class MemorizationConfig:
     """Paper: BiomedCLIP cosine nearest neighbour, 4x4 patch distance, threshold 0.15."""
 
-    embedder: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"  # or a local dir, or "tiny"
+    embedder: str = "biomedclip"  # embedder preset (medisyn/presets), or hf-hub:org/repo, local-dir:/path
     images_per_prompt: int = 500
-    grid: int = 4                                 # patches per side
-    threshold: float = 0.15                       # distance at or below which a pair is a possible copy
+    grid: int = 4  # patches per side
+    threshold: float = 0.15  # distance at or below which a pair is a possible copy
+
+    def __post_init__(self):
+        valid = preset_names("embedder")
+        if self.embedder not in valid and not self.embedder.startswith(("hf-hub:", "local-dir:")):
+            raise ConfigError(
+                f"audit_memorization.embedder: unknown embedder {self.embedder!r}; expected one of "
+                f"{', '.join(valid)}, hf-hub:<repo id> or local-dir:<path>"
+            )
 
 
 @dataclass(frozen=True)
@@ -24,8 +35,8 @@ class UtilityConfig:
     real_half: int = 1000
     synthetic: int = 1000
     epochs: int = 15
-    learning_rate: float = 1e-4                   # AdamW
-    image_size: int = 224                         # classifier input side in pixels
+    learning_rate: float = 1e-4  # AdamW
+    image_size: int = 224  # classifier input side in pixels
     bootstrap_resamples: int = 2000
-    seeds: int = 1                                # trials per arm
-    pretrained: bool = True                       # ImageNet weights (offline runs set false)
+    seeds: int = 1  # trials per arm
+    pretrained: bool = True  # ImageNet weights (offline runs set false)

@@ -1,6 +1,6 @@
 """The ``generate`` stage: prompt sets → PNG files + ``manifest.parquet``, by Ray Data batch inference.
 
-An autoscaling pool of actors (``concurrency=(min_actors, max_actors)``; one GPU each on GPU
+An autoscaling pool of actors (``ActorPoolStrategy(min_actors, max_actors)``; one GPU each on GPU
 clusters, CPU actors otherwise) each load the pipeline once and generate batches of prompts
 with SDXL's Euler scheduler, guidance 7 and 50 steps by default. The unconditional branch is
 the encoding of "" (``negative_prompt=""``), as in training.
@@ -19,22 +19,33 @@ import io
 import json
 import logging
 import os
-import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from medisyn.config import RunConfig
-from medisyn.infer.prompts import PromptSet, cap_counts, expand, load_prompt_set, match_to_corpus
+from medisyn.infer.prompts import PromptEntry, PromptSet, cap_counts, expand, load_prompt_set, match_to_corpus
+from medisyn.records import (
+    MANIFEST_SCHEMA,
+    atomic_write_bytes,
+    atomic_write_table,
+    read_corpus,
+    remove_partial_writes,
+    sample_corpus,
+)
 
 log = logging.getLogger(__name__)
-MANIFEST_SCHEMA = pa.schema([
-    ("id", pa.string()), ("file", pa.string()), ("prompt", pa.string()), ("specialty", pa.string()),
-    ("image_type", pa.string()), ("labels", pa.list_(pa.string())), ("seed", pa.int64()), ("index", pa.int64()),
-    ("checkpoint", pa.string()), ("guidance_scale", pa.float64()), ("steps", pa.int64()), ("scheduler", pa.string()),
-])
+
+
+@dataclass(frozen=True)
+class SetJob:
+    """Where one set's images come from and go: what each generation actor needs besides the config."""
+
+    model_dir: str  # exported diffusers pipeline
+    out: str  # synthetic/<set>/
+    checkpoint: str  # the checkpoint's name, written into every PNG and the manifest
 
 
 def png_bytes(image: np.ndarray, prompt: str, seed: int, checkpoint: str) -> bytes:
@@ -51,12 +62,6 @@ def png_bytes(image: np.ndarray, prompt: str, seed: int, checkpoint: str) -> byt
     return buf.getvalue()
 
 
-def write_atomic(data: bytes, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class ImageGenerator:
     """Ray Data callable class: the pipeline loads once per actor; each call makes a batch.
 
@@ -64,52 +69,43 @@ class ImageGenerator:
     image). Images go straight to ``<out>/<id>.png``; nothing heavy returns to the driver.
     """
 
-    def __init__(self, model_dir: str, out: str, checkpoint: str, steps: int, guidance_scale: float, resolution: int):
-        import torch
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    def __init__(self, cfg: RunConfig, job: SetJob):
+        from medisyn.infer.sampling import load_sampler
 
-        self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype)
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(self.device)
-        self.out, self.checkpoint = Path(out), checkpoint
+        self.pipe = load_sampler(job.model_dir)
+        self.out, self.checkpoint, self.settings = Path(job.out), job.checkpoint, cfg.generate
         (self.out / ".actors").mkdir(exist_ok=True)  # one marker per actor: shows the pool's size afterwards
         (self.out / ".actors" / f"{os.uname().nodename}-{os.getpid()}").touch()
-        self.steps, self.guidance, self.resolution = steps, guidance_scale, resolution
 
     def __call__(self, batch: dict) -> dict:
-        torch = self.torch
+        from medisyn.infer.sampling import generate_images
+
+        g = self.settings
         prompts = [str(p) for p in batch["prompt"]]
-        gens = [torch.Generator(self.device).manual_seed(int(s)) for s in batch["seed"]]
-        images = self.pipe(prompts, negative_prompt=[""] * len(prompts), height=self.resolution, width=self.resolution,
-                           num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
-                           output_type="np").images
-        for image_id, seed, prompt, img in zip(batch["id"], batch["seed"], prompts, images):
-            pixels = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-            write_atomic(png_bytes(pixels, prompt, int(seed), self.checkpoint), self.out / f"{image_id}.png")
+        images = generate_images(
+            self.pipe,
+            prompts,
+            [int(s) for s in batch["seed"]],
+            resolution=g.resolution,
+            steps=g.steps,
+            guidance_scale=g.guidance_scale,
+        )
+        for image_id, seed, prompt, pixels in zip(batch["id"], batch["seed"], prompts, images, strict=True):
+            atomic_write_bytes(png_bytes(pixels, prompt, int(seed), self.checkpoint), self.out / f"{image_id}.png")
         return {"id": batch["id"], "written": np.ones(len(prompts), dtype=np.int64)}
 
 
 def resolve_set(cfg: RunConfig, name: str) -> PromptSet:
     """A set by name or path, or ``fid`` (captions of the select stage's real sample), matched and capped."""
     if name == "fid":
-        from medisyn.infer.prompts import PromptEntry
-        from medisyn.train.select import sample_real
-
         counts: dict[tuple, int] = {}
-        for r in sample_real(cfg, cfg.select.num_images):
+        for r in sample_corpus(cfg.run_path / "corpus", cfg.select.num_images, cfg.seed):
             counts[(r["caption"], r["specialty"])] = counts.get((r["caption"], r["specialty"]), 0) + 1
         pset = PromptSet("fid", tuple(PromptEntry(c, n, s) for (c, s), n in counts.items()))
     else:
         pset = load_prompt_set(name)
     if pset.match_corpus and (cfg.run_path / "corpus").is_dir():
-        import pyarrow.parquet as pq
-
-        caps = [r["caption"] for f in sorted((cfg.run_path / "corpus").glob("*.parquet"))
-                for r in pq.read_table(f, columns=["caption", "split"]).to_pylist() if r["split"] == "train"]
+        caps = read_corpus(cfg.run_path / "corpus", columns=["caption"], split="train").column("caption").to_pylist()
         pset = match_to_corpus(pset, caps)
     return cap_counts(pset, cfg.generate.max_per_prompt)
 
@@ -117,8 +113,10 @@ def resolve_set(cfg: RunConfig, name: str) -> PromptSet:
 def model_dir(cfg: RunConfig) -> Path:
     path = Path(cfg.generate.checkpoint) if cfg.generate.checkpoint else cfg.run_path / "model"
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"generate: no exported pipeline at {path} (model_index.json); run `medisyn select` "
-                                "or set generate.checkpoint to a diffusers pipeline directory")
+        raise FileNotFoundError(
+            f"generate: no exported pipeline at {path} (model_index.json); run `medisyn select` "
+            "or set generate.checkpoint to a diffusers pipeline directory"
+        )
     return path
 
 
@@ -134,38 +132,60 @@ def warn_truncation(model: Path, prompts: list[str]) -> int:
 
 
 def generate_set(cfg: RunConfig, pset: PromptSet) -> dict:
-    import pyarrow.parquet as pq
     import ray
 
-    from medisyn.ingest.worker import atomic_write_table
-    from medisyn.raytools import ensure_ray
+    from medisyn.raytools import ensure_ray, gpus_available
 
     g = cfg.generate
     model = model_dir(cfg)
-    checkpoint = json.loads((model / "medisyn.json").read_text())["checkpoint"] if (model / "medisyn.json").exists() else model.name
+    checkpoint = (
+        json.loads((model / "medisyn.json").read_text())["checkpoint"]
+        if (model / "medisyn.json").exists()
+        else model.name
+    )
     out = cfg.run_path / "synthetic" / pset.name
     out.mkdir(parents=True, exist_ok=True)
     warn_truncation(model, [e.prompt for e in pset.entries])
-    for stale in out.glob(".*.tmp"):  # a write a killed actor did not finish
-        stale.unlink()
+    remove_partial_writes(out)  # writes a killed actor did not finish
     jobs = expand(pset)
     todo = [j for j in jobs if not (out / f"{j.id}.png").is_file()]
-    log.info("generate %s: %d images requested, %d present, %d to make", pset.name, len(jobs), len(jobs) - len(todo), len(todo))
+    log.info(
+        "generate %s: %d images requested, %d present, %d to make",
+        pset.name,
+        len(jobs),
+        len(jobs) - len(todo),
+        len(todo),
+    )
     if todo:
         ensure_ray()
-        use_gpu = cfg.train.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
+        use_gpu = gpus_available(cfg.train.use_gpu)
         # one block per batch: blocks are what the pool hands out, so new actors find work waiting
-        ds = ray.data.from_items([{"id": j.id, "seed": j.seed, "prompt": j.prompt} for j in todo],
-                                 override_num_blocks=max(1, -(-len(todo) // g.batch_size)))
+        ds = ray.data.from_items(
+            [{"id": j.id, "seed": j.seed, "prompt": j.prompt} for j in todo],
+            override_num_blocks=max(1, -(-len(todo) // g.batch_size)),
+        )
         ds = ds.map_batches(
-            ImageGenerator, batch_size=g.batch_size, concurrency=(g.min_actors, g.max_actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else g.cpus_per_actor,
-            fn_constructor_kwargs={"model_dir": str(model), "out": str(out), "checkpoint": checkpoint,
-                                   "steps": g.steps, "guidance_scale": g.guidance_scale, "resolution": g.resolution})
+            ImageGenerator,
+            batch_size=g.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=0 if use_gpu else g.cpus_per_actor,
+            fn_constructor_args=(cfg, SetJob(str(model), str(out), checkpoint)),
+        )
         made = sum(int(r["written"]) for r in ds.iter_rows())
         log.info("generate %s: made %d images", pset.name, made)
-    rows = [{**{k: v for k, v in asdict(j).items()}, "labels": list(j.labels), "file": f"{j.id}.png", "checkpoint": checkpoint,
-             "guidance_scale": g.guidance_scale, "steps": g.steps, "scheduler": g.scheduler} for j in jobs]
+    rows = [
+        {
+            **{k: v for k, v in asdict(j).items()},
+            "labels": list(j.labels),
+            "file": f"{j.id}.png",
+            "checkpoint": checkpoint,
+            "guidance_scale": g.guidance_scale,
+            "steps": g.steps,
+            "scheduler": g.scheduler,
+        }
+        for j in jobs
+    ]
     missing = [r["file"] for r in rows if not (out / r["file"]).is_file()]
     if missing:
         raise RuntimeError(f"generate {pset.name}: {len(missing)} images missing after the run; re-run to finish them")
@@ -177,7 +197,7 @@ def generate_set(cfg: RunConfig, pset: PromptSet) -> dict:
 
 def contact_sheet_for(out: Path, rows: list[dict], per_prompt: int = 4) -> Path:
     """A few images per prompt, captioned: the picture the report shows."""
-    from medisyn.report import contact_sheet
+    from medisyn.figures import contact_sheet
 
     picked, seen = [], {}
     for r in rows:

@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from medisyn.configtools import ConfigError
-from medisyn.ingest.config import IMAGE_TYPES, SPECIALTIES
+from medisyn.records import IMAGE_TYPES, SPECIALTIES
 
 PROMPT_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "prompts"
 ENTRY_KEYS = ("prompt", "count", "specialty", "image_type", "labels", "task")
@@ -83,13 +83,19 @@ def _entry(raw, where: str) -> PromptEntry:
         raise ConfigError(f"{where} ({prompt!r}): count must be a positive integer, got {count!r}")
     specialty, image_type = str(raw.get("specialty") or ""), str(raw.get("image_type") or "")
     if specialty and specialty not in SPECIALTIES:
-        raise ConfigError(f"{where} ({prompt!r}): unknown specialty {specialty!r}; expected one of {', '.join(SPECIALTIES)}")
+        raise ConfigError(
+            f"{where} ({prompt!r}): unknown specialty {specialty!r}; expected one of {', '.join(SPECIALTIES)}"
+        )
     if image_type and image_type not in IMAGE_TYPES:
-        raise ConfigError(f"{where} ({prompt!r}): unknown image_type {image_type!r}; expected one of {', '.join(IMAGE_TYPES)}")
+        raise ConfigError(
+            f"{where} ({prompt!r}): unknown image_type {image_type!r}; expected one of {', '.join(IMAGE_TYPES)}"
+        )
     labels = raw.get("labels") or ()
     if isinstance(labels, str):
         labels = [x.strip() for x in labels.split(";") if x.strip()]
-    return PromptEntry(prompt.strip(), count, specialty, image_type, tuple(str(x) for x in labels), str(raw.get("task") or ""))
+    return PromptEntry(
+        prompt.strip(), count, specialty, image_type, tuple(str(x) for x in labels), str(raw.get("task") or "")
+    )
 
 
 def load_prompt_set(name_or_path: str) -> PromptSet:
@@ -103,13 +109,17 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
     if path.suffix.lower() == ".csv":
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
         if "prompt" not in table.columns or "count" not in table.columns:
-            raise ConfigError(f"{path}: a prompt CSV needs the columns prompt and count; it has {', '.join(table.columns)}")
+            raise ConfigError(
+                f"{path}: a prompt CSV needs the columns prompt and count; it has {', '.join(table.columns)}"
+            )
         rows = []
         for i, row in enumerate(table.to_dict("records")):
             try:
                 row["count"] = int(row["count"])
             except ValueError:
-                raise ConfigError(f"{path} row {i + 2} ({row['prompt']!r}): count {row['count']!r} is not an integer") from None
+                raise ConfigError(
+                    f"{path} row {i + 2} ({row['prompt']!r}): count {row['count']!r} is not an integer"
+                ) from None
             rows.append({k: v for k, v in row.items() if v != "" or k == "prompt"})
         data = {"name": path.stem, "prompts": rows}
     else:
@@ -127,7 +137,9 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
     seen = set()
     for i, e in enumerate(parsed):
         if e.prompt in seen:
-            raise ConfigError(f"{path.name}: prompts[{i}] repeats the prompt {e.prompt!r}; give it one entry with the total count")
+            raise ConfigError(
+                f"{path.name}: prompts[{i}] repeats the prompt {e.prompt!r}; give it one entry with the total count"
+            )
         seen.add(e.prompt)
     return PromptSet(str(data.get("name") or path.stem), parsed, bool(data.get("match_corpus", False)), str(path))
 
@@ -151,7 +163,11 @@ def match_to_corpus(pset: PromptSet, train_captions: list[str]) -> PromptSet:
         counts = [int(r) for r in raw]
         for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[: total - sum(counts)]:
             counts[i] += 1  # largest remainders: the task total stays exact
-        out += [PromptEntry(e.prompt, c, e.specialty, e.image_type, e.labels, e.task) for e, c in zip(group, counts) if c > 0]
+        out += [
+            PromptEntry(e.prompt, c, e.specialty, e.image_type, e.labels, e.task)
+            for e, c in zip(group, counts, strict=True)
+            if c > 0
+        ]
     return PromptSet(pset.name, tuple(out), pset.match_corpus, pset.source)
 
 
@@ -159,8 +175,10 @@ def cap_counts(pset: PromptSet, max_per_prompt: int) -> PromptSet:
     """At most ``max_per_prompt`` images per prompt (0 = as written): the demo's small sets."""
     if max_per_prompt <= 0:
         return pset
-    entries = tuple(PromptEntry(e.prompt, min(e.count, max_per_prompt), e.specialty, e.image_type, e.labels, e.task)
-                    for e in pset.entries)
+    entries = tuple(
+        PromptEntry(e.prompt, min(e.count, max_per_prompt), e.specialty, e.image_type, e.labels, e.task)
+        for e in pset.entries
+    )
     return PromptSet(pset.name, entries, pset.match_corpus, pset.source)
 
 

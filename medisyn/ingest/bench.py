@@ -11,7 +11,6 @@ The stored encoding's cost is shown beside Pillow's default PNG level as the bas
 
 from __future__ import annotations
 
-import io
 import shutil
 import tempfile
 import time
@@ -49,16 +48,37 @@ def make_sources(root: Path, n: int, seed: int = 0) -> Path:
         ds.PixelRepresentation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 16, 15
         ds.PixelData = (hu + 1024).astype(np.int16).tobytes()
         ds.save_as(ct / f"{i:05d}.dcm")
-        rgb = np.clip(np.stack([_smooth(rng, 480, 640) * 50 + 128 + 40 * c for c in (1, 0, -1)], -1)
-                      + rng.normal(0, 6, (480, 640, 3)), 0, 255).astype(np.uint8)
+        rgb = np.clip(
+            np.stack([_smooth(rng, 480, 640) * 50 + 128 + 40 * c for c in (1, 0, -1)], -1)
+            + rng.normal(0, 6, (480, 640, 3)),
+            0,
+            255,
+        ).astype(np.uint8)
         Image.fromarray(rgb).save(png / f"{i:05d}.png")
     for folder, ext in ((ct, "dcm"), (png, "png")):
-        pd.DataFrame({"path": [f"{i:05d}.{ext}" for i in range(n)], "pid": [f"p{i // 4}" for i in range(n)],
-                      "label": ["a"] * n}).to_csv(folder / "labels.csv", index=False)
-    common = dict(labels_csv="labels.csv", path_column="path", label_columns=["label"], patient_column="pid",
-                  template="Bench image showing {label}.", classes={"a": "a finding"})
-    repos = [dict(name="ct", kind="dicom", path="ct", glob="*.dcm", specialty="radiology", image_type="computed tomography", **common),
-             dict(name="png", kind="image", path="png", glob="*.png", specialty="surgery", image_type="endoscopy", **common)]
+        pd.DataFrame(
+            {"path": [f"{i:05d}.{ext}" for i in range(n)], "pid": [f"p{i // 4}" for i in range(n)], "label": ["a"] * n}
+        ).to_csv(folder / "labels.csv", index=False)
+    common = dict(
+        labels_csv="labels.csv",
+        path_column="path",
+        label_columns=["label"],
+        patient_column="pid",
+        template="Bench image showing {label}.",
+        classes={"a": "a finding"},
+    )
+    repos = [
+        dict(
+            name="ct",
+            kind="dicom",
+            path="ct",
+            glob="*.dcm",
+            specialty="radiology",
+            image_type="computed tomography",
+            **common,
+        ),
+        dict(name="png", kind="image", path="png", glob="*.png", specialty="surgery", image_type="endoscopy", **common),
+    ]
     f = root / "repositories.yaml"
     f.write_text(yaml.safe_dump({"repositories": repos}))
     return f
@@ -92,16 +112,24 @@ def run(cfg: RunConfig, images: int = 256) -> list[dict]:
     try:
         print(f"bench ingest: making {images} CT DICOMs (512x512 int16) and {images} PNGs (640x480 RGB) ...")
         repos_file = make_sources(tmp / "src", images)
-        print(f"{'source':8s} {'workers':>7s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'per core':>9s} "
-              f"{'speed-up':>9s} {'in-task/core':>13s}")
+        print(
+            f"{'source':8s} {'workers':>7s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'per core':>9s} "
+            f"{'speed-up':>9s} {'in-task/core':>13s}"
+        )
         for source in ("ct", "png"):
             base = None
             for workers in (1, 2):
-                run_cfg = load_config(None, [f"run_dir={tmp / f'run-{source}-{workers}'}",
-                                             f"ingest.repositories_file={_only(repos_file, source)}",
-                                             f"ingest.max_tasks={workers}", "ingest.files_per_task=16",
-                                             f"ingest.image_format={cfg.ingest.image_format}",
-                                             f"ingest.png_compress_level={cfg.ingest.png_compress_level}"])
+                run_cfg = load_config(
+                    None,
+                    [
+                        f"run_dir={tmp / f'run-{source}-{workers}'}",
+                        f"ingest.repositories_file={_only(repos_file, source)}",
+                        f"ingest.max_tasks={workers}",
+                        "ingest.files_per_task=16",
+                        f"ingest.image_format={cfg.ingest.image_format}",
+                        f"ingest.png_compress_level={cfg.ingest.png_compress_level}",
+                    ],
+                )
                 start = time.perf_counter()
                 summary = ingest(run_cfg)
                 seconds = time.perf_counter() - start
@@ -109,19 +137,33 @@ def run(cfg: RunConfig, images: int = 256) -> list[dict]:
                 rate = n / seconds
                 base = base or rate
                 in_task = n / max(summary["task_seconds"], 1e-9)  # read→encode→write, without fixed job costs
-                row = {"source": source, "workers": workers, "images": n, "seconds": seconds, "images_per_s": rate,
-                       "per_core": rate / workers, "speedup": rate / base, "in_task_per_core": in_task}
+                row = {
+                    "source": source,
+                    "workers": workers,
+                    "images": n,
+                    "seconds": seconds,
+                    "images_per_s": rate,
+                    "per_core": rate / workers,
+                    "speedup": rate / base,
+                    "in_task_per_core": in_task,
+                }
                 results.append(row)
-                print(f"{source:8s} {workers:7d} {n:7d} {seconds:8.1f} {rate:9.1f} {rate / workers:9.1f} {rate / base:9.2f} "
-                      f"{in_task:13.1f}")
+                print(
+                    f"{source:8s} {workers:7d} {n:7d} {seconds:8.1f} {rate:9.1f} {rate / workers:9.1f} "
+                    f"{rate / base:9.2f} "
+                    f"{in_task:13.1f}"
+                )
         colour = [Image.open(f).convert("RGB").resize((512, 512)) for f in sorted((tmp / "src/png").glob("*.png"))[:16]]
         grey = [c.convert("L") for c in colour]
         print("stored encoding, one core (baseline: Pillow's default PNG, level 6):")
         for name, imgs in (("colour", colour), ("grey", grey)):
             base_rate, base_kib = _encode_rate(imgs, "png", 6)
             rate, kib = _encode_rate(imgs, cfg.ingest.image_format, cfg.ingest.png_compress_level)
-            print(f"  {name:6s} {cfg.ingest.image_format}: {rate:6.0f} images/s {kib:6.0f} KiB | PNG-6: {base_rate:6.0f} images/s "
-                  f"{base_kib:6.0f} KiB | {rate / base_rate:.1f}x faster")
+            print(
+                f"  {name:6s} {cfg.ingest.image_format}: {rate:6.0f} images/s {kib:6.0f} KiB | "
+                f"PNG-6: {base_rate:6.0f} images/s "
+                f"{base_kib:6.0f} KiB | {rate / base_rate:.1f}x faster"
+            )
         for source in ("ct", "png"):
             one, two = [r for r in results if r["source"] == source]
             print(f"{source}: scaling efficiency 1 -> 2 workers: {two['speedup'] / 2:.2f}")

@@ -6,40 +6,41 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medisyn.configtools import ConfigError
-
-SPECIALTIES = ("radiology", "dermatology", "pathology", "ophthalmology", "surgery", "gastroenterology")
-IMAGE_TYPES = (
-    "computed tomography", "X-ray", "magnetic resonance imaging", "ultrasound", "dermoscopy",
-    "clinical images", "microscopy", "optical coherence tomography", "fundoscopy", "endoscopy",
-)
+from medisyn.records import IMAGE_TYPES, SPECIALTIES
 
 
 @dataclass(frozen=True)
 class RepositoryConfig:
     """One source repository: where its files are, how to read them, how to caption them."""
 
-    name: str                                   # short name, used in `source` and in reject records
-    kind: Literal["dicom", "wsi", "image"]      # reader: pydicom, openslide, or Pillow
-    path: str                                   # repository root (relative paths resolve against the config file's folder)
-    glob: str                                   # files to ingest, relative to `path` (e.g. "**/*.dcm")
-    labels_csv: str                             # label table, relative to `path`
-    path_column: str                            # label-table column with the file path relative to `path`
-    label_columns: tuple[str, ...]              # one column (single label) or one column per finding (multi-label, 1 = present)
-    patient_column: str                         # label-table column with the patient id (hashed with a salt, never stored)
-    template: str                               # caption template with a {label} placeholder
-    specialty: str                              # one of SPECIALTIES
-    image_type: str                             # one of IMAGE_TYPES
+    name: str  # short name, used in `source` and in reject records
+    kind: Literal["dicom", "wsi", "image"]  # reader: pydicom, openslide, or Pillow
+    path: str  # repository root (relative paths resolve against the config file's folder)
+    glob: str  # files to ingest, relative to `path` (e.g. "**/*.dcm")
+    labels_csv: str  # label table, relative to `path`
+    path_column: str  # label-table column with the file path relative to `path`
+    label_columns: tuple[str, ...]  # one column (single label) or one column per finding (multi-label, 1 = present)
+    patient_column: str  # label-table column with the patient id (hashed with a salt, never stored)
+    template: str  # caption template with a {label} placeholder
+    specialty: str  # one of SPECIALTIES
+    image_type: str  # one of IMAGE_TYPES
     classes: dict[str, str] = field(default_factory=dict)  # raw label value (or finding column) -> caption phrase
-    split_column: str = ""                      # optional official split column (train/val/test); "" = patient hash split
-    frames: Literal["all", "middle", "first"] = "all"      # multi-frame DICOM: which frames become images
+    split_column: str = ""  # optional official split column (train/val/test); "" = patient hash split
+    frames: Literal["all", "middle", "first"] = "all"  # multi-frame DICOM: which frames become images
     intensity: Literal["auto", "ct_window", "percentile", "minmax", "none"] = "auto"  # auto: CT window for CT,
     #   percentile clip for MR/mammography/other >8-bit grey, 8-bit and colour kept as they are
 
     def __post_init__(self):
         if self.specialty not in SPECIALTIES:
-            raise ConfigError(f"repository {self.name!r}: unknown specialty {self.specialty!r}; expected one of {', '.join(SPECIALTIES)}")
+            raise ConfigError(
+                f"repository {self.name!r}: unknown specialty {self.specialty!r}; "
+                f"expected one of {', '.join(SPECIALTIES)}"
+            )
         if self.image_type not in IMAGE_TYPES:
-            raise ConfigError(f"repository {self.name!r}: unknown image_type {self.image_type!r}; expected one of {', '.join(IMAGE_TYPES)}")
+            raise ConfigError(
+                f"repository {self.name!r}: unknown image_type {self.image_type!r}; "
+                f"expected one of {', '.join(IMAGE_TYPES)}"
+            )
         if "{label}" not in self.template:
             raise ConfigError(f"repository {self.name!r}: template {self.template!r} has no {{label}} placeholder")
         if not self.label_columns:
@@ -53,33 +54,39 @@ class IngestConfig:
     """How sources become corpus shards (paper §4.1 numbers are the defaults)."""
 
     repositories: tuple[RepositoryConfig, ...] = ()  # inline repository descriptions
-    repositories_file: str = ""                  # or a YAML file with a `repositories:` list (e.g. the phantoms' repositories.yaml)
-    size: int = 512                              # output side in pixels: shorter side resized to this, then centre-cropped
-    ct_window_width: float = 700.0               # Hounsfield units
-    ct_window_level: float = 100.0               # Hounsfield units
-    percentile_low: float = 0.5                  # MRI and mammography clip, percent
-    percentile_high: float = 99.5                # percent
-    wsi_level: int = 0                           # pyramid level patches are cut from (0 = full resolution)
-    wsi_patch_size: int = 512                    # patch side at that level, pixels
-    wsi_overlap: float = 0.0                     # fraction of the patch side shared with a neighbour, at most 0.1
-    wsi_tissue_fraction: float = 0.5             # a patch needs at least this fraction of tissue in the thumbnail mask
+    repositories_file: str = ""  # or a YAML file with a `repositories:` list (e.g. the phantoms' repositories.yaml)
+    size: int = 512  # output side in pixels: shorter side resized to this, then centre-cropped
+    ct_window_width: float = 700.0  # Hounsfield units
+    ct_window_level: float = 100.0  # Hounsfield units
+    percentile_low: float = 0.5  # MRI and mammography clip, percent
+    percentile_high: float = 99.5  # percent
+    wsi_level: int = 0  # pyramid level patches are cut from (0 = full resolution)
+    wsi_patch_size: int = 512  # patch side at that level, pixels
+    wsi_overlap: float = 0.0  # fraction of the patch side shared with a neighbour, at most 0.1
+    wsi_tissue_fraction: float = 0.5  # a patch needs at least this fraction of tissue in the thumbnail mask
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test, by patient
-    split_salt: str = "medisyn"                  # salt of the patient-id hash; change it to re-draw the split
-    near_duplicate_bits: int = 4                 # near duplicates: perceptual-hash Hamming distance at most this (-1: exact only)
-    near_duplicate_rms: float = 0.01             # ... and 32x32 grey thumbnails within this RMS difference (fraction of 255)
-    image_format: Literal["auto", "png", "webp"] = "auto"  # stored encoding; auto: PNG for grey, lossless WebP for colour
-    png_compress_level: int = 1                  # 0-9; 1 writes ~2x faster than Pillow's default 6 for a few % more bytes
-    max_tasks: int = 0                           # concurrent ingest tasks (0 = one per CPU of the cluster)
-    files_per_task: int = 16                     # source files per Ray task (and per staging shard); slides: 1
-    row_group_rows: int = 64                     # parquet row group size: bounds a task's memory on huge multi-frame files and slides
+    split_salt: str = "medisyn"  # salt of the patient-id hash; change it to re-draw the split
+    near_duplicate_bits: int = 4  # near duplicates: perceptual-hash Hamming distance at most this (-1: exact only)
+    near_duplicate_rms: float = 0.01  # ... and 32x32 grey thumbnails within this RMS difference (fraction of 255)
+    image_format: Literal["auto", "png", "webp"] = (
+        "auto"  # stored encoding; auto: PNG for grey, lossless WebP for colour
+    )
+    png_compress_level: int = 1  # 0-9; 1 writes ~2x faster than Pillow's default 6 for a few % more bytes
+    max_tasks: int = 0  # concurrent ingest tasks (0 = one per CPU of the cluster)
+    files_per_task: int = 16  # source files per Ray task (and per staging shard); slides: 1
+    row_group_rows: int = 64  # parquet row group size: bounds a task's memory on huge multi-frame files and slides
 
     def __post_init__(self):
         if not 0.0 <= self.wsi_overlap <= 0.1:
-            raise ConfigError(f"ingest.wsi_overlap: {self.wsi_overlap} is outside [0, 0.1] (the paper allows at most 10% overlap)")
+            raise ConfigError(
+                f"ingest.wsi_overlap: {self.wsi_overlap} is outside [0, 0.1] (the paper allows at most 10% overlap)"
+            )
         if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
             raise ConfigError(f"ingest.split_fractions: {list(self.split_fractions)} must be non-negative and sum to 1")
         if not 0 <= self.percentile_low < self.percentile_high <= 100:
-            raise ConfigError(f"ingest.percentile_low/high: need 0 <= {self.percentile_low} < {self.percentile_high} <= 100")
+            raise ConfigError(
+                f"ingest.percentile_low/high: need 0 <= {self.percentile_low} < {self.percentile_high} <= 100"
+            )
         if self.size % 8:
             raise ConfigError(f"ingest.size: {self.size} must be a multiple of 8 (the VAE's latent factor)")
         if self.files_per_task < 1 or self.row_group_rows < 1:

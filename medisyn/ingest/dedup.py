@@ -31,8 +31,14 @@ def _rms(a: bytes, b: bytes) -> float:
     return float(np.sqrt(np.mean(x * x)) / 255.0)
 
 
-def find_duplicates(refs: list[str], pixel_hashes: list[str], phashes: list[str], max_distance: int = 4,
-                    thumbs: list[bytes] | None = None, max_rms: float = 0.01) -> dict[str, tuple[str, str]]:
+def find_duplicates(
+    refs: list[str],
+    pixel_hashes: list[str],
+    phashes: list[str],
+    max_distance: int = 4,
+    thumbs: list[bytes] | None = None,
+    max_rms: float = 0.01,
+) -> dict[str, tuple[str, str]]:
     """``{ref: (reason, kept_ref)}`` for every image to drop; all inputs are aligned lists.
 
     ``reason`` is "exact duplicate" or "near duplicate". Ordering by ``ref`` makes the kept
@@ -59,9 +65,16 @@ def find_duplicates(refs: list[str], pixel_hashes: list[str], phashes: list[str]
         keys = [(b, (h >> lo) & ((1 << (hi - lo)) - 1)) for b, (lo, hi) in enumerate(bands)]
         for key in keys:
             candidates.update(buckets.get(key, ()))
-        match = min((j for j in candidates if (values[j] ^ h).bit_count() <= max_distance
-                     and (thumbs is None or _rms(thumbs[i], thumbs[j]) <= max_rms)),
-                    key=lambda j: refs[j], default=None)
+        match = min(
+            (
+                j
+                for j in candidates
+                if (values[j] ^ h).bit_count() <= max_distance
+                and (thumbs is None or _rms(thumbs[i], thumbs[j]) <= max_rms)
+            ),
+            key=lambda j: refs[j],
+            default=None,
+        )
         if match is not None:
             dropped[refs[i]] = ("near duplicate", refs[match])
             continue

@@ -9,7 +9,6 @@ is all later stages, logs and the rejects table ever show. The mapping back to p
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
@@ -18,26 +17,15 @@ import yaml
 from medisyn.configtools import ConfigError, build
 from medisyn.ingest.config import IngestConfig, RepositoryConfig
 from medisyn.ingest.split import patient_hash, split_for
+from medisyn.ingest.units import Item
+from medisyn.records import SPLITS
 
 PRESENT = {"1", "1.0", "true", "yes", "y"}
 ABSENT = {"", "0", "0.0", "-1", "-1.0", "false", "no", "n", "nan"}  # -1: CheXpert's "uncertain", read as absent
 
 
-@dataclass(frozen=True)
-class Item:
-    """One source file to read; everything a worker needs, nothing identifying but the path."""
-
-    ref: str                    # repo/<16 hex>: the file's only name outside the driver
-    path: str                   # absolute path, used only to open the file
-    repo: str
-    patient: str                # salted hash
-    split: str
-    labels: tuple[str, ...]     # caption phrases
-    caption: str
-
-
 def join_phrases(phrases: list[str]) -> str:
-    """"a", "a and b", "a, b and c" — how a multi-label caption reads naturally."""
+    """ "a", "a and b", "a, b and c" — how a multi-label caption reads naturally."""
     if len(phrases) <= 1:
         return "".join(phrases)
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
@@ -77,11 +65,15 @@ def read_label_table(repo: RepositoryConfig, root: Path) -> pd.DataFrame:
     if not csv.is_file():
         raise ConfigError(f"repository {repo.name!r}: labels_csv {str(csv)!r} not found")
     table = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    needed = [repo.path_column, repo.patient_column, *repo.label_columns] + ([repo.split_column] if repo.split_column else [])
+    needed = [repo.path_column, repo.patient_column, *repo.label_columns] + (
+        [repo.split_column] if repo.split_column else []
+    )
     missing = [c for c in needed if c not in table.columns]
     if missing:
-        raise ConfigError(f"repository {repo.name!r}: {csv.name} has no column(s) {', '.join(map(repr, missing))}; "
-                          f"it has {', '.join(map(repr, table.columns))}")
+        raise ConfigError(
+            f"repository {repo.name!r}: {csv.name} has no column(s) {', '.join(map(repr, missing))}; "
+            f"it has {', '.join(map(repr, table.columns))}"
+        )
     return table
 
 
@@ -93,7 +85,9 @@ def _labels(repo: RepositoryConfig, row: dict) -> tuple[str, ...]:
             raise ValueError(f"missing label in column {repo.label_columns[0]!r}")
         if raw not in repo.classes:
             # the value itself is not repeated: a misconfigured column could hold identifiers
-            raise ValueError(f"label in column {repo.label_columns[0]!r} not in the classes of repository {repo.name!r}")
+            raise ValueError(
+                f"label in column {repo.label_columns[0]!r} not in the classes of repository {repo.name!r}"
+            )
         return (repo.classes[raw],)
     phrases = []
     for col in repo.label_columns:
@@ -109,7 +103,9 @@ def _labels(repo: RepositoryConfig, row: dict) -> tuple[str, ...]:
     return tuple(phrases)
 
 
-def list_repository(repo: RepositoryConfig, root: Path, cfg: IngestConfig) -> tuple[list[Item], list[dict], dict[str, str]]:
+def list_repository(
+    repo: RepositoryConfig, root: Path, cfg: IngestConfig
+) -> tuple[list[Item], list[dict], dict[str, str]]:
     """(items to read, listing rejects, {ref: relative path}) for one repository.
 
     Each file on disk pairs with the label row of its own path or of its nearest listed
@@ -128,13 +124,21 @@ def list_repository(repo: RepositoryConfig, root: Path, cfg: IngestConfig) -> tu
         source_map[ref] = rel
         key = next((k for k in [rel, *map(str, PurePosixPath(rel).parents)] if k in rows), None)
         if key is None:
-            rejects.append({"source_ref": ref, "stage": "listing", "reason": f"no row in {repo.labels_csv} (missing label)"})
+            rejects.append(
+                {"source_ref": ref, "stage": "listing", "reason": f"no row in {repo.labels_csv} (missing label)"}
+            )
             continue
         used.add(key)
         row = rows[key]
         patient = row[repo.patient_column].strip()
         if not patient:
-            rejects.append({"source_ref": ref, "stage": "listing", "reason": f"missing patient id in column {repo.patient_column!r}"})
+            rejects.append(
+                {
+                    "source_ref": ref,
+                    "stage": "listing",
+                    "reason": f"missing patient id in column {repo.patient_column!r}",
+                }
+            )
             continue
         try:
             labels = _labels(repo, row)
@@ -143,13 +147,34 @@ def list_repository(repo: RepositoryConfig, root: Path, cfg: IngestConfig) -> tu
             continue
         hashed = patient_hash(patient, cfg.split_salt)
         split = row[repo.split_column].strip() if repo.split_column else split_for(hashed, cfg.split_fractions)
-        if split not in ("train", "val", "test"):
-            rejects.append({"source_ref": ref, "stage": "listing", "reason": f"value in split column {repo.split_column!r} is not train/val/test"})
+        if split not in SPLITS:
+            rejects.append(
+                {
+                    "source_ref": ref,
+                    "stage": "listing",
+                    "reason": f"value in split column {repo.split_column!r} is not train/val/test",
+                }
+            )
             continue
-        items.append(Item(ref, str((root / rel).resolve()), repo.name, hashed, split, labels,
-                          repo.template.format(label=join_phrases(list(labels)))))
+        items.append(
+            Item(
+                ref,
+                str((root / rel).resolve()),
+                repo.name,
+                hashed,
+                split,
+                labels,
+                repo.template.format(label=join_phrases(list(labels))),
+            )
+        )
     for key in sorted(set(rows) - used):
         ref = source_ref(repo.name, key, cfg.split_salt)
         source_map[ref] = key
-        rejects.append({"source_ref": ref, "stage": "listing", "reason": f"listed in {repo.labels_csv} but no such file matches {repo.glob!r}"})
+        rejects.append(
+            {
+                "source_ref": ref,
+                "stage": "listing",
+                "reason": f"listed in {repo.labels_csv} but no such file matches {repo.glob!r}",
+            }
+        )
     return items, rejects, source_map

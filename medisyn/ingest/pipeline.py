@@ -23,9 +23,11 @@ import pyarrow.parquet as pq
 
 from medisyn.config import RunConfig
 from medisyn.ingest.dedup import find_duplicates
-from medisyn.ingest.listing import Item, list_repository, load_repositories
+from medisyn.ingest.listing import list_repository, load_repositories
 from medisyn.ingest.summary import summarize, write_summary
-from medisyn.ingest.worker import REJECT_SCHEMA, atomic_write_table, atomic_write_text, finalize_unit, process_unit, unit_id
+from medisyn.ingest.units import FinalizeJob, Item, Unit, UnitSettings, unit_id
+from medisyn.ingest.worker import finalize_unit, process_unit
+from medisyn.records import REJECT_SCHEMA, atomic_write_table, atomic_write_text
 
 log = logging.getLogger(__name__)
 STAGING_FORMAT = 3  # bump when the staging shard layout changes, so old shards are not reused
@@ -33,55 +35,64 @@ STAGING_FORMAT = 3  # bump when the staging shard layout changes, so old shards 
 
 def ingest_dirs(cfg: RunConfig) -> dict[str, Path]:
     root = cfg.run_path
-    return {"corpus": root / "corpus", "rejects": root / "rejects", "staging": root / "ingest" / "staging",
-            "ingest": root / "ingest", "private": root / "private"}
-
-
-def _settings(repo, cfg) -> dict:
-    i = cfg.ingest
     return {
-        "kind": repo.kind, "specialty": repo.specialty, "image_type": repo.image_type, "frames": repo.frames,
-        "intensity": repo.intensity, "size": i.size, "png_compress_level": i.png_compress_level,
-        "image_format": i.image_format,
-        "window": [i.ct_window_width, i.ct_window_level], "pct": [i.percentile_low, i.percentile_high],
-        "wsi_level": i.wsi_level, "wsi_patch_size": i.wsi_patch_size, "wsi_overlap": i.wsi_overlap,
-        "wsi_tissue_fraction": i.wsi_tissue_fraction, "row_group_rows": i.row_group_rows,
-        "format": STAGING_FORMAT,
+        "corpus": root / "corpus",
+        "rejects": root / "rejects",
+        "staging": root / "ingest" / "staging",
+        "ingest": root / "ingest",
+        "private": root / "private",
     }
 
 
-def plan_units(repo, items: list[Item], cfg: RunConfig, staging: Path) -> list[dict]:
+def _settings(repo, cfg: RunConfig) -> UnitSettings:
+    i = cfg.ingest
+    return UnitSettings(
+        kind=repo.kind,
+        specialty=repo.specialty,
+        image_type=repo.image_type,
+        frames=repo.frames,
+        intensity=repo.intensity,
+        size=i.size,
+        png_compress_level=i.png_compress_level,
+        image_format=i.image_format,
+        window=(i.ct_window_width, i.ct_window_level),
+        pct=(i.percentile_low, i.percentile_high),
+        wsi_level=i.wsi_level,
+        wsi_patch_size=i.wsi_patch_size,
+        wsi_overlap=i.wsi_overlap,
+        wsi_tissue_fraction=i.wsi_tissue_fraction,
+        row_group_rows=i.row_group_rows,
+        format=STAGING_FORMAT,
+    )
+
+
+def plan_units(repo, items: list[Item], cfg: RunConfig, staging: Path) -> list[Unit]:
     """Chunks of ``files_per_task`` files (one slide per unit), each with a content-derived id."""
     per = 1 if repo.kind == "wsi" else cfg.ingest.files_per_task
     settings = _settings(repo, cfg)
-    units = []
-    for start in range(0, len(items), per):
-        chunk = items[start:start + per]
-        uid = unit_id(repo.name, [it.ref for it in chunk], {**settings, "captions": [it.caption for it in chunk],
-                                                           "splits": [it.split for it in chunk]})
-        units.append({"id": uid, "dir": str(staging), "settings": settings, "items": [
-            {"ref": it.ref, "path": it.path, "repo": it.repo, "patient": it.patient, "split": it.split,
-             "labels": list(it.labels), "caption": it.caption} for it in chunk]})
-    return units
+    chunks = [items[start : start + per] for start in range(0, len(items), per)]
+    return [Unit(unit_id(repo.name, chunk, settings), str(staging), settings, tuple(chunk)) for chunk in chunks]
 
 
-def _ray_map(rows: list[dict], fn, max_tasks: int = 0) -> list[dict]:
-    """Run ``fn`` over rows as a Ray Data job: one block per row, so every row is its own task."""
+def _ray_map(key: str, rows: list, fn, max_tasks: int = 0) -> list[dict]:
+    """Run ``fn`` over typed rows ``{key: row}`` as a Ray Data job: one block per row, so every
+    row is its own task."""
     import ray
 
     if not rows:
         return []
-    ds = ray.data.from_items([{"unit": json.dumps(r)} for r in rows], override_num_blocks=len(rows))
-    return ds.map(fn, num_cpus=1, concurrency=max_tasks or None).take_all()
+    ds = ray.data.from_items([{key: r} for r in rows], override_num_blocks=len(rows))
+    compute = ray.data.TaskPoolStrategy(size=max_tasks) if max_tasks else None
+    return ds.map(fn, num_cpus=1, compute=compute).take_all()
 
 
-def _dedup(units: list[dict], staging: Path, max_distance: int, max_rms: float) -> dict[str, dict[str, list[str]]]:
+def _dedup(units: list[Unit], staging: Path, max_distance: int, max_rms: float) -> dict[str, dict[str, list[str]]]:
     """``{unit id: {ref: [reason, kept ref]}}`` from the hash columns of each repository's shards."""
     by_repo: dict[str, list[str]] = {}
     for u in units:
-        by_repo.setdefault(u["items"][0]["repo"], []).append(u["id"])
-    dropped_by_unit: dict[str, dict[str, list[str]]] = {u["id"]: {} for u in units}
-    for repo, uids in by_repo.items():
+        by_repo.setdefault(u.items[0].repo, []).append(u.id)
+    dropped_by_unit: dict[str, dict[str, list[str]]] = {u.id: {} for u in units}
+    for uids in by_repo.values():
         cols = {"source_ref": [], "id": [], "phash": [], "thumb": []}
         unit_of = {}
         for uid in uids:
@@ -115,31 +126,46 @@ def run(cfg: RunConfig) -> dict:
         listing_rejects += rejects
         source_map += [{"source_ref": r, "source": repo.name, "path": p} for r, p in refs.items()]
         units += plan_units(repo, items, cfg, d["staging"])
-    atomic_write_table(pa.Table.from_pylist(source_map, pa.schema([("source_ref", pa.string()), ("source", pa.string()),
-                                                                    ("path", pa.string())])), d["private"] / "source_map.parquet")
+    atomic_write_table(
+        pa.Table.from_pylist(
+            source_map, pa.schema([("source_ref", pa.string()), ("source", pa.string()), ("path", pa.string())])
+        ),
+        d["private"] / "source_map.parquet",
+    )
 
-    todo = [u for u in units if not (d["staging"] / f"{u['id']}.json").exists()]
+    todo = [u for u in units if not (d["staging"] / f"{u.id}.json").exists()]
     log.info("ingest: %d units, %d already done, %d to process", len(units), len(units) - len(todo), len(todo))
     ensure_ray()
-    _ray_map(todo, process_unit, cfg.ingest.max_tasks)
-    unit_counts = [json.loads((d["staging"] / f"{u['id']}.json").read_text()) for u in units]
+    _ray_map("unit", todo, process_unit, cfg.ingest.max_tasks)
+    unit_counts = [json.loads((d["staging"] / f"{u.id}.json").read_text()) for u in units]
 
     dropped = _dedup(units, d["staging"], cfg.ingest.near_duplicate_bits, cfg.ingest.near_duplicate_rms)
     state_file = d["ingest"] / "finalized.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     # a corpus shard is final for a given set of duplicates to drop; rewrite it when that set changes
-    fingerprints = {u["id"]: hashlib.sha256(json.dumps(dropped[u["id"]], sort_keys=True).encode()).hexdigest() for u in units}
-    jobs = [{"id": uid, "staging": str(d["staging"]), "corpus": str(d["corpus"]), "rejects": str(d["rejects"]),
-             "dropped": dropped[uid]}
-            for uid, fp in fingerprints.items()
-            if not (state.get(uid) == fp and (d["corpus"] / f"{uid}.parquet").exists() and (d["rejects"] / f"{uid}.parquet").exists())]
+    fingerprints = {u.id: hashlib.sha256(json.dumps(dropped[u.id], sort_keys=True).encode()).hexdigest() for u in units}
+    jobs = [
+        FinalizeJob(
+            uid,
+            str(d["staging"]),
+            str(d["corpus"]),
+            str(d["rejects"]),
+            {ref: tuple(v) for ref, v in dropped[uid].items()},
+        )
+        for uid, fp in fingerprints.items()
+        if not (
+            state.get(uid) == fp
+            and (d["corpus"] / f"{uid}.parquet").exists()
+            and (d["rejects"] / f"{uid}.parquet").exists()
+        )
+    ]
     log.info("ingest: %d shards to finalize", len(jobs))
-    _ray_map(jobs, finalize_unit, cfg.ingest.max_tasks)
+    _ray_map("job", jobs, finalize_unit, cfg.ingest.max_tasks)
     atomic_write_text(json.dumps(fingerprints, indent=0), state_file)
 
     listing_name = "listing.parquet"
     atomic_write_table(pa.Table.from_pylist(listing_rejects, REJECT_SCHEMA), d["rejects"] / listing_name)
-    current = {f"{u['id']}.parquet" for u in units}
+    current = {f"{u.id}.parquet" for u in units}
     _remove_stale(d["corpus"], current)
     _remove_stale(d["rejects"], current | {listing_name})
 

@@ -32,7 +32,9 @@ def _check_size(path: Path) -> None:
         raise Rejected("empty file (0 bytes)")
 
 
-def _to_uint8(arr: np.ndarray, policy: str, *, ct: bool, window: tuple[float, float], pct: tuple[float, float]) -> np.ndarray:
+def _to_uint8(
+    arr: np.ndarray, policy: str, *, ct: bool, window: tuple[float, float], pct: tuple[float, float]
+) -> np.ndarray:
     if policy == "auto":
         policy = "ct_window" if ct else ("none" if arr.dtype == np.uint8 else "percentile")
     if policy == "ct_window":
@@ -47,6 +49,7 @@ def _to_uint8(arr: np.ndarray, policy: str, *, ct: bool, window: tuple[float, fl
 
 
 # ----------------------------------------------------------------------------- DICOM
+
 
 def _read_dataset(path: Path):
     import pydicom
@@ -70,8 +73,11 @@ def _read_dataset(path: Path):
     if "TransferSyntaxUID" not in ds.file_meta:
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (
-            pydicom.uid.ImplicitVRLittleEndian if implicit
-            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+            pydicom.uid.ImplicitVRLittleEndian
+            if implicit
+            else pydicom.uid.ExplicitVRLittleEndian
+            if little
+            else pydicom.uid.ExplicitVRBigEndian
         )
     return ds
 
@@ -98,9 +104,14 @@ def _decode(ds) -> np.ndarray:
         raise Rejected(f"corrupt pixel data ({type(exc).__name__})") from None
 
 
-def read_dicom(path: str | Path, *, frames: str = "all", intensity: str = "auto",
-               window: tuple[float, float] = (700, 100), pct: tuple[float, float] = (0.5, 99.5)
-               ) -> list[tuple[np.ndarray, dict]]:
+def read_dicom(
+    path: str | Path,
+    *,
+    frames: str = "all",
+    intensity: str = "auto",
+    window: tuple[float, float] = (700, 100),
+    pct: tuple[float, float] = (0.5, 99.5),
+) -> list[tuple[np.ndarray, dict]]:
     """All selected frames of a DICOM file as uint8 HxW (grey) or HxWx3 (colour) arrays.
 
     CT: stored values → Hounsfield units (modality LUT: RescaleSlope/Intercept) → window.
@@ -121,6 +132,7 @@ def read_dicom(path: str | Path, *, frames: str = "all", intensity: str = "auto"
         arr = arr[None]
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
+
         arr, colour = apply_color_lut(arr, ds), True
         arr = (arr >> 8).astype(np.uint8) if arr.dtype != np.uint8 else arr
     index = {"all": range(n_frames), "first": [0], "middle": [n_frames // 2]}[frames]
@@ -145,7 +157,10 @@ def read_dicom(path: str | Path, *, frames: str = "all", intensity: str = "auto"
 
 # ----------------------------------------------------------------------------- PNG / JPEG / TIFF
 
-def read_image(path: str | Path, *, intensity: str = "auto", pct: tuple[float, float] = (0.5, 99.5)) -> tuple[np.ndarray, dict]:
+
+def read_image(
+    path: str | Path, *, intensity: str = "auto", pct: tuple[float, float] = (0.5, 99.5)
+) -> tuple[np.ndarray, dict]:
     """8- or 16-bit, grey or RGB(A)/palette photographs and scans, as uint8 grey or RGB."""
     path = Path(path)
     _check_size(path)
@@ -174,6 +189,7 @@ def read_image(path: str | Path, *, intensity: str = "auto", pct: tuple[float, f
 
 # ----------------------------------------------------------------------------- whole-slide images
 
+
 def tissue_mask(thumbnail: Image.Image, saturation: int = 20, brightness: int = 235) -> np.ndarray:
     """True where the thumbnail shows stained tissue: coloured (HSV saturation) and not white glass."""
     hsv = np.asarray(thumbnail.convert("RGB").convert("HSV"))
@@ -181,8 +197,9 @@ def tissue_mask(thumbnail: Image.Image, saturation: int = 20, brightness: int = 
     return (hsv[..., 1] > saturation) & (grey < brightness)
 
 
-def iter_wsi_patches(path: str | Path, *, level: int = 0, patch: int = 512, overlap: float = 0.0,
-                     min_tissue: float = 0.5) -> Iterator[tuple[np.ndarray | None, dict]]:
+def iter_wsi_patches(
+    path: str | Path, *, level: int = 0, patch: int = 512, overlap: float = 0.0, min_tissue: float = 0.5
+) -> Iterator[tuple[np.ndarray | None, dict]]:
     """Grid patches of one slide at ``level``: ``(rgb, meta)`` for tissue, ``(None, meta)`` for background.
 
     The stride is ``patch × (1 − overlap)``, so neighbours share at most ``overlap`` of a
@@ -211,8 +228,10 @@ def iter_wsi_patches(path: str | Path, *, level: int = 0, patch: int = 512, over
         for y in range(0, height - patch + 1, stride):
             for x in range(0, width - patch + 1, stride):
                 meta = {"level": level, "x": x, "y": y, "size": patch}
-                m = mask[int(y * sy):max(int(y * sy) + 1, int((y + patch) * sy)),
-                         int(x * sx):max(int(x * sx) + 1, int((x + patch) * sx))]
+                m = mask[
+                    int(y * sy) : max(int(y * sy) + 1, int((y + patch) * sy)),
+                    int(x * sx) : max(int(x * sx) + 1, int((x + patch) * sx)),
+                ]
                 if m.mean() < min_tissue:
                     yield None, meta
                     continue

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 
-SPLITS = ("train", "val", "test")
-
 
 def patient_hash(patient_id: str, salt: str) -> str:
     """A 32-hex-digit salted SHA-256 of the id: stable, not reversible without the salt."""

@@ -9,23 +9,20 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from medisyn.ingest.split import SPLITS
+from medisyn.records import SPLITS, read_shards, shard_files
 
 
 def _read(folder: Path, columns: list[str]) -> dict[str, list]:
-    out: dict[str, list] = {c: [] for c in columns}
-    for f in sorted(folder.glob("*.parquet")):
-        t = pq.read_table(f, columns=columns)
-        for c in columns:
-            out[c].extend(t.column(c).to_pylist())
-    return out
+    """Columns of every shard in ``folder`` as lists (empty lists when there is no shard)."""
+    if not shard_files(folder):
+        return {c: [] for c in columns}
+    table = read_shards(folder, columns)
+    return {c: table.column(c).to_pylist() for c in columns}
 
 
 def _by_split(keys: list, splits: list[str]) -> dict[str, dict[str, int]]:
     table: dict[str, dict[str, int]] = {}
-    for k, s in zip(keys, splits):
+    for k, s in zip(keys, splits, strict=True):
         row = table.setdefault(k, {sp: 0 for sp in SPLITS} | {"total": 0})
         row[s] += 1
         row["total"] += 1
@@ -35,8 +32,10 @@ def _by_split(keys: list, splits: list[str]) -> dict[str, dict[str, int]]:
 def summarize(corpus: Path, rejects: Path, unit_counts: list[dict], files: int) -> dict:
     c = _read(corpus, ["specialty", "image_type", "labels", "split", "source"])
     r = _read(rejects, ["stage", "reason"])
-    dup_reasons = Counter(reason.split(" of ")[0] for stage, reason in zip(r["stage"], r["reason"]) if stage == "dedup")
-    reject_reasons = Counter(reason for stage, reason in zip(r["stage"], r["reason"]) if stage != "dedup")
+    dup_reasons = Counter(
+        reason.split(" of ")[0] for stage, reason in zip(r["stage"], r["reason"], strict=True) if stage == "dedup"
+    )
+    reject_reasons = Counter(reason for stage, reason in zip(r["stage"], r["reason"], strict=True) if stage != "dedup")
     background = sum(u["background"] for u in unit_counts)
     total = {sp: 0 for sp in SPLITS} | {"total": 0}
     for s in c["split"]:
@@ -46,7 +45,9 @@ def summarize(corpus: Path, rejects: Path, unit_counts: list[dict], files: int) 
         "pairs": total,
         "by_specialty": _by_split(c["specialty"], c["split"]),
         "by_image_type": _by_split(c["image_type"], c["split"]),
-        "by_class": _by_split([f"{t}: {' + '.join(l)}" for t, l in zip(c["image_type"], c["labels"])], c["split"]),
+        "by_class": _by_split(
+            [f"{t}: {' + '.join(labels)}" for t, labels in zip(c["image_type"], c["labels"], strict=True)], c["split"]
+        ),
         "by_source": _by_split(c["source"], c["split"]),
         "rejects": dict(reject_reasons.most_common()),
         "duplicates": dict(dup_reasons.most_common()),

@@ -44,9 +44,9 @@ def minmax_uint8(x: np.ndarray) -> np.ndarray:
 class CropInfo:
     """Where the square came from: SDXL conditions on the source size and the crop corner."""
 
-    original_size: tuple[int, int]     # (height, width) of the source image
-    resized_size: tuple[int, int]      # (height, width) after the shorter side became `size`
-    crop_top_left: tuple[int, int]     # (top, left) of the crop in resized coordinates
+    original_size: tuple[int, int]  # (height, width) of the source image
+    resized_size: tuple[int, int]  # (height, width) after the shorter side became `size`
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in resized coordinates
 
 
 def crop_box(height: int, width: int, size: int = 512) -> CropInfo:

@@ -88,8 +88,9 @@ def split_patients(n_images: int, rng: np.random.Generator, lo: int = 2, hi: int
     return sizes
 
 
-def class_schedule(ctx: GenContext, classes: list[str], n_per_class: int,
-                   lo: int = 2, hi: int = 4) -> list[tuple[int, str, int]]:
+def class_schedule(
+    ctx: GenContext, classes: list[str], n_per_class: int, lo: int = 2, hi: int = 4
+) -> list[tuple[int, str, int]]:
     """(patient index, class, image index) for single-label repos.
 
     Each patient has one class and lo..hi images, so a random image-level

@@ -15,8 +15,7 @@ from .gastro import kvasir_image
 
 
 def _rec(ctx: GenContext, rel: str, kind: str, detail: str, in_csv: bool) -> dict:
-    return {"repo": ctx.repo, "path": f"{ctx.repo}/{rel}", "kind": kind, "detail": detail,
-            "in_labels_csv": in_csv}
+    return {"repo": ctx.repo, "path": f"{ctx.repo}/{rel}", "kind": kind, "detail": detail, "in_labels_csv": in_csv}
 
 
 def ctpa(ctx: GenContext, repo, res: GenResult) -> list[dict]:
@@ -26,8 +25,18 @@ def ctpa(ctx: GenContext, repo, res: GenResult) -> list[dict]:
         a, n_sl, series, pe = radiology.ct_patient(ctx, p)
         rel = f"{ctx.patient_id(p)}/{series}/slice_{n_sl:03d}.dcm"
         path = ctx.path(rel)
-        radiology.write_ct_slice(ctx, p, n_sl, n_sl + 1, a, pe, series, path, ctx.rng(DEFECT_OFFSET + p),
-                                 pixels=kind != "dicom_without_pixel_data")
+        radiology.write_ct_slice(
+            ctx,
+            p,
+            n_sl,
+            n_sl + 1,
+            a,
+            pe,
+            series,
+            path,
+            ctx.rng(DEFECT_OFFSET + p),
+            pixels=kind != "dicom_without_pixel_data",
+        )
         if kind == "truncated_dicom":
             data = path.read_bytes()
             path.write_bytes(data[: len(data) // 2])
@@ -53,8 +62,13 @@ def isic(ctx: GenContext, repo, res: GenResult) -> list[dict]:
     unk = dermatology.isic_write(ctx, repo, p, n + 1, "UNK", img)
     res.rows.append(unk)
     return [
-        _rec(ctx, dup[repo.path_column], "duplicate_image",
-             f"identical bytes to {src[repo.path_column]} (same patient, new id and row)", True),
+        _rec(
+            ctx,
+            dup[repo.path_column],
+            "duplicate_image",
+            f"identical bytes to {src[repo.path_column]} (same patient, new id and row)",
+            True,
+        ),
         _rec(ctx, unk[repo.path_column], "unknown_label", "diagnosis 'UNK' is not a known class", True),
     ]
 
@@ -62,7 +76,8 @@ def isic(ctx: GenContext, repo, res: GenResult) -> list[dict]:
 def oct_repo(ctx: GenContext, repo, res: GenResult) -> list[dict]:
     """A zero-byte PNG that the label CSV lists."""
     src = res.rows[0]
-    rel = f"train/{src[repo.label_columns[0]]}/{src[repo.label_columns[0]]}-{src[repo.patient_column]}-{len(res.rows)}.png"
+    label = src[repo.label_columns[0]]
+    rel = f"train/{label}/{label}-{src[repo.patient_column]}-{len(res.rows)}.png"
     ctx.path(rel).write_bytes(b"")
     res.rows.append({**src, repo.path_column: rel})
     return [_rec(ctx, rel, "empty_file", "zero-byte PNG listed in the label CSV", True)]

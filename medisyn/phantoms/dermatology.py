@@ -16,8 +16,7 @@ from .common import GenContext, GenResult, class_schedule, save_jpeg
 DERMO_HW = (225, 300)
 PHOTO_HW = (240, 320)
 
-SKIN_TONES = np.array([[236, 196, 170], [224, 172, 140], [200, 150, 115], [170, 120, 90],
-                       [240, 205, 185]], np.float32)
+SKIN_TONES = np.array([[236, 196, 170], [224, 172, 140], [200, 150, 115], [170, 120, 90], [240, 205, 185]], np.float32)
 
 
 def skin(rng: np.random.Generator, h: int, w: int, tone: np.ndarray, mottling: float = 10) -> np.ndarray:
@@ -28,8 +27,10 @@ def skin(rng: np.random.Generator, h: int, w: int, tone: np.ndarray, mottling: f
 
 
 def hairs(rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:
-    paths = [D.random_walk(rng, rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, 2 * np.pi),
-                           20, rng.uniform(4, 9), 0.06) for _ in range(n)]
+    paths = [
+        D.random_walk(rng, rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, 2 * np.pi), 20, rng.uniform(4, 9), 0.06)
+        for _ in range(n)
+    ]
     return D.polyline_mask(h, w, paths, list(rng.uniform(1.0, 2.0, n)))
 
 
@@ -59,8 +60,12 @@ def dermoscopy_image(prng: np.random.Generator, rng: np.random.Generator, dx: st
         r = rng.uniform(45, 65)
         les = D.blob(h, w, cy, cx, r, rng, 0.12, harmonics=3, aspect=rng.uniform(0.7, 0.9), angle=ang, soft=2)
         img = D.compose(img, les, np.array([175, 135, 85], np.float32) + 18 * D.smooth_noise(rng, h, w, 6)[..., None])
-        paths = [D.random_walk(rng, cx + rng.uniform(-r, r) * 0.6, cy + rng.uniform(-r, r) * 0.6,
-                               rng.uniform(0, 2 * np.pi), 10, 4, 0.4) for _ in range(14)]
+        paths = [
+            D.random_walk(
+                rng, cx + rng.uniform(-r, r) * 0.6, cy + rng.uniform(-r, r) * 0.6, rng.uniform(0, 2 * np.pi), 10, 4, 0.4
+            )
+            for _ in range(14)
+        ]
         cracks = D.polyline_mask(h, w, paths, [2.0] * 14) * les
         img = D.compose(img, cracks, [85, 60, 40])
         img = D.compose(img, D.dots(rng, h, w, 16, 2.2, weight=les), [245, 240, 225])
@@ -70,7 +75,9 @@ def dermoscopy_image(prng: np.random.Generator, rng: np.random.Generator, dx: st
         img = D.compose(img, les * 0.9, [235, 165, 170])
         paths, widths = [], []
         for a in rng.uniform(0, 2 * np.pi, 4):
-            p, wd = D.branching(rng, cx + np.cos(a) * r * 0.8, cy + np.sin(a) * r * 0.8, a + np.pi, r * 0.9, 2.6, 2, 0.3)
+            p, wd = D.branching(
+                rng, cx + np.cos(a) * r * 0.8, cy + np.sin(a) * r * 0.8, a + np.pi, r * 0.9, 2.6, 2, 0.3
+            )
             paths += p
             widths += wd
         img = D.compose(img, D.polyline_mask(h, w, paths, widths) * les, [190, 30, 45])
@@ -83,7 +90,7 @@ def dermoscopy_image(prng: np.random.Generator, rng: np.random.Generator, dx: st
 
 
 def isic(ctx: GenContext, repo, n_per_class: int) -> GenResult:
-    rows, col = [], repo.label_columns[0]
+    rows = []
     for p, cls, i in class_schedule(ctx, list(repo.classes), n_per_class, 1, 3):
         rows.append(isic_write(ctx, repo, p, i, cls, dermoscopy_image(ctx.patient_rng(p), ctx.rng(i), cls)))
     return GenResult(rows, files=len(rows), frames=len(rows))
@@ -96,9 +103,13 @@ def isic_id(i: int) -> str:
 def isic_row(ctx, repo, p: int, i: int, label: str) -> dict:
     """ISIC-style metadata row; the image lives at images/<isic_id>.jpg."""
     iid = isic_id(i)
-    return {"isic_id": iid, repo.path_column: f"images/{iid}.jpg", repo.patient_column: ctx.patient_id(p),
-            "anatom_site_general": ["torso", "lower extremity", "upper extremity", "head/neck"][p % 4],
-            repo.label_columns[0]: label}
+    return {
+        "isic_id": iid,
+        repo.path_column: f"images/{iid}.jpg",
+        repo.patient_column: ctx.patient_id(p),
+        "anatom_site_general": ["torso", "lower extremity", "upper extremity", "head/neck"][p % 4],
+        repo.label_columns[0]: label,
+    }
 
 
 def isic_write(ctx, repo, p: int, i: int, label: str, arr: np.ndarray) -> dict:
@@ -121,8 +132,12 @@ def clinical_image(prng: np.random.Generator, rng: np.random.Generator, cond: st
     if cond == "psoriasis":  # sharply demarcated salmon-red plaques with silvery scale
         plaques = np.zeros((h, w), np.float32)
         for _ in range(int(rng.integers(2, 4))):
-            plaques = np.maximum(plaques, D.blob(h, w, rng.uniform(40, h - 40), rng.uniform(50, w - 50),
-                                                 rng.uniform(25, 45), rng, 0.25, soft=1.5))
+            plaques = np.maximum(
+                plaques,
+                D.blob(
+                    h, w, rng.uniform(40, h - 40), rng.uniform(50, w - 50), rng.uniform(25, 45), rng, 0.25, soft=1.5
+                ),
+            )
         img = D.compose(img, plaques, [205, 85, 80])
         scale = np.clip(D.smooth_noise(rng, h, w, 4) * 0.8 + 0.2, 0, 1) * plaques
         img = D.compose(img, scale * 0.85, [232, 228, 222])
@@ -130,8 +145,10 @@ def clinical_image(prng: np.random.Generator, rng: np.random.Generator, cond: st
         field = np.clip(D.smooth_noise(rng, h, w, 25, octaves=2) * 0.7 + 0.3, 0, 1)
         img = D.compose(img, field * 0.75, [200, 105, 100])
         img = D.compose(img, D.dots(rng, h, w, 120, 1.8, weight=field) * 0.6, [175, 70, 70])
-        paths = [D.random_walk(rng, rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, np.pi), 6, 5, 0.1)
-                 for _ in range(10)]
+        paths = [
+            D.random_walk(rng, rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, np.pi), 6, 5, 0.1)
+            for _ in range(10)
+        ]
         img = D.compose(img, D.polyline_mask(h, w, paths, [1.5] * 10) * field, [150, 45, 50])
     else:  # acne: many small inflamed papules, some with white/yellow pustule heads
         pap = D.dots(rng, h, w, int(rng.integers(30, 55)), 4.5)

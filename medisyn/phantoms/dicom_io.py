@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from .common import PLANTED_INSTITUTION, PLANTED_PATIENT_NAME, GenContext
 
@@ -39,8 +39,9 @@ def patient_header(ctx: GenContext, p: int) -> dict:
     }
 
 
-def new_dataset(ctx: GenContext, p: int, sop_class: str, sop_instance: str,
-                modality: str, series_uid: str, **attrs) -> FileDataset:
+def new_dataset(
+    ctx: GenContext, p: int, sop_class: str, sop_instance: str, modality: str, series_uid: str, **attrs
+) -> FileDataset:
     """Empty image dataset with file meta, patient/study/series attributes."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -64,8 +65,9 @@ def new_dataset(ctx: GenContext, p: int, sop_class: str, sop_instance: str,
     return ds
 
 
-def set_pixels(ds: FileDataset, arr: np.ndarray, photometric: str = "MONOCHROME2",
-               bits_stored: int | None = None) -> None:
+def set_pixels(
+    ds: FileDataset, arr: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None
+) -> None:
     """Attach greyscale pixel data: (rows, cols) or (frames, rows, cols)."""
     if arr.ndim == 3:
         ds.NumberOfFrames = arr.shape[0]

@@ -36,8 +36,9 @@ def _bbox(h: int, w: int, cy: float, cx: float, rad: float):
     return (slice(y0, y1), slice(x0, x1)), dy, dx
 
 
-def ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float,
-            angle: float = 0.0, soft: float = 1.0) -> np.ndarray:
+def ellipse(
+    h: int, w: int, cy: float, cx: float, ry: float, rx: float, angle: float = 0.0, soft: float = 1.0
+) -> np.ndarray:
     """Soft-edged filled ellipse mask in [0, 1]; `soft` is the edge width in pixels.
 
     Only the bounding box is evaluated, so small shapes on big canvases are cheap.
@@ -55,10 +56,21 @@ def ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float,
     return out
 
 
-def blob(h: int, w: int, cy: float, cx: float, r: float, rng: np.random.Generator,
-         irregularity: float = 0.15, harmonics: int = 5, spikes: int = 0,
-         spike_len: float = 0.0, aspect: float = 1.0, angle: float = 0.0,
-         soft: float = 1.5) -> np.ndarray:
+def blob(
+    h: int,
+    w: int,
+    cy: float,
+    cx: float,
+    r: float,
+    rng: np.random.Generator,
+    irregularity: float = 0.15,
+    harmonics: int = 5,
+    spikes: int = 0,
+    spike_len: float = 0.0,
+    aspect: float = 1.0,
+    angle: float = 0.0,
+    soft: float = 1.5,
+) -> np.ndarray:
     """Soft mask of a star-shaped blob whose radius varies with angle.
 
     Low harmonics give lobulated/irregular outlines; `spikes` adds narrow
@@ -81,7 +93,7 @@ def blob(h: int, w: int, cy: float, cx: float, r: float, rng: np.random.Generato
     theta = np.arctan2(v, u)
     rho = np.sqrt(u * u + v * v)
     rad = np.ones_like(theta)
-    for k, (amp, ph) in enumerate(zip(amps, phases), start=2):
+    for k, (amp, ph) in enumerate(zip(amps, phases, strict=True), start=2):
         rad += amp * np.cos(k * theta + ph)
     if spikes:
         d = np.angle(np.exp(1j * (theta[..., None] - s_ang)))  # wrapped difference
@@ -91,8 +103,7 @@ def blob(h: int, w: int, cy: float, cx: float, r: float, rng: np.random.Generato
     return out
 
 
-def smooth_noise(rng: np.random.Generator, h: int, w: int, scale: float,
-                 octaves: int = 1) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, h: int, w: int, scale: float, octaves: int = 1) -> np.ndarray:
     """Zero-mean, unit-std smooth noise with feature size ~`scale` pixels.
 
     Built by upsampling coarse white noise (bicubic), which is far cheaper than
@@ -116,8 +127,15 @@ def blur(a: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(a.astype(F32), sig)
 
 
-def dots(rng: np.random.Generator, h: int, w: int, n: int, radius: float,
-         weight: np.ndarray | None = None, jitter: float = 0.3) -> np.ndarray:
+def dots(
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    n: int,
+    radius: float,
+    weight: np.ndarray | None = None,
+    jitter: float = 0.3,
+) -> np.ndarray:
     """Mask of `n` small round dots (nuclei, spots, pustules) in [0, 1].
 
     Dot centres are sampled with probability proportional to `weight` (a
@@ -145,13 +163,12 @@ def dots(rng: np.random.Generator, h: int, w: int, n: int, radius: float,
     return np.clip(g, 0, 1, out=g)
 
 
-def polyline_mask(h: int, w: int, paths: list[np.ndarray], widths: list[float],
-                  supersample: int = 2) -> np.ndarray:
+def polyline_mask(h: int, w: int, paths: list[np.ndarray], widths: list[float], supersample: int = 2) -> np.ndarray:
     """Anti-aliased mask of polylines (each path an (N, 2) array of x, y)."""
     ss = supersample
     img = Image.new("L", (w * ss, h * ss), 0)
     d = ImageDraw.Draw(img)
-    for p, wd in zip(paths, widths):
+    for p, wd in zip(paths, widths, strict=True):
         pts = [(float(x) * ss, float(y) * ss) for x, y in p]
         d.line(pts, fill=255, width=max(1, int(round(wd * ss))), joint="curve")
     img = img.resize((w, h), Image.BILINEAR)
@@ -169,8 +186,9 @@ def polygon_mask(h: int, w: int, polys: list[np.ndarray], supersample: int = 2) 
     return np.asarray(img, F32) / 255.0
 
 
-def random_walk(rng: np.random.Generator, x0: float, y0: float, angle: float,
-                n: int, step: float, wiggle: float) -> np.ndarray:
+def random_walk(
+    rng: np.random.Generator, x0: float, y0: float, angle: float, n: int, step: float, wiggle: float
+) -> np.ndarray:
     """Smoothly curving path (vessels, cracks, hairs) as an (n+1, 2) array."""
     turns = np.cumsum(rng.normal(0, wiggle, n))
     ang = angle + turns
@@ -179,9 +197,16 @@ def random_walk(rng: np.random.Generator, x0: float, y0: float, angle: float,
     return np.stack([xs, ys], axis=1)
 
 
-def branching(rng: np.random.Generator, x0: float, y0: float, angle: float,
-              length: float, width: float, depth: int, wiggle: float = 0.15
-              ) -> tuple[list[np.ndarray], list[float]]:
+def branching(
+    rng: np.random.Generator,
+    x0: float,
+    y0: float,
+    angle: float,
+    length: float,
+    width: float,
+    depth: int,
+    wiggle: float = 0.15,
+) -> tuple[list[np.ndarray], list[float]]:
     """A small random tree of paths (vessels); returns (paths, widths)."""
     paths, widths = [], []
     stack = [(x0, y0, angle, length, width, depth)]

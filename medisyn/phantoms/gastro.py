@@ -51,7 +51,7 @@ def kvasir_image(prng: np.random.Generator, rng: np.random.Generator, cls: str) 
         cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
         r = rng.uniform(28, 45) if cls == "polyps" else rng.uniform(40, 60)
         m = D.blob(h, w, cy, cx, r, rng, 0.12, harmonics=3, soft=2.5)
-        shade = np.clip(1.15 - 0.5 * ((yy - cy + r * 0.4) ** 2 + (xx - cx + r * 0.3) ** 2) / r ** 2, 0.55, 1.15)
+        shade = np.clip(1.15 - 0.5 * ((yy - cy + r * 0.4) ** 2 + (xx - cx + r * 0.3) ** 2) / r**2, 0.55, 1.15)
         if cls == "polyps":  # reddish raised lesion with surface pit pattern
             col = np.array([200, 85, 80], np.float32) * shade[..., None]
             col = col * (1 + 0.06 * D.smooth_noise(rng, h, w, 3)[..., None])
@@ -80,10 +80,11 @@ def kvasir_image(prng: np.random.Generator, rng: np.random.Generator, cls: str) 
     img *= scope_frame(h, w)[..., None]
     if rng.random() < 0.4:  # scope-position inset (ScopeGuide) in the lower left corner
         box = np.zeros((h, w), np.float32)
-        box[h - 52:h - 6, 6:62] = 1
+        box[h - 52 : h - 6, 6:62] = 1
         img = D.compose(img, box, [20, 110, 40])
-        img = D.compose(img, D.polyline_mask(h, w, [D.random_walk(rng, 14, h - 20, -0.5, 8, 5, 0.4)], [2.0]),
-                        [120, 220, 120])
+        img = D.compose(
+            img, D.polyline_mask(h, w, [D.random_walk(rng, 14, h - 20, -0.5, 8, 5, 0.4)], [2.0]), [120, 220, 120]
+        )
     return D.to_u8(img + 2.5 * rng.standard_normal((h, w, 1)).astype(np.float32))
 
 

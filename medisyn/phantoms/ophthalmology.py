@@ -19,8 +19,17 @@ OCT_HW = (192, 256)
 FUNDUS = 256
 
 # (fractional depth of lower boundary between ILM and RPE, reflectivity)
-LAYERS = ((0.10, 0.85), (0.34, 0.50), (0.44, 0.22), (0.52, 0.50), (0.80, 0.16),
-          (0.83, 0.45), (0.88, 0.20), (0.93, 0.85), (1.00, 1.00))
+LAYERS = (
+    (0.10, 0.85),
+    (0.34, 0.50),
+    (0.44, 0.22),
+    (0.52, 0.50),
+    (0.80, 0.16),
+    (0.83, 0.45),
+    (0.88, 0.20),
+    (0.93, 0.85),
+    (1.00, 1.00),
+)
 
 
 def oct_image(prng: np.random.Generator, rng: np.random.Generator, cls: str) -> np.ndarray:
@@ -31,10 +40,10 @@ def oct_image(prng: np.random.Generator, rng: np.random.Generator, cls: str) -> 
     base = rng.uniform(70, 105) + rng.uniform(-0.12, 0.12) * (x - w / 2)
     curve = prng.uniform(0.0003, 0.0012) * (x - fx) ** 2
     thick = prng.uniform(44, 52) * np.ones_like(x)
-    pit = rng.uniform(18, 24) * np.exp(-((x - fx) / rng.uniform(14, 20)) ** 2)
+    pit = rng.uniform(18, 24) * np.exp(-(((x - fx) / rng.uniform(14, 20)) ** 2))
     rpe = base + curve + thick / 2
     if cls == "DME":  # thickened retina, pit lost
-        swell = rng.uniform(18, 30) * np.exp(-((x - fx) / rng.uniform(35, 55)) ** 2)
+        swell = rng.uniform(18, 30) * np.exp(-(((x - fx) / rng.uniform(35, 55)) ** 2))
         ilm = rpe - thick - swell + pit * 0.1
     else:
         ilm = rpe - thick + pit
@@ -42,10 +51,10 @@ def oct_image(prng: np.random.Generator, rng: np.random.Generator, cls: str) -> 
     if cls == "DRUSEN":  # several dome-shaped RPE elevations
         for _ in range(int(rng.integers(3, 7))):
             c = fx + rng.uniform(-70, 70)
-            rpe = rpe - rng.uniform(6, 13) * np.exp(-((x - c) / rng.uniform(6, 12)) ** 2)
+            rpe = rpe - rng.uniform(6, 13) * np.exp(-(((x - c) / rng.uniform(6, 12)) ** 2))
     elif cls == "CNV":  # large fibrovascular PED lifting the retina
         c = fx + rng.uniform(-15, 15)
-        bump = rng.uniform(20, 32) * np.exp(-(np.abs(x - c) / rng.uniform(22, 34)) ** 1.6)
+        bump = rng.uniform(20, 32) * np.exp(-((np.abs(x - c) / rng.uniform(22, 34)) ** 1.6))
         rpe, ilm = rpe - bump, ilm - bump * 1.4
     f = (yy - ilm[None, :]) / np.maximum(rpe - ilm, 4)[None, :]
     img = np.full((h, w), 0.04, np.float32)

@@ -38,8 +38,14 @@ def slide_rgb(rng: np.random.Generator, tumour: bool) -> np.ndarray:
     """Level-0 RGB uint8 slide (H, W, 3) from eosin/haematoxylin density maps."""
     h, w = LEVEL0_HW
     cy, cx = h / 2 + rng.uniform(-80, 80), w / 2 + rng.uniform(-120, 120)
-    tissue = low_res(rng, h, w, lambda a, b: D.blob(a, b, cy / 8, cx / 8, min(a, b) * 0.44, rng, 0.18,
-                                                    aspect=0.78, angle=rng.uniform(-0.4, 0.4), soft=1.0))
+    tissue = low_res(
+        rng,
+        h,
+        w,
+        lambda a, b: D.blob(
+            a, b, cy / 8, cx / 8, min(a, b) * 0.44, rng, 0.18, aspect=0.78, angle=rng.uniform(-0.4, 0.4), soft=1.0
+        ),
+    )
     stain = D.resize(D.smooth_noise(rng, h // 4, w // 4, 20), h, w)
     eos = tissue * (1.0 + 0.25 * stain)
     # lymphoid tissue: follicles of densely packed small dark nuclei, paler sinuses
@@ -89,9 +95,15 @@ def write_slide(levels: list[np.ndarray], path: Path) -> None:
     with tifffile.TiffWriter(path, bigtiff=False) as tw:
         for k, lv in enumerate(levels):
             tw.write(
-                lv, tile=(TILE, TILE), compression="zlib", compressionargs={"level": 1},
-                photometric="rgb", subfiletype=1 if k else 0, metadata=None,
-                resolution=(res / 2**k, res / 2**k), resolutionunit="CENTIMETER",
+                lv,
+                tile=(TILE, TILE),
+                compression="zlib",
+                compressionargs={"level": 1},
+                photometric="rgb",
+                subfiletype=1 if k else 0,
+                metadata=None,
+                resolution=(res / 2**k, res / 2**k),
+                resolutionunit="CENTIMETER",
                 description="MediSyn phantom lymph node H&E; 40x; 0.25 um/px" if k == 0 else None,
                 software="medisyn.phantoms",
             )

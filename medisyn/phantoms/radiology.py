@@ -22,11 +22,16 @@ MAMMO_HW = (256, 160)
 def ct_anatomy(prng: np.random.Generator) -> dict:
     """Per-patient body habitus, shared by all slices of the series."""
     return {
-        "cy": 96 + prng.uniform(-6, 6), "cx": 96 + prng.uniform(-6, 6),
-        "ry": prng.uniform(58, 68), "rx": prng.uniform(80, 88),
-        "lung_rx": prng.uniform(26, 32), "lung_ry": prng.uniform(40, 48),
-        "pa_r": prng.uniform(11, 14), "side": int(prng.integers(0, 2)),
-        "clot": prng.uniform(0.55, 0.7), "spacing": prng.uniform(1.7, 2.0),
+        "cy": 96 + prng.uniform(-6, 6),
+        "cx": 96 + prng.uniform(-6, 6),
+        "ry": prng.uniform(58, 68),
+        "rx": prng.uniform(80, 88),
+        "lung_rx": prng.uniform(26, 32),
+        "lung_ry": prng.uniform(40, 48),
+        "pa_r": prng.uniform(11, 14),
+        "side": int(prng.integers(0, 2)),
+        "clot": prng.uniform(0.55, 0.7),
+        "spacing": prng.uniform(1.7, 2.0),
     }
 
 
@@ -40,8 +45,18 @@ def ct_slice_hu(a: dict, rng: np.random.Generator, t: float, pe: bool) -> np.nda
     hu = D.compose(hu, E(n, n, cy, cx, ry - 6, rx - 7), 45.0)  # muscle / soft tissue
     for sgn in (-1, 1):  # lungs with texture and small vessels
         lx = cx + sgn * (rx * 0.45)
-        lung = D.blob(n, n, cy - 2, lx, a["lung_ry"], rng, irregularity=0.06, harmonics=3,
-                      aspect=a["lung_ry"] / a["lung_rx"], angle=np.pi / 2)
+        lung = D.blob(
+            n,
+            n,
+            cy - 2,
+            lx,
+            a["lung_ry"],
+            rng,
+            irregularity=0.06,
+            harmonics=3,
+            aspect=a["lung_ry"] / a["lung_rx"],
+            angle=np.pi / 2,
+        )
         hu = D.compose(hu, lung, -850.0 + 25 * D.smooth_noise(rng, n, n, 12))
         hu = D.compose(hu, lung * D.dots(rng, n, n, 25, 1.4), 60.0)
     # ribs around the body wall, spine with cortex and canal
@@ -101,13 +116,30 @@ def write_ct_slice(ctx, p, k, n_sl, a, pe, series, path, rng, pixels: bool = Tru
     thick, sp = 2.5, round(a["spacing"], 4)
     z = -150.0 + k * thick
     ds = dio.new_dataset(
-        ctx, p, dio.CT_IMAGE, ctx.uid("sop", p, k), "CT", series,
-        ImageType=["ORIGINAL", "PRIMARY", "AXIAL"], SeriesDescription="CTA CHEST PE PROTOCOL",
-        BodyPartExamined="CHEST", KVP=100, SliceThickness=thick, SpacingBetweenSlices=thick,
-        PixelSpacing=[sp, sp], ImagePositionPatient=[round(-CT * sp / 2, 3), round(-CT * sp / 2, 3), z],
-        ImageOrientationPatient=[1, 0, 0, 0, 1, 0], SliceLocation=z, InstanceNumber=k + 1,
-        FrameOfReferenceUID=ctx.uid("for", p), RescaleIntercept=-1024, RescaleSlope=1,
-        RescaleType="HU", WindowCenter=100, WindowWidth=700, PatientPosition="FFS",
+        ctx,
+        p,
+        dio.CT_IMAGE,
+        ctx.uid("sop", p, k),
+        "CT",
+        series,
+        ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+        SeriesDescription="CTA CHEST PE PROTOCOL",
+        BodyPartExamined="CHEST",
+        KVP=100,
+        SliceThickness=thick,
+        SpacingBetweenSlices=thick,
+        PixelSpacing=[sp, sp],
+        ImagePositionPatient=[round(-CT * sp / 2, 3), round(-CT * sp / 2, 3), z],
+        ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+        SliceLocation=z,
+        InstanceNumber=k + 1,
+        FrameOfReferenceUID=ctx.uid("for", p),
+        RescaleIntercept=-1024,
+        RescaleSlope=1,
+        RescaleType="HU",
+        WindowCenter=100,
+        WindowWidth=700,
+        PatientPosition="FFS",
     )
     dio.set_pixels(ds, stored, "MONOCHROME2")
     if not pixels:
@@ -151,8 +183,7 @@ def mr_image(prng: np.random.Generator, rng: np.random.Generator, cls: str) -> n
         th = rng.uniform(0, 2 * np.pi)
         ty, tx = cy + (ry - 11 - r * 0.55) * np.sin(th), cx + (rx - 11 - r * 0.55) * np.cos(th)
         mass = D.ellipse(n, n, ty, tx, r, r * rng.uniform(0.9, 1.2), th, soft=1.5)
-        tail = D.ellipse(n, n, cy + (ry - 11) * np.sin(th), cx + (rx - 11) * np.cos(th),
-                         2.0, r * 1.6, th + np.pi / 2)
+        tail = D.ellipse(n, n, cy + (ry - 11) * np.sin(th), cx + (rx - 11) * np.cos(th), 2.0, r * 1.6, th + np.pi / 2)
         img = D.compose(img, np.maximum(mass, tail * 0.8) * brain, 1250.0)
     img *= prng.uniform(0.85, 1.15)  # scanner gain per patient
     noise = 14 * rng.standard_normal((2, n, n)).astype(np.float32)
@@ -168,12 +199,26 @@ def brain_mri(ctx: GenContext, repo, n_per_class: int) -> GenResult:
         arr = mr_image(ctx.patient_rng(p), ctx.rng(i), cls)
         rel = f"{ctx.patient_id(p)}/IM{i:05d}.dcm"
         ds = dio.new_dataset(
-            ctx, p, dio.MR_IMAGE, ctx.uid("sop", i), "MR", ctx.uid("series", p),
-            ImageType=["ORIGINAL", "PRIMARY", "M"], SeriesDescription="AX T1 POST GAD",
-            ScanningSequence="SE", SequenceVariant="NONE", MagneticFieldStrength=1.5,
-            RepetitionTime=500.0, EchoTime=12.0, SliceThickness=5.0, PixelSpacing=[1.2, 1.2],
-            ImagePositionPatient=[-115.2, -115.2, 5.0 * i], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
-            InstanceNumber=i + 1, BodyPartExamined="BRAIN", FrameOfReferenceUID=ctx.uid("for", p),
+            ctx,
+            p,
+            dio.MR_IMAGE,
+            ctx.uid("sop", i),
+            "MR",
+            ctx.uid("series", p),
+            ImageType=["ORIGINAL", "PRIMARY", "M"],
+            SeriesDescription="AX T1 POST GAD",
+            ScanningSequence="SE",
+            SequenceVariant="NONE",
+            MagneticFieldStrength=1.5,
+            RepetitionTime=500.0,
+            EchoTime=12.0,
+            SliceThickness=5.0,
+            PixelSpacing=[1.2, 1.2],
+            ImagePositionPatient=[-115.2, -115.2, 5.0 * i],
+            ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+            InstanceNumber=i + 1,
+            BodyPartExamined="BRAIN",
+            FrameOfReferenceUID=ctx.uid("for", p),
         )
         dio.set_pixels(ds, arr, "MONOCHROME2", bits_stored=12)
         dio.save(ds, ctx.path(rel))
@@ -182,8 +227,7 @@ def brain_mri(ctx: GenContext, repo, n_per_class: int) -> GenResult:
 
 
 # ------------------------------------------------------------- mammography
-def mammo_image(prng: np.random.Generator, rng: np.random.Generator, cls: str,
-                right: bool) -> np.ndarray:
+def mammo_image(prng: np.random.Generator, rng: np.random.Generator, cls: str, right: bool) -> np.ndarray:
     """Breast attenuation map (12-bit, bright = dense) with chest wall at x=0."""
     h, w = MAMMO_HW
     yy, xx = D.grid(h, w)
@@ -229,11 +273,24 @@ def mammography(ctx: GenContext, repo, n_per_class: int) -> GenResult:
             arr = (4095 - arr).astype(np.uint16)
         rel = f"{ctx.patient_id(p)}/{ctx.uid('study', p)[-12:]}/{i:05d}.dcm"
         ds = dio.new_dataset(
-            ctx, p, dio.MAMMO_PRESENTATION, ctx.uid("sop", i), "MG", ctx.uid("series", p),
-            ImageType=["ORIGINAL", "PRIMARY"], PresentationIntentType="FOR PRESENTATION",
-            ViewPosition=["CC", "MLO"][i % 2], ImageLaterality="R" if right else "L", BodyPartExamined="BREAST",
-            PixelSpacing=[0.35, 0.35], InstanceNumber=i + 1, WindowCenter=2048, WindowWidth=4096,
-            RescaleIntercept=0, RescaleSlope=1, PatientOrientation=["P", "L"] if right else ["A", "R"],
+            ctx,
+            p,
+            dio.MAMMO_PRESENTATION,
+            ctx.uid("sop", i),
+            "MG",
+            ctx.uid("series", p),
+            ImageType=["ORIGINAL", "PRIMARY"],
+            PresentationIntentType="FOR PRESENTATION",
+            ViewPosition=["CC", "MLO"][i % 2],
+            ImageLaterality="R" if right else "L",
+            BodyPartExamined="BREAST",
+            PixelSpacing=[0.35, 0.35],
+            InstanceNumber=i + 1,
+            WindowCenter=2048,
+            WindowWidth=4096,
+            RescaleIntercept=0,
+            RescaleSlope=1,
+            PatientOrientation=["P", "L"] if right else ["A", "R"],
         )
         dio.set_pixels(ds, arr, "MONOCHROME1" if mono1 else "MONOCHROME2", bits_stored=12)
         dio.save(ds, ctx.path(rel))

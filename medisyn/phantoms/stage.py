@@ -27,7 +27,11 @@ def ensure_phantoms(out: Path, seed: int, scale: str, defects: bool = True) -> d
     marker = out / "phantoms.json"
     if marker.is_file():
         summary = json.loads(marker.read_text())
-        if (summary.get("seed"), summary.get("scale"), bool(summary.get("defects_planted", True))) == (seed, scale, defects):
+        if (summary.get("seed"), summary.get("scale"), bool(summary.get("defects_planted", True))) == (
+            seed,
+            scale,
+            defects,
+        ):
             log.info("phantoms: %s already holds seed %d, scale %s; nothing to do", out, seed, scale)
             return summary
     if out.exists():
@@ -40,7 +44,10 @@ def _print_summary(out: Path, summary: dict) -> None:
     repos = summary.get("repositories", {})
     print(f"phantom repositories in {out}:")
     for name, info in repos.items():
-        print(f"  {name:16s} {info.get('specialty', ''):17s} {info.get('image_type', ''):30s} {info.get('files', '?'):>5} files")
+        print(
+            f"  {name:16s} {info.get('specialty', ''):17s} {info.get('image_type', ''):30s} "
+            f"{info.get('files', '?'):>5} files"
+        )
     print(f"  planted defects: {len(summary.get('defects', []))}; ingest description: {out / 'repositories.yaml'}")
 
 
@@ -52,6 +59,5 @@ def run(cfg: RunConfig) -> None:
 def run_cli(cfg: RunConfig, out: str | None, seed: int | None, scale: str | None, defects: bool) -> None:
     """``medisyn phantoms [OUT] [--seed S] [--scale small|medium]``; flags win over the config."""
     target = Path(out) if out else phantoms_dir(cfg)
-    summary = ensure_phantoms(target, cfg.phantoms.seed if seed is None else seed,
-                              scale or cfg.phantoms.scale, defects)
+    summary = ensure_phantoms(target, cfg.phantoms.seed if seed is None else seed, scale or cfg.phantoms.scale, defects)
     _print_summary(target, summary)

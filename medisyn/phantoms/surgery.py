@@ -40,8 +40,10 @@ def shaft(rng: np.random.Generator, h: int, w: int, entry, tip, width: float) ->
 
 def jaws(h: int, w: int, tip, ang: float, length: float, opening: float, width: float = 3.5) -> np.ndarray:
     x, y = tip
-    paths = [np.array([[x, y], [x + length * np.cos(ang + s * opening), y + length * np.sin(ang + s * opening)]])
-             for s in (-1, 1)]
+    paths = [
+        np.array([[x, y], [x + length * np.cos(ang + s * opening), y + length * np.sin(ang + s * opening)]])
+        for s in (-1, 1)
+    ]
     return D.polyline_mask(h, w, paths, [width, width])
 
 
@@ -67,8 +69,9 @@ def tubes(rng, img, n: int, colors):
     h, w = img.shape[:2]
     paths = []
     for k in range(n):
-        p = D.random_walk(rng, rng.uniform(0.3, 0.5) * w, rng.uniform(0.25, 0.45) * h + 22 * k,
-                          rng.uniform(-0.3, 0.3), 12, 12, 0.05)
+        p = D.random_walk(
+            rng, rng.uniform(0.3, 0.5) * w, rng.uniform(0.25, 0.45) * h + 22 * k, rng.uniform(-0.3, 0.3), 12, 12, 0.05
+        )
         img = D.compose(img, D.polyline_mask(h, w, [p], [9.0]), colors[k % len(colors)])
         img = D.compose(img, D.polyline_mask(h, w, [p + [0, -2]], [2.0]) * 0.5, [250, 240, 230])
         paths.append(p)
@@ -80,22 +83,50 @@ def cholec_frame(prng: np.random.Generator, rng: np.random.Generator, phase: str
     img = tissue(rng, prng, h, w)
     liver = np.clip(D.smooth_noise(rng, h, w, 40) * 0.6 + 0.9 - np.linspace(0, 2.2, h)[:, None], 0, 1)
     img = D.compose(img, liver, [115, 38, 35])  # liver at the top
-    gb = D.blob(h, w, rng.uniform(0.35, 0.55) * h, rng.uniform(0.35, 0.65) * w, rng.uniform(30, 45), rng, 0.15,
-                aspect=0.6, angle=rng.uniform(-0.5, 0.5))
+    gb = D.blob(
+        h,
+        w,
+        rng.uniform(0.35, 0.55) * h,
+        rng.uniform(0.35, 0.65) * w,
+        rng.uniform(30, 45),
+        rng,
+        0.15,
+        aspect=0.6,
+        angle=rng.uniform(-0.5, 0.5),
+    )
     if phase == "Preparation":  # gallbladder hidden under adhesions / omental fat
         img = D.compose(img, gb, [150, 160, 120])
         fat = np.clip(D.smooth_noise(rng, h, w, 20, octaves=2) + 0.6, 0, 1) * np.linspace(0.3, 1.0, h)[:, None]
         img = D.compose(img, fat, np.array([230, 195, 105], np.float32) + 15 * D.smooth_noise(rng, h, w, 5)[..., None])
-        img, _ = instrument(rng, img, edge_point(rng, h, w, "left"), (rng.uniform(110, 170), rng.uniform(70, 120)),
-                            9, [70, 72, 78], 0.15)
+        img, _ = instrument(
+            rng,
+            img,
+            edge_point(rng, h, w, "left"),
+            (rng.uniform(110, 170), rng.uniform(70, 120)),
+            9,
+            [70, 72, 78],
+            0.15,
+        )
     elif phase == "CalotTriangleDissection":  # exposed cystic duct/artery, hook, cautery smoke
         img = D.compose(img, gb, [160, 170, 130])
         img = D.compose(img, D.blur(D.dots(rng, h, w, 40, 3.0), 2) * 0.8, [235, 215, 170])
         img, paths = tubes(rng, img, 2, ([225, 215, 180], [185, 60, 55]))
         tip = paths[0][6] + rng.uniform(-8, 8, 2)
         img, ang = instrument(rng, img, edge_point(rng, h, w, "right"), tip, 8, [40, 40, 45], 0.0, 4.0)
-        hook = D.polyline_mask(h, w, [np.array([tip, tip + 10 * np.array([np.cos(ang), np.sin(ang)]),
-                                                tip + 10 * np.array([np.cos(ang), np.sin(ang)]) + [0, 8]])], [3.0])
+        hook = D.polyline_mask(
+            h,
+            w,
+            [
+                np.array(
+                    [
+                        tip,
+                        tip + 10 * np.array([np.cos(ang), np.sin(ang)]),
+                        tip + 10 * np.array([np.cos(ang), np.sin(ang)]) + [0, 8],
+                    ]
+                )
+            ],
+            [3.0],
+        )
         img = D.compose(img, hook, STEEL)
         img = D.compose(img, D.ellipse(h, w, tip[1], tip[0], 30, 45, soft=25) * 0.55, [235, 232, 228])
     elif phase == "ClippingCutting":  # metal clips across the duct, clip applier
@@ -109,22 +140,33 @@ def cholec_frame(prng: np.random.Generator, rng: np.random.Generator, phase: str
             img = D.compose(img, clip, [235, 238, 245])
         img, _ = instrument(rng, img, edge_point(rng, h, w, "top"), p[11] + [0, -6], 12, [150, 155, 165], 0.35, 20)
     elif phase == "GallbladderPackaging":  # specimen inside a white retrieval bag
-        bag = D.blob(h, w, rng.uniform(0.5, 0.7) * h, rng.uniform(0.35, 0.65) * w, rng.uniform(55, 70), rng, 0.2,
-                     aspect=0.75)
+        bag = D.blob(
+            h, w, rng.uniform(0.5, 0.7) * h, rng.uniform(0.35, 0.65) * w, rng.uniform(55, 70), rng, 0.2, aspect=0.75
+        )
         folds = 0.85 + 0.15 * np.sin(D.smooth_noise(rng, h, w, 15) * 6)
         img = D.compose(img, bag, np.array([225, 228, 232], np.float32) * folds[..., None])
         img = D.compose(img, gb * bag * 0.6, [140, 155, 120])
-        img, _ = instrument(rng, img, edge_point(rng, h, w, "left"), (rng.uniform(120, 200), rng.uniform(50, 90)),
-                            9, [70, 72, 78], 0.2)
+        img, _ = instrument(
+            rng, img, edge_point(rng, h, w, "left"), (rng.uniform(120, 200), rng.uniform(50, 90)), 9, [70, 72, 78], 0.2
+        )
     else:  # CleaningCoagulation: raw liver bed, blood, suction-irrigation cannula
-        bed = D.blob(h, w, rng.uniform(0.3, 0.5) * h, rng.uniform(0.35, 0.65) * w, rng.uniform(45, 60), rng, 0.25,
-                     aspect=0.6)
+        bed = D.blob(
+            h, w, rng.uniform(0.3, 0.5) * h, rng.uniform(0.35, 0.65) * w, rng.uniform(45, 60), rng, 0.25, aspect=0.6
+        )
         img = D.compose(img, bed, [95, 18, 15])
         img = D.compose(img, D.dots(rng, h, w, 25, 2.5, weight=bed), [35, 20, 15])  # coagulated spots
         blood = np.clip(D.smooth_noise(rng, h, w, 18) - 0.5, 0, 1) * 2
         img = D.compose(img, np.clip(blood, 0, 1), [110, 10, 10])
-        img, _ = instrument(rng, img, edge_point(rng, h, w, "right"), (rng.uniform(110, 190), rng.uniform(60, 130)),
-                            6, [200, 200, 205], 0.0, 2.0)
+        img, _ = instrument(
+            rng,
+            img,
+            edge_point(rng, h, w, "right"),
+            (rng.uniform(110, 190), rng.uniform(60, 130)),
+            6,
+            [200, 200, 205],
+            0.0,
+            2.0,
+        )
         img = glints(rng, img, 60)
     img = glints(rng, img, 20)
     img *= D.vignette(h, w, 0.8, 0.9)[..., None] * prng.uniform(0.85, 1.1)
@@ -147,8 +189,15 @@ def cholec(ctx: GenContext, repo, n_per_class: int) -> GenResult:
     for v, cls, i in video_schedule(list(repo.classes), n_per_class):
         rel = f"videos/video{v + 1:02d}/video{v + 1:02d}_{i * 25:06d}.jpg"
         save_jpeg(cholec_frame(ctx.patient_rng(v), ctx.rng(i), cls), ctx.path(rel))
-        rows.append({repo.path_column: rel, "video_id": f"video{v + 1:02d}", "frame": i * 25,
-                     repo.patient_column: ctx.patient_id(v), col: cls})
+        rows.append(
+            {
+                repo.path_column: rel,
+                "video_id": f"video{v + 1:02d}",
+                "frame": i * 25,
+                repo.patient_column: ctx.patient_id(v),
+                col: cls,
+            }
+        )
     return GenResult(rows, files=len(rows), frames=len(rows))
 
 
@@ -179,7 +228,9 @@ def rarp_frame(prng: np.random.Generator, rng: np.random.Generator, action: str)
     elif action == "picking_needle":  # needle lying free on tissue, open jaws approaching
         needle = arc(ncx, ncy, nr, a0, a0 + 1.4 * np.pi)
         img = D.compose(img, D.polyline_mask(h, w, [needle], [needle_w]), STEEL)
-        img = D.compose(img, D.polyline_mask(h, w, [np.vstack([needle[:1], needle[:1] + [-40, 25]])], [2.0]), thread_col)
+        img = D.compose(
+            img, D.polyline_mask(h, w, [np.vstack([needle[:1], needle[:1] + [-40, 25]])], [2.0]), thread_col
+        )
         tip = np.array([ncx + nr + rng.uniform(10, 22), ncy - rng.uniform(0, nr)])  # beside it, entry side
         img, _ = instrument(rng, img, right, tip, 20, [30, 30, 34], 0.6, 24)
     elif action == "positioning_needle":  # needle held in driver, tip touching tissue edge
@@ -187,7 +238,9 @@ def rarp_frame(prng: np.random.Generator, rng: np.random.Generator, action: str)
         img = D.compose(img, D.polyline_mask(h, w, [needle], [needle_w]), STEEL)
         grip = needle[-4]
         img, _ = instrument(rng, img, left if rng.random() < 0.5 else right, grip, 20, [30, 30, 34], 0.02, 20)
-        img = D.compose(img, D.polyline_mask(h, w, [np.vstack([needle[-1:], needle[-1:] + [0, -40]])], [2.0]), thread_col)
+        img = D.compose(
+            img, D.polyline_mask(h, w, [np.vstack([needle[-1:], needle[-1:] + [0, -40]])], [2.0]), thread_col
+        )
     else:  # pushing_needle: half the arc buried in puckered tissue, thread trailing
         cy = hy - 4
         needle = arc(hx + rng.uniform(-10, 10), cy, nr, np.pi, 2 * np.pi)  # upper half visible
@@ -208,6 +261,7 @@ def prostatectomy(ctx: GenContext, repo, n_per_class: int) -> GenResult:
     for v, cls, i in video_schedule(list(repo.classes), n_per_class):
         rel = f"video_{v + 1:02d}/frames/{i * 60:09d}.png"
         save_png(rarp_frame(ctx.patient_rng(v), ctx.rng(i), cls), ctx.path(rel))
-        rows.append({repo.path_column: rel, "video_id": f"video_{v + 1:02d}",
-                     repo.patient_column: ctx.patient_id(v), col: cls})
+        rows.append(
+            {repo.path_column: rel, "video_id": f"video_{v + 1:02d}", repo.patient_column: ctx.patient_id(v), col: cls}
+        )
     return GenResult(rows, files=len(rows), frames=len(rows))

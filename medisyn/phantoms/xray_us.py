@@ -16,10 +16,16 @@ US_FRAMES = 3
 FINDINGS = ("Lung Opacity", "Pleural Effusion", "Cardiomegaly", "Edema")
 # several label combinations; every image has at least one finding
 COMBOS = (
-    ("Lung Opacity",), ("Pleural Effusion",), ("Cardiomegaly",), ("Edema",),
-    ("Lung Opacity", "Pleural Effusion"), ("Cardiomegaly", "Edema"),
-    ("Pleural Effusion", "Cardiomegaly"), ("Lung Opacity", "Edema"),
-    ("Pleural Effusion", "Cardiomegaly", "Edema"), ("Lung Opacity", "Cardiomegaly"),
+    ("Lung Opacity",),
+    ("Pleural Effusion",),
+    ("Cardiomegaly",),
+    ("Edema",),
+    ("Lung Opacity", "Pleural Effusion"),
+    ("Cardiomegaly", "Edema"),
+    ("Pleural Effusion", "Cardiomegaly"),
+    ("Lung Opacity", "Edema"),
+    ("Pleural Effusion", "Cardiomegaly", "Edema"),
+    ("Lung Opacity", "Cardiomegaly"),
 )
 
 
@@ -37,8 +43,19 @@ def cxr_image(rng: np.random.Generator, findings: tuple[str, ...]) -> np.ndarray
     lungs, lung_cx = [], []
     for sgn in (-1, 1):
         lcx = cx + sgn * tw * 0.5
-        lung = D.blob(n, n, (top + base) / 2, lcx, (base - top) / 2, rng, 0.05, harmonics=3,
-                      aspect=(base - top) / (tw * 0.8), angle=np.pi / 2, soft=3)
+        lung = D.blob(
+            n,
+            n,
+            (top + base) / 2,
+            lcx,
+            (base - top) / 2,
+            rng,
+            0.05,
+            harmonics=3,
+            aspect=(base - top) / (tw * 0.8),
+            angle=np.pi / 2,
+            soft=3,
+        )
         lungs.append(lung)
         lung_cx.append(lcx)
         ribs = np.cos(2 * np.pi * (yy - 0.004 * (xx - cx) ** 2) / 18) > 0.6  # posterior ribs
@@ -64,9 +81,18 @@ def cxr_image(rng: np.random.Generator, findings: tuple[str, ...]) -> np.ndarray
             img = D.compose(img, np.clip((yy - men) / 3, 0, 1) * lungs[k], 0.6)
     if "Edema" in findings:  # bilateral perihilar haze + interstitial streaks
         haze = sum(E(n, n, (top + base) / 2, cx + sgn * tw * 0.35, 45, 30, soft=25) for sgn in (-1, 1))
-        paths = [D.random_walk(rng, cx + s * tw * 0.2, (top + base) / 2 + rng.uniform(-30, 30),
-                               (0 if s > 0 else np.pi) + rng.uniform(-0.7, 0.7), 8, 6, 0.15)
-                 for s in rng.choice([-1, 1], 26)]
+        paths = [
+            D.random_walk(
+                rng,
+                cx + s * tw * 0.2,
+                (top + base) / 2 + rng.uniform(-30, 30),
+                (0 if s > 0 else np.pi) + rng.uniform(-0.7, 0.7),
+                8,
+                6,
+                0.15,
+            )
+            for s in rng.choice([-1, 1], 26)
+        ]
         streaks = D.polyline_mask(n, n, paths, [1.6] * len(paths))
         img += lung_any * (0.22 * np.clip(haze, 0, 1) + 0.16 * streaks)
     img = D.compose(img, E(n, n, rng.uniform(10, 30), rng.choice([20, n - 20]), 5, 7, soft=0.5), 0.95)  # marker
@@ -86,8 +112,14 @@ def chest_xray(ctx: GenContext, repo, n_per_class: int) -> GenResult:
             combo = COMBOS[i % len(COMBOS)]
             rel = f"train/patient{p + 1:05d}/study{s + 1}/view1_frontal.png"
             save_png(cxr_image(ctx.rng(i), combo), ctx.path(rel))
-            row = {repo.path_column: rel, "Sex": sex, "Age": age + s, "Frontal/Lateral": "Frontal",
-                   "AP/PA": "AP", repo.patient_column: ctx.patient_id(p)}
+            row = {
+                repo.path_column: rel,
+                "Sex": sex,
+                "Age": age + s,
+                "Frontal/Lateral": "Frontal",
+                "AP/PA": "AP",
+                repo.patient_column: ctx.patient_id(p),
+            }
             row.update({f: (1.0 if f in combo else 0.0) for f in FINDINGS})
             rows.append(row)
             i += 1
@@ -112,14 +144,25 @@ def us_frames(prng: np.random.Generator, rng: np.random.Generator, cls: str) -> 
         r = rng.uniform(18, 28)
         if cls == "benign":  # oval, wider than tall, circumscribed, posterior enhancement
             les = D.ellipse(H, W, cy, cx, r * 0.6, r * rng.uniform(1.1, 1.4), rng.uniform(-0.15, 0.15), soft=1.5)
-            column = np.clip((yy - cy) / 10, 0, 1) * np.exp(-((xx - cx) / (r * 1.0)) ** 2)
+            column = np.clip((yy - cy) / 10, 0, 1) * np.exp(-(((xx - cx) / (r * 1.0)) ** 2))
             echo = echo * (1 + 0.55 * column * (1 - les))
             echo = D.compose(echo, les, 0.05)
         else:  # irregular, spiculated, taller than wide, echogenic halo, posterior shadowing
-            les = D.blob(H, W, cy, cx, r * 0.8, rng, 0.35, spikes=int(rng.integers(10, 16)),
-                         spike_len=0.7, aspect=0.75, angle=np.pi / 2)
+            les = D.blob(
+                H,
+                W,
+                cy,
+                cx,
+                r * 0.8,
+                rng,
+                0.35,
+                spikes=int(rng.integers(10, 16)),
+                spike_len=0.7,
+                aspect=0.75,
+                angle=np.pi / 2,
+            )
             halo = np.clip(D.blur(les, 3) * 1.6 - les, 0, 1)
-            column = np.clip((yy - cy) / 6, 0, 1) * np.exp(-((xx - cx) / (r * 0.7)) ** 4)
+            column = np.clip((yy - cy) / 6, 0, 1) * np.exp(-(((xx - cx) / (r * 0.7)) ** 4))
             echo = echo * (1 + 0.6 * halo) * (1 - 0.8 * column)
             echo = D.compose(echo, les, 0.10 + 0.05 * D.smooth_noise(rng, H, W, 4))
     atten = np.exp(-yy / H * prng.uniform(0.3, 0.7))
@@ -130,7 +173,7 @@ def us_frames(prng: np.random.Generator, rng: np.random.Generator, cls: str) -> 
         sp = D.blur(sp, 0.7)
         img = echo * atten * sp * 170
         dy, dx = int(rng.integers(0, 6)) + 5, int(rng.integers(0, 10)) + 7 + 2 * f
-        frames.append(img[dy:dy + h, dx:dx + w])
+        frames.append(img[dy : dy + h, dx : dx + w])
     return D.to_u8(np.stack(frames))
 
 
@@ -140,10 +183,20 @@ def breast_us(ctx: GenContext, repo, n_per_class: int) -> GenResult:
         arr = us_frames(ctx.patient_rng(p), ctx.rng(i), cls)
         rel = f"{ctx.patient_id(p)}/US_{i:05d}.dcm"
         ds = dio.new_dataset(
-            ctx, p, dio.US_MULTIFRAME, ctx.uid("sop", i), "US", ctx.uid("series", p),
-            ImageType=["ORIGINAL", "PRIMARY"], BodyPartExamined="BREAST", InstanceNumber=1,
-            FrameTime=66.7, CineRate=15, FrameIncrementPointer=0x00181063,
-            TransducerType="LINEAR", SeriesDescription="BREAST US CINE",
+            ctx,
+            p,
+            dio.US_MULTIFRAME,
+            ctx.uid("sop", i),
+            "US",
+            ctx.uid("series", p),
+            ImageType=["ORIGINAL", "PRIMARY"],
+            BodyPartExamined="BREAST",
+            InstanceNumber=1,
+            FrameTime=66.7,
+            CineRate=15,
+            FrameIncrementPointer=0x00181063,
+            TransducerType="LINEAR",
+            SeriesDescription="BREAST US CINE",
         )
         dio.set_pixels(ds, arr, "MONOCHROME2")
         dio.save(ds, ctx.path(rel))

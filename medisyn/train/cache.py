@@ -26,15 +26,17 @@ import pyarrow.parquet as pq
 
 from medisyn.config import ModelConfig, RunConfig
 from medisyn.configtools import to_dict
-from medisyn.ingest.worker import atomic_write_table
+from medisyn.records import atomic_write_table, atomic_write_text, read_corpus, shard_files
 
 log = logging.getLogger(__name__)
 
 
 def model_identity(model: ModelConfig, resolution: int) -> str:
     """Folder name of a cache: which networks and which training resolution it belongs to."""
-    key = json.dumps({"preset": model.preset, "base": model.base, "vae": model.vae, "seed": model.seed,
-                      "resolution": resolution}, sort_keys=True)
+    key = json.dumps(
+        {"preset": model.preset, "base": model.base, "vae": model.vae, "seed": model.seed, "resolution": resolution},
+        sort_keys=True,
+    )
     return f"{model.preset}-r{resolution}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -60,7 +62,7 @@ class VaeEncoder:
     resolution), ``mean`` and ``logvar`` (float16, 4 × r/8 × r/8).
     """
 
-    def __init__(self, model: dict, resolution: int):
+    def __init__(self, cfg: RunConfig):
         import torch
 
         from medisyn.models import load_vae
@@ -68,8 +70,8 @@ class VaeEncoder:
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.vae = load_vae(ModelConfig(**model)).to(self.device, self.dtype).eval()
-        self.resolution = resolution
+        self.vae = load_vae(cfg.model).to(self.device, self.dtype).eval()
+        self.resolution = cfg.train.resolution
 
     def __call__(self, batch: dict) -> dict:
         torch = self.torch
@@ -79,7 +81,8 @@ class VaeEncoder:
         scale = self.resolution / 512.0
         crops = np.stack([np.asarray(c, dtype=np.float32) for c in batch["crop_top_left"]]) * scale
         return {
-            "id": batch["id"], "caption": batch["caption"],
+            "id": batch["id"],
+            "caption": batch["caption"],
             "original_size": np.stack([np.asarray(s, dtype=np.int32) for s in batch["original_size"]]),
             "crop_top_left": np.rint(crops).astype(np.int32),
             "mean": dist.mean.float().cpu().numpy().astype(np.float16),
@@ -90,7 +93,7 @@ class VaeEncoder:
 def _cached_ids(latents: Path) -> set[str]:
     """Ids already encoded; an unreadable (half-written) file is removed and its ids redone."""
     ids: set[str] = set()
-    for f in latents.glob("*.parquet"):
+    for f in shard_files(latents):
         try:
             ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
         except Exception:
@@ -115,15 +118,17 @@ def encode_text(cfg: RunConfig, captions: list[str], out: Path) -> int:
     embeds, pooled = [] if old_e is None else [old_e], [] if old_p is None else [old_p]
     with torch.no_grad():
         for start in range(0, len(new), 64):
-            e, _, p, _ = pipe.encode_prompt(new[start:start + 64], device="cpu", num_images_per_prompt=1,
-                                            do_classifier_free_guidance=False)
+            e, _, p, _ = pipe.encode_prompt(
+                new[start : start + 64], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
             embeds.append(e.to(torch.float16).numpy())
             pooled.append(p.to(torch.float16).numpy())
     texts = old_caps + new
     e, p = np.concatenate(embeds), np.concatenate(pooled)
     table = pa.table({"caption": texts, "embeds": [x.tobytes() for x in e], "pooled": [x.tobytes() for x in p]})
-    table = table.replace_schema_metadata({"embeds_shape": json.dumps(list(e.shape[1:])),
-                                           "pooled_shape": json.dumps(list(p.shape[1:]))})
+    table = table.replace_schema_metadata(
+        {"embeds_shape": json.dumps(list(e.shape[1:])), "pooled_shape": json.dumps(list(p.shape[1:]))}
+    )
     atomic_write_table(table, out)
     return len(new)
 
@@ -142,39 +147,54 @@ def run(cfg: RunConfig) -> dict:
     import ray
     from ray.data.expressions import col
 
-    from medisyn.raytools import ensure_ray
+    from medisyn.raytools import ensure_ray, gpus_available
 
-    corpus = sorted((cfg.run_path / "corpus").glob("*.parquet"))
-    if not corpus:
-        raise FileNotFoundError(f"cache: no corpus shards in {cfg.run_path / 'corpus'}; run `medisyn ingest` first")
+    corpus = cfg.run_path / "corpus"
+    train = read_corpus(corpus, columns=["id", "caption"], split="train")
     out = cache_dir(cfg)
     latents = out / "latents"
     latents.mkdir(parents=True, exist_ok=True)
-    meta = pa.concat_tables(pq.read_table(f, columns=["id", "caption", "split"]) for f in corpus)
-    train = meta.filter(pa.compute.equal(meta.column("split"), "train"))
     captions = train.column("caption").to_pylist()
+    train_ids = sorted(set(train.column("id").to_pylist()))
     encoded = encode_text(cfg, captions, out / "text.parquet")
     done = _cached_ids(latents)
-    todo = sorted(set(train.column("id").to_pylist()) - done)
-    log.info("cache: %d train images, %d cached, %d to encode; %d unique captions (%d newly encoded)",
-             train.num_rows, len(done), len(todo), len(set(captions)), encoded)
+    todo = sorted(set(train_ids) - done)
+    log.info(
+        "cache: %d train images, %d cached, %d to encode; %d unique captions (%d newly encoded)",
+        train.num_rows,
+        len(done),
+        len(todo),
+        len(set(captions)),
+        encoded,
+    )
     if todo:
         ensure_ray()
-        wanted = todo
-        use_gpu = cfg.train.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
-        ds = ray.data.read_parquet([str(f) for f in corpus],
-                                   columns=["id", "image", "caption", "split", "original_size", "crop_top_left"])
-        ds = ds.filter(expr=col("id").is_in(sorted(wanted)))
-        ds = ds.map_batches(VaeEncoder, fn_constructor_kwargs={"model": to_dict(cfg.model), "resolution": cfg.train.resolution},
-                            batch_size=cfg.cache.batch_size, concurrency=cfg.cache.num_actors,
-                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+        use_gpu = gpus_available(cfg.train.use_gpu)
+        ds = ray.data.read_parquet(
+            [str(f) for f in shard_files(corpus)],
+            columns=["id", "image", "caption", "split", "original_size", "crop_top_left"],
+        )
+        ds = ds.filter(expr=col("id").is_in(todo))
+        ds = ds.map_batches(
+            VaeEncoder,
+            fn_constructor_args=(cfg,),
+            batch_size=cfg.cache.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.cache.num_actors),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=0 if use_gpu else 1,
+        )
         ds.write_parquet(str(latents))
     from medisyn.models import load_vae
 
     scaling = float(load_vae(cfg.model).config.scaling_factor)
-    (out / "cache.json").write_text(json.dumps({"images": len(done) + len(todo), "train_ids": sorted(set(train.column("id").to_pylist())), "captions": len(set(captions)) + 1,
-                                                "resolution": cfg.train.resolution, "model": to_dict(cfg.model),
-                                                "scaling_factor": scaling}))
+    info = {
+        "images": len(done) + len(todo),
+        "train_ids": train_ids,
+        "captions": len(set(captions)) + 1,
+        "resolution": cfg.train.resolution,
+        "model": to_dict(cfg.model),
+        "scaling_factor": scaling,
+    }
+    atomic_write_text(json.dumps(info), out / "cache.json")
     print(f"cache: {out}")
     return {"dir": out, "latents_encoded": len(todo), "captions_encoded": encoded}
-

@@ -1,4 +1,4 @@
-"""Cache, training and checkpoint-selection settings (paper §4.2 numbers are the defaults)."""
+"""Cache and training settings (paper §4.2 numbers are the defaults)."""
 
 from __future__ import annotations
 
@@ -12,30 +12,30 @@ from medisyn.configtools import ConfigError
 class CacheConfig:
     """Frozen-encoder outputs computed once: VAE posterior moments and caption encodings."""
 
-    batch_size: int = 32                          # images per VAE batch
-    num_actors: int = 1                           # encoder actors (one GPU each on GPU clusters)
+    batch_size: int = 32  # images per VAE batch
+    num_actors: int = 1  # encoder actors (one GPU each on GPU clusters)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The U-Net fine-tune: only the U-Net trains; VAE and text encoders stay frozen."""
 
-    epochs: int = 15                              # passes over the train split
-    learning_rate: float = 1e-5                   # AdamW, constant
-    weight_decay: float = 1e-2                    # AdamW
-    effective_batch: int = 128                    # = per_worker_batch x num_workers x accumulation
-    per_worker_batch: int = 32                    # samples per worker per micro-step
-    num_workers: int = 4                          # Ray Train workers (one GPU each when use_gpu)
+    epochs: int = 15  # passes over the train split
+    learning_rate: float = 1e-5  # AdamW, constant
+    weight_decay: float = 1e-2  # AdamW
+    effective_batch: int = 128  # = per_worker_batch x num_workers x accumulation
+    per_worker_batch: int = 32  # samples per worker per micro-step
+    num_workers: int = 4  # Ray Train workers (one GPU each when use_gpu)
     use_gpu: bool = True
-    cpus_per_worker: float = 1.0                  # CPUs each worker reserves (below 1 leaves CPUs for Ray Data on small machines)
-    resolution: int = 512                         # training image side in pixels (the demo trains smaller)
-    caption_dropout: float = 0.1                  # fraction of captions replaced by "" at each step
+    cpus_per_worker: float = 1.0  # CPUs each worker reserves (below 1 leaves CPUs for Ray Data on small machines)
+    resolution: int = 512  # training image side in pixels (the demo trains smaller)
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" at each step
     mixed_precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype; master weights stay fp32
     strategy: Literal["ddp", "fsdp"] = "ddp"
     gradient_checkpointing: bool = False
-    compile: bool = False                         # torch.compile the U-Net
-    ema_decay: float = 0.0                        # 0 = no EMA (as in the paper)
-    max_failures: int = 3                         # Ray Train restarts from the last checkpoint
+    compile: bool = False  # torch.compile the U-Net
+    ema_decay: float = 0.0  # 0 = no EMA (as in the paper)
+    max_failures: int = 3  # Ray Train restarts from the last checkpoint
 
     def __post_init__(self):
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -43,7 +43,8 @@ class TrainConfig:
         per_step = self.per_worker_batch * self.num_workers
         if self.effective_batch % per_step:
             raise ConfigError(
-                f"train.effective_batch: {self.effective_batch} is not a multiple of per_worker_batch x num_workers = {per_step}"
+                f"train.effective_batch: {self.effective_batch} is not a multiple of "
+                f"per_worker_batch x num_workers = {per_step}"
             )
         if self.resolution % 8:
             raise ConfigError(f"train.resolution: {self.resolution} must be a multiple of 8")
@@ -52,16 +53,3 @@ class TrainConfig:
     def accumulation(self) -> int:
         """Micro-steps per optimizer step."""
         return self.effective_batch // (self.per_worker_batch * self.num_workers)
-
-
-@dataclass(frozen=True)
-class SelectConfig:
-    """Checkpoint choice by FID between synthetic images and the real images whose captions made them."""
-
-    num_images: int = 10_000                      # real train images (and as many synthetic)
-    feature_extractor: Literal["inception", "offline"] = "inception"  # "offline": no-download stand-in, labelled in outputs
-    inception_weights: str = ""                   # local FID Inception weights file (pt_inception-2015-12-05); "" = download
-    resolution: int = 0                           # side of generated images; 0 = train.resolution
-    batch_size: int = 8                           # prompts per pipeline call
-    steps: int = 50                               # sampler steps for the synthetic images
-    guidance_scale: float = 7.0

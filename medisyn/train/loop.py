@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 CHECKPOINT_STATE = "training_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What each worker needs besides the RunConfig: where the cache and logs are, how long an epoch is."""
+
+    text_cache: str  # cache/<identity>/text.parquet
+    scaling_factor: float  # the VAE's latent scaling factor
+    log_dir: str  # train_log/: one JSON per epoch and rank
+    batches_per_epoch: int  # for the progress bar
+    fail_at_step: int = -1  # tests: the last rank exits at this optimizer step, once (-1: never)
 
 
 def add_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -36,7 +48,9 @@ def dropout_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator) < p
 
 
-def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scaling: float, generator: torch.Generator) -> torch.Tensor:
+def sample_latents(
+    mean: torch.Tensor, logvar: torch.Tensor, scaling: float, generator: torch.Generator
+) -> torch.Tensor:
     """A fresh draw from the VAE posterior, scaled as the U-Net expects."""
     eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
     return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * scaling
@@ -46,30 +60,39 @@ def _save(unet, optimizer, epoch: int, step: int, generator: torch.Generator, em
     unet.save_pretrained(out / "unet", safe_serialization=True)
     if ema is not None:
         ema.save_pretrained(out / "unet_ema")
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, out / CHECKPOINT_STATE)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        out / CHECKPOINT_STATE,
+    )
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker entry. ``config``: ``{"run": RunConfig, "job": TrainJob}``."""
     import ray.train
     import ray.train.torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    from medisyn.config import RunConfig
-    from medisyn.configtools import build
-    from medisyn.models import SDXL_SCHEDULER, load_unet
+    from medisyn.models import load_noise_scheduler, load_unet
     from medisyn.train.cache import load_text
 
-    cfg: RunConfig = build(RunConfig, config["run"])
+    cfg, job = config["run"], config["job"]
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    captions, embeds, pooled = load_text(Path(config["text"]))
+    captions, embeds, pooled = load_text(Path(job.text_cache))
     index = {c: i for i, c in enumerate(captions)}
-    embeds, pooled = torch.from_numpy(embeds.astype(np.float32)).to(device), torch.from_numpy(pooled.astype(np.float32)).to(device)
-    scheduler = DDPMScheduler(**{k: v for k, v in SDXL_SCHEDULER.items() if k in
-                                 ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "steps_offset")})
+    embeds, pooled = (
+        torch.from_numpy(embeds.astype(np.float32)).to(device),
+        torch.from_numpy(pooled.astype(np.float32)).to(device),
+    )
+    scheduler = load_noise_scheduler(cfg.model)
     torch.manual_seed(cfg.seed)  # same initial weights on every worker
     unet = load_unet(cfg.model)
     start_epoch, step = 0, 0
@@ -86,6 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
     ema = None
     if t.ema_decay > 0:
         from diffusers.training_utils import EMAModel
+
         ema = EMAModel(unet.parameters(), decay=t.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
     unet.train()
     model = ray.train.torch.prepare_model(unet, parallel_strategy=t.strategy if world > 1 else None)
@@ -95,33 +119,44 @@ def train_loop_per_worker(config: dict) -> None:
     if state:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-    scaling = float(config["scaling_factor"])
+    scaling = job.scaling_factor
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16")
     shard = ray.train.get_dataset_shard("train")
-    log_dir = Path(config["log_dir"])
+    log_dir = Path(job.log_dir)
     for epoch in range(start_epoch, t.epochs):
         started, seen, losses, dropped = time.perf_counter(), 0, [], []
         micro = 0
-        bar = tqdm(total=config.get("batches_per_epoch"), desc=f"epoch {epoch}", disable=rank != 0, mininterval=5)
-        for batch in shard.iter_batches(batch_size=t.per_worker_batch, batch_format="numpy", local_shuffle_buffer_size=256,
-                                        local_shuffle_seed=cfg.seed * 100 + epoch * 10 + rank, drop_last=False):
-            fail_at = config.get("fail_at_step", -1)
-            if fail_at >= 0 and step == fail_at and rank == world - 1 and not (log_dir / "fault-injected").exists():
+        bar = tqdm(total=job.batches_per_epoch, desc=f"epoch {epoch}", disable=rank != 0, mininterval=5)
+        for batch in shard.iter_batches(
+            batch_size=t.per_worker_batch,
+            batch_format="numpy",
+            local_shuffle_buffer_size=256,
+            local_shuffle_seed=cfg.seed * 100 + epoch * 10 + rank,
+            drop_last=False,
+        ):
+            if 0 <= job.fail_at_step == step and rank == world - 1 and not (log_dir / "fault-injected").exists():
                 (log_dir / "fault-injected").touch()
                 os._exit(1)  # fault injection for tests: the worker dies without a word
             n = len(batch["id"])
             mean, logvar = torch.from_numpy(np.asarray(batch["mean"])), torch.from_numpy(np.asarray(batch["logvar"]))
             latents = sample_latents(mean, logvar, scaling, generator).to(device)
             drop = dropout_mask(n, t.caption_dropout, generator)
-            idx = torch.tensor([0 if d else index[str(c)] for c, d in zip(batch["caption"], drop.tolist())], device=device)
-            dropped += [str(i) for i, d in zip(batch["id"], drop.tolist()) if d]
+            idx = torch.tensor(
+                [0 if d else index[str(c)] for c, d in zip(batch["caption"], drop.tolist(), strict=True)], device=device
+            )
+            dropped += [str(i) for i, d in zip(batch["id"], drop.tolist(), strict=True) if d]
             noise = torch.randn(latents.shape, generator=generator).to(device)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            time_ids = add_time_ids(torch.from_numpy(np.stack(batch["original_size"])),
-                                    torch.from_numpy(np.stack(batch["crop_top_left"])), t.resolution).to(device)
+            time_ids = add_time_ids(
+                torch.from_numpy(np.stack(batch["original_size"])),
+                torch.from_numpy(np.stack(batch["crop_top_left"])),
+                t.resolution,
+            ).to(device)
             with autocast:
-                pred = model(noisy, timesteps, embeds[idx], added_cond_kwargs={"text_embeds": pooled[idx], "time_ids": time_ids}).sample
+                pred = model(
+                    noisy, timesteps, embeds[idx], added_cond_kwargs={"text_embeds": pooled[idx], "time_ids": time_ids}
+                ).sample
             loss = F.mse_loss(pred.float(), noise.float())
             (loss / t.accumulation).backward()
             micro += 1
@@ -141,9 +176,14 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
         seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
-                   "samples_per_s": seen * world / seconds, "dropped_fraction": len(dropped) / max(seen, 1),
-                   "effective_batch": t.effective_batch}
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "samples_per_s": seen * world / seconds,
+            "dropped_fraction": len(dropped) / max(seen, 1),
+            "effective_batch": t.effective_batch,
+        }
         (log_dir / f"epoch-{epoch:03d}-rank-{rank}.json").write_text(json.dumps({**metrics, "dropped_ids": dropped}))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

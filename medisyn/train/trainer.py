@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 from medisyn.config import RunConfig
-from medisyn.configtools import to_dict
 from medisyn.train.cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -25,39 +24,55 @@ def checkpoints(cfg: RunConfig) -> list[Path]:
 
 def run(cfg: RunConfig, fail_at_step: int = -1):
     import ray.train
+    from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
 
     from medisyn.raytools import ensure_ray
-    from medisyn.train.loop import train_loop_per_worker
+    from medisyn.train.loop import TrainJob, train_loop_per_worker
 
     cache = cache_dir(cfg)
     info_file = cache / "cache.json"
     if not info_file.exists():
-        raise FileNotFoundError(f"train: no cache at {cache}; run `medisyn cache` with the same model and train.resolution")
+        raise FileNotFoundError(
+            f"train: no cache at {cache}; run `medisyn cache` with the same model and train.resolution"
+        )
     info = json.loads(info_file.read_text())
     t = cfg.train
-    log.info("train: %d workers x %d per worker x %d accumulation = effective batch %d; %d epochs",
-             t.num_workers, t.per_worker_batch, t.accumulation, t.effective_batch, t.epochs)
+    log.info(
+        "train: %d workers x %d per worker x %d accumulation = effective batch %d; %d epochs",
+        t.num_workers,
+        t.per_worker_batch,
+        t.accumulation,
+        t.effective_batch,
+        t.epochs,
+    )
     ensure_ray()
     run_root = cfg.run_path.resolve()
     (run_root / "train_log").mkdir(parents=True, exist_ok=True)
-    from ray.data.expressions import col
-
     # only images of the current corpus's train split: the cache may hold ids a re-ingest dropped
     data = ray.data.read_parquet(str(cache / "latents")).filter(expr=col("id").is_in(info["train_ids"]))
-    config = {k: v for k, v in to_dict(cfg).items() if k != "config_path"}
+    job = TrainJob(
+        text_cache=str((cache / "text.parquet").resolve()),
+        scaling_factor=float(info["scaling_factor"]),
+        log_dir=str(run_root / "train_log"),
+        fail_at_step=fail_at_step,
+        batches_per_epoch=-(-len(info["train_ids"]) // (t.num_workers * t.per_worker_batch)),
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": config, "text": str((cache / "text.parquet").resolve()),
-                           "scaling_factor": info["scaling_factor"], "log_dir": str(run_root / "train_log"),
-                           "fail_at_step": fail_at_step,
-                           "batches_per_epoch": -(-len(info["train_ids"]) // (t.num_workers * t.per_worker_batch))},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name="checkpoints", storage_path=str(run_root),
-                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+        train_loop_config={"run": cfg, "job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name="checkpoints",
+            storage_path=str(run_root),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        ),
         datasets={"train": data},
     )
     result = trainer.fit()
-    print(f"train: {len(checkpoints(cfg))} epoch checkpoints in {run_root / 'checkpoints'}; last metrics {result.metrics}")
+    print(
+        f"train: {len(checkpoints(cfg))} epoch checkpoints in {run_root / 'checkpoints'}; last metrics {result.metrics}"
+    )
     return result

@@ -1,0 +1,175 @@
+"""The records every stage passes on: vocabularies, schemas, corpus reads and atomic writes.
+
+This is the bottom of the code base (DESIGN §9): it imports no stage and no config, and takes
+paths, not a ``RunConfig``, so ingest writes and every later stage (cache, select, generate,
+the audits, the report) reads the same contract through the same functions.
+
+A corpus is a folder of parquet shards (``corpus/<unit>.parquet``) with :data:`CORPUS_SCHEMA`.
+Shards are read in sorted path order and rows in file order, so a seeded sample of the corpus
+is the same on every machine. Files whose name starts with ``.`` are temporary writes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+# The paper's six specialties and ten image types (DESIGN §2); every image type belongs to one
+# specialty, except endoscopy (surgery and gastroenterology).
+SPECIALTIES = ("radiology", "dermatology", "pathology", "ophthalmology", "surgery", "gastroenterology")
+IMAGE_TYPES = (
+    "computed tomography",
+    "X-ray",
+    "magnetic resonance imaging",
+    "ultrasound",
+    "dermoscopy",
+    "clinical images",
+    "microscopy",
+    "optical coherence tomography",
+    "fundoscopy",
+    "endoscopy",
+)
+SPLITS = ("train", "val", "test")
+
+CORPUS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # hash of the 512² pixels
+        ("image", pa.binary()),  # lossless image bytes (PNG grey, WebP colour): PIL.Image.open reads them
+        ("caption", pa.string()),
+        ("specialty", pa.string()),  # one of SPECIALTIES
+        ("image_type", pa.string()),  # one of IMAGE_TYPES
+        ("labels", pa.list_(pa.string())),  # caption phrases
+        ("patient_id", pa.string()),  # salted hash, never the source value
+        ("split", pa.string()),  # one of SPLITS
+        ("source", pa.string()),  # repository name
+        ("source_ref", pa.string()),  # repo/<hash>[#frame=i | #level=l,x=..,y=..]
+        ("original_size", pa.list_(pa.int32())),  # (height, width) before resizing
+        ("crop_top_left", pa.list_(pa.int32())),  # (top, left) of the crop after resizing
+    ]
+)
+REJECT_SCHEMA = pa.schema([("source_ref", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # pure function of (set, prompt, index)
+        ("file", pa.string()),  # <id>.png beside the manifest
+        ("prompt", pa.string()),
+        ("specialty", pa.string()),
+        ("image_type", pa.string()),
+        ("labels", pa.list_(pa.string())),
+        ("seed", pa.int64()),
+        ("index", pa.int64()),  # the image's index under its prompt
+        ("checkpoint", pa.string()),
+        ("guidance_scale", pa.float64()),
+        ("steps", pa.int64()),
+        ("scheduler", pa.string()),
+    ]
+)
+
+
+# --- atomic writes: a killed task or a retried actor never leaves a half-written file ---
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    tmp = _tmp_name(Path(path))
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write_bytes(text.encode(), path)
+
+
+def atomic_write_table(table: pa.Table, path: Path) -> None:
+    tmp = _tmp_name(Path(path))
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def remove_partial_writes(folder: Path) -> int:
+    """Delete temporary files a killed writer left in ``folder``; returns how many."""
+    stale = list(Path(folder).glob(".*.tmp"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
+
+
+# --- reading shard folders ---
+
+
+def shard_files(folder: str | Path) -> list[Path]:
+    """The parquet shards of a folder (corpus, rejects, latents), in sorted path order."""
+    return sorted(p for p in Path(folder).glob("*.parquet") if not p.name.startswith("."))
+
+
+def read_shards(folder: str | Path, columns: list[str] | None = None, filter=None) -> pa.Table:
+    """All shards of ``folder`` as one table, read shard by shard with an optional row filter.
+
+    ``filter`` is a pyarrow compute expression (``pc.field("split") == "train"``): rows are
+    dropped per shard, so only the selected rows are ever held at once. Raises
+    FileNotFoundError naming the folder when it holds no shard.
+    """
+    files = shard_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no parquet shards in {folder}")
+    tables = [pq.read_table(f, columns=columns, filters=filter) for f in files]
+    return pa.concat_tables(tables)
+
+
+def read_corpus(
+    corpus: str | Path,
+    columns: list[str] | None = None,
+    split: str | None = None,
+    ids: set[str] | list[str] | None = None,
+) -> pa.Table:
+    """Rows of the corpus folder, optionally one split and/or the given image ids, in shard order.
+
+    Read columns only what you need: ``image`` is the only large one.
+    """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    filter = None
+    if split is not None:
+        filter = pc.field("split") == split
+    if ids is not None:
+        by_id = pc.field("id").isin(sorted(ids))
+        filter = by_id if filter is None else filter & by_id
+    try:
+        return read_shards(corpus, columns, filter)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no corpus shards in {corpus}; run `medisyn ingest` first") from None
+
+
+def sample_corpus(corpus: str | Path, n: int, seed: int, split: str = "train", columns=None) -> list[dict]:
+    """``n`` rows of one split drawn without replacement by a seeded RNG, in corpus order.
+
+    The same corpus and seed give the same rows on every machine (shards are read in sorted
+    order). Default columns: id, caption, specialty, image_type, labels.
+    """
+    columns = list(columns or ["id", "caption", "specialty", "image_type", "labels"])
+    rows = read_corpus(corpus, columns=columns, split=split).to_pylist()
+    rng = np.random.default_rng(seed)
+    return [rows[i] for i in sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
+
+
+def read_images(corpus: str | Path, ids: set[str] | list[str]) -> dict[str, bytes]:
+    """``{id: image bytes}`` for the given ids, reading only the matching rows of each shard."""
+    table = read_corpus(corpus, columns=["id", "image"], ids=ids)
+    return dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+
+
+def read_manifest(set_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A synthetic set's ``manifest.parquet`` (:data:`MANIFEST_SCHEMA`)."""
+    path = Path(set_dir) / "manifest.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest at {path}; run `medisyn generate` for this set first")
+    return pq.read_table(path, columns=columns)

@@ -1,0 +1,1 @@
+"""The select stage: FID per epoch checkpoint, the best one exported as a diffusers pipeline."""

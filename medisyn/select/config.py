@@ -1,0 +1,21 @@
+"""Checkpoint-selection settings (paper: lowest FID over 10,000 synthetic vs 10,000 real images)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Checkpoint choice by FID between synthetic images and the real images whose captions made them."""
+
+    num_images: int = 10_000  # real train images (and as many synthetic)
+    feature_extractor: Literal["inception", "offline"] = (
+        "inception"  # "offline": no-download stand-in, labelled in outputs
+    )
+    inception_weights: str = ""  # local FID Inception weights file (pt_inception-2015-12-05); "" = download
+    resolution: int = 0  # side of generated images; 0 = train.resolution
+    batch_size: int = 8  # prompts per pipeline call
+    steps: int = 50  # sampler steps for the synthetic images
+    guidance_scale: float = 7.0
