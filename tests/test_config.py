@@ -85,7 +85,7 @@ def test_overrides_are_typed():
         (["train.epochs=two"], "train.epochs: expected an integer, got 'two'"),
         (["train.epochs=2.5"], "train.epochs: expected an integer"),
         (["train.use_gpu=maybe"], "train.use_gpu: expected true or false"),
-        (["model.preset=big"], "model.preset: 'big' is not a valid choice; expected one of 'tiny', 'sdxl'"),
+        (["model.preset=big"], "model.preset: unknown preset 'big'; expected one of sdxl, sdxl-random, tiny"),
         (["train.caption_dropout=1.5"], "train.caption_dropout: 1.5 is outside [0, 1)"),
         (["train.num_workers=3"], "train.effective_batch: 8 is not a multiple of per_worker_batch x num_workers = 12"),
         (["ingest.wsi_overlap=0.2"], "ingest.wsi_overlap: 0.2 is outside [0, 0.1]"),

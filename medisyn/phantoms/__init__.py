@@ -25,8 +25,10 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
+from medisyn.records import IMAGE_TYPES, SPECIALTIES
+
 from . import defects as _defects
-from .catalog import BY_NAME, IMAGE_TYPES, REPOSITORIES, SPECIALTIES, PhantomRepo
+from .catalog import BY_NAME, REPOSITORIES, PhantomRepo
 from .common import PLANTED_INSTITUTION, PLANTED_MARKER, PLANTED_PATIENT_NAME, GenContext, GenResult
 
 SCALES = ("small", "medium")

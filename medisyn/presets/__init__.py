@@ -22,7 +22,7 @@ KINDS = ("diffusion", "embedder", "scheduler")
 @cache
 def _all() -> dict[str, dict]:
     presets = {}
-    for f in sorted(PRESET_DIR.glob("*.json")):
+    for f in sorted(PRESET_DIR.glob("*.json"), key=lambda f: f.stem):
         entry = json.loads(f.read_text())
         if entry.get("kind") not in KINDS:
             raise ValueError(f"preset file {f}: kind {entry.get('kind')!r} is not one of {', '.join(KINDS)}")
