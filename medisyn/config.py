@@ -17,7 +17,7 @@ from medisyn.audit.config import MemorizationConfig, UtilityConfig
 from medisyn.configtools import ConfigError, apply_overrides, build, read_yaml, to_dict
 from medisyn.infer.config import GenerateConfig
 from medisyn.ingest.config import IngestConfig
-from medisyn.presets import preset_names
+from medisyn.presets import get_preset, preset_names
 from medisyn.reader.config import ReaderConfig
 from medisyn.select.config import SelectConfig
 from medisyn.train.config import CacheConfig, TrainConfig
@@ -67,6 +67,18 @@ class RunConfig:
     audit_utility: UtilityConfig = field(default_factory=UtilityConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     config_path: str = ""  # set by load_config: the YAML file this came from
+
+    def __post_init__(self):
+        t = self.train
+        measured = get_preset(self.model.preset).get("gpu_batch_limit", {})
+        limit = t.gpu_batch_limit or measured.get("gradient_checkpointing" if t.gradient_checkpointing else "eager", 0)
+        if t.use_gpu and limit and t.per_worker_batch > limit:
+            raise ConfigError(
+                f"train.per_worker_batch: {t.per_worker_batch} is above the per-GPU limit {limit} for preset "
+                f"{self.model.preset!r}{' with' if t.gradient_checkpointing else ' without'} gradient checkpointing "
+                "(measured on 80 GB, docs/PERFORMANCE.md); reach the effective batch by accumulation, set "
+                "train.gradient_checkpointing=true, or raise train.gpu_batch_limit for a larger GPU"
+            )
 
     @property
     def run_path(self) -> Path:

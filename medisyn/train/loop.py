@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         ema = EMAModel(unet.parameters(), decay=t.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
     unet.train()
-    model = ray.train.torch.prepare_model(unet, parallel_strategy=t.strategy if world > 1 else None)
+    model = ray.train.torch.prepare_model(unet)  # DDP across workers
     if t.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
