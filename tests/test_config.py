@@ -10,6 +10,7 @@ import pytest
 
 from medisyn.config import ConfigError, RunConfig, load_config, to_dict
 from medisyn.configtools import build
+from medisyn.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs/configs/demo.yaml"
@@ -44,7 +45,8 @@ def test_paper_yaml_holds_the_papers_numbers():
         50,
     )
     m = p.audit_memorization
-    assert (m.images_per_prompt, m.grid, m.threshold) == (500, 4, 0.15) and "BiomedCLIP" in m.embedder
+    assert (m.images_per_prompt, m.grid, m.threshold) == (500, 4, 0.15) and m.embedder == "biomedclip"
+    assert get_preset(m.embedder)["open_clip"] == "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
     u = p.audit_utility
     assert (u.real_full, u.real_half, u.synthetic, u.epochs, u.learning_rate, u.bootstrap_resamples) == (
         2000,
