@@ -70,7 +70,7 @@ def test_ema_weights_move():
 
 @pytest.fixture(scope="module")
 def trained(ingested):
-    """Cache at 64 px, then 2 epochs on 2 workers with a worker killed during epoch 1."""
+    """Cache at 64 px, then 2 epochs on 2 workers with EMA on and a worker killed during epoch 1."""
     from medisyn.config import load_config
     from medisyn.train.cache import cache_dir
     from medisyn.train.cache import run as cache
@@ -87,6 +87,7 @@ def trained(ingested):
             "train.effective_batch=16",
             "train.epochs=2",
             "train.max_failures=2",
+            "train.ema_decay=0.9",
             "select.num_images=16",
             "select.steps=4",
         ],
@@ -118,6 +119,57 @@ def test_two_workers_two_epochs_survive_a_killed_worker(trained):
         assert 0.04 < epochs[e][0]["dropped_fraction"] < 0.18
     assert len(dropped[0] & dropped[1]) < 0.5 * len(dropped[0])  # not the same images every epoch
     assert result.metrics["epoch"] == 1 and result.metrics["effective_batch"] == 16
+
+
+@pytest.mark.ray
+def test_each_rank_resumes_its_own_random_stream(trained):
+    from medisyn.train.loop import rank_state_file, rng_fingerprint
+
+    cfg, run_dir, _, _ = trained
+    log = run_dir / "train_log"
+    epoch1 = [json.loads((log / f"epoch-001-rank-{r}.json").read_text()) for r in (0, 1)]
+    assert epoch1[0]["rng_at_start"] != epoch1[1]["rng_at_start"]  # after the restart the ranks still differ
+    for rank in (0, 1):  # ... because each continued exactly where its own epoch 0 ended
+        saved = torch.load(run_dir / "checkpoints/epoch-000" / rank_state_file(rank), weights_only=False)
+        g = torch.Generator()
+        g.set_state(saved["generator"])
+        assert rng_fingerprint(g) == epoch1[rank]["rng_at_start"]
+
+
+@pytest.mark.ray
+def test_ema_lives_in_the_loop_and_survives_the_restart(trained):
+    from diffusers import UNet2DConditionModel
+
+    from medisyn.models import load_unet
+
+    cfg, run_dir, _, _ = trained
+    last = run_dir / "checkpoints/epoch-001"
+    ema = UNet2DConditionModel.from_pretrained(last / "unet_ema")
+    raw = UNet2DConditionModel.from_pretrained(last / "unet")
+    torch.manual_seed(cfg.seed)
+    initial = load_unet(cfg.model)
+    moved = [
+        (not torch.equal(e, r), not torch.equal(e, i))
+        for e, r, i in zip(ema.parameters(), raw.parameters(), initial.parameters(), strict=True)
+    ]
+    assert sum(a for a, _ in moved) > 0.9 * len(moved) and sum(b for _, b in moved) > 0.9 * len(moved)
+    steps = json.loads((run_dir / "train_log/epoch-001-rank-0.json").read_text())["step"]
+    ema_steps = json.loads((last / "unet_ema/config.json").read_text())["optimization_step"]
+    assert ema_steps == steps  # one EMA step per optimizer step, counted across the restart (not restarted)
+
+
+@pytest.mark.ray
+def test_every_epoch_reads_a_new_global_order(trained):
+    import pyarrow.parquet as pq
+
+    cfg, run_dir, _, _ = trained
+    corpus = pq.read_table(run_dir / "corpus", columns=["id", "specialty"]).to_pylist()
+    specialty = {r["id"]: r["specialty"] for r in corpus}
+    log = run_dir / "train_log"
+    first = {e: json.loads((log / f"epoch-{e:03d}-rank-0.json").read_text())["first_ids"] for e in (0, 1)}
+    for e in (0, 1):
+        assert len({specialty[i] for i in first[e][:16]}) >= 3, [specialty[i] for i in first[e][:16]]
+    assert first[0][:16] != first[1][:16]
 
 
 @pytest.mark.ray
@@ -159,3 +211,14 @@ def test_select_picks_lowest_fid_and_exports_a_plain_diffusers_pipeline(trained)
     stamp = (run_dir / "selection.json").stat().st_mtime_ns
     assert select(cfg)["best"] == selection["best"]  # a re-run with nothing new selects nothing again
     assert (run_dir / "selection.json").stat().st_mtime_ns == stamp
+    for c in selection["checkpoints"]:  # per-specialty FID is there, and finite where a specialty has 2+ images
+        assert len(c["fid_by_specialty"]) >= 2 and any(np.isfinite(v) for v in c["fid_by_specialty"].values())
+
+    from dataclasses import replace
+
+    ema_cfg = replace(cfg, select=replace(cfg.select, weights="ema"))
+    ema_selection = select(ema_cfg)  # the EMA weights, scored and exported
+    exported = load_file(run_dir / "model/unet/diffusion_pytorch_model.safetensors")
+    ema = load_file(run_dir / "checkpoints" / ema_selection["best"] / "unet_ema/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert json.loads((run_dir / "model/medisyn.json").read_text())["weights"] == "ema"

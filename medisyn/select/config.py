@@ -19,3 +19,4 @@ class SelectConfig:
     batch_size: int = 8  # prompts per pipeline call
     steps: int = 50  # sampler steps for the synthetic images
     guidance_scale: float = 7.0
+    weights: Literal["raw", "ema"] = "raw"  # score and export the trained weights or their EMA (train.ema_decay > 0)

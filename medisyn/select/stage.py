@@ -26,6 +26,16 @@ from medisyn.train.trainer import checkpoints
 log = logging.getLogger(__name__)
 
 
+def unet_dir(checkpoint: Path, weights: str) -> Path:
+    """The checkpoint's trained U-Net (``raw``) or its exponential moving average (``ema``)."""
+    path = checkpoint / ("unet_ema" if weights == "ema" else "unet")
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"select.weights={weights}: {checkpoint.name} has no {path.name}/ (was train.ema_decay 0?)"
+        )
+    return path
+
+
 def _task_cpus() -> float:
     """CPUs Ray gave this task (torch would otherwise start a thread per core of the node)."""
     import ray
@@ -50,7 +60,7 @@ def score_checkpoint(cfg: RunConfig, checkpoint: str, real: tuple[dict, ...], im
     res = s.resolution or cfg.train.resolution
     device, dtype = sampling_device()
     pipe = load_pipeline(cfg.model)
-    pipe.unet = UNet2DConditionModel.from_pretrained(Path(checkpoint) / "unet")
+    pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir(Path(checkpoint), s.weights))
     pipe = pipe.to(device, dtype)
     specialties = sorted({r["specialty"] for r in real})
     metrics = {k: fid_metric(s.feature_extractor, s.inception_weights) for k in ["all", *specialties]}
@@ -91,11 +101,17 @@ def export_pipeline(cfg: RunConfig, checkpoint: Path, out: Path) -> Path:
     from medisyn.models import load_pipeline, save_pipeline
 
     pipe = load_pipeline(cfg.model)
-    pipe.unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+    pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir(checkpoint, cfg.select.weights))
     tmp = out.with_name(out.name + ".partial")
     save_pipeline(pipe, tmp)
     atomic_write_text(
-        json.dumps({"checkpoint": checkpoint.name, "unconditional": "encoding of the empty caption"}),
+        json.dumps(
+            {
+                "checkpoint": checkpoint.name,
+                "weights": cfg.select.weights,
+                "unconditional": "encoding of the empty caption",
+            }
+        ),
         tmp / "medisyn.json",
     )
     if out.exists():
@@ -114,6 +130,8 @@ def run(cfg: RunConfig) -> dict:
         raise FileNotFoundError(
             f"select: no epoch checkpoints in {cfg.run_path / 'checkpoints'}; run `medisyn train` first"
         )
+    for c in ckpts:  # a missing EMA copy is a message before any work, not a failed task
+        unet_dir(c, cfg.select.weights)
     fingerprint = {
         "checkpoints": [c.name for c in ckpts],
         "select": to_dict(cfg.select),

@@ -183,7 +183,7 @@ def run(cfg: RunConfig) -> dict:
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
-        ds.write_parquet(str(latents))
+        ds.write_parquet(str(latents), max_rows_per_file=cfg.cache.rows_per_file)
     from medisyn.models import load_vae
 
     scaling = float(load_vae(cfg.model).config.scaling_factor)

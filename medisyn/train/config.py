@@ -14,6 +14,9 @@ class CacheConfig:
 
     batch_size: int = 32  # images per VAE batch
     num_actors: int = 1  # encoder actors (one GPU each on GPU clusters)
+    rows_per_file: int = (
+        1024  # latent rows per parquet file (~64 MB at 512²): the unit the per-epoch file shuffle moves
+    )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ U-Net (diffusers layout), optimizer, step and RNG state are reported as a Ray Tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -56,20 +57,38 @@ def sample_latents(
     return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * scaling
 
 
-def _save(unet, optimizer, epoch: int, step: int, generator: torch.Generator, ema, out: Path) -> None:
+def rank_state_file(rank: int) -> str:
+    """Each rank's random state lives in its own file of the checkpoint (Ray Train merges every
+    rank's reported files into one checkpoint directory)."""
+    return f"rng-rank-{rank}.pt"
+
+
+def rng_fingerprint(generator: torch.Generator) -> str:
+    """A short digest of a generator's state: shows in the epoch log which random stream a rank is on."""
+    import hashlib
+
+    return hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest()[:16]
+
+
+def _save(unet, optimizer, epoch: int, step: int, ema, out: Path) -> None:
+    """Rank 0's part of a checkpoint: U-Net (diffusers layout), EMA copy, optimizer and position."""
     unet.save_pretrained(out / "unet", safe_serialization=True)
     if ema is not None:
-        ema.save_pretrained(out / "unet_ema")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-        },
-        out / CHECKPOINT_STATE,
-    )
+        ema.save_pretrained(out / "unet_ema")  # diffusers layout + optimization_step: exportable and resumable
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, out / CHECKPOINT_STATE)
+
+
+def _load_ema(d: Path | None, unet, decay: float, device):
+    """The EMA copy on the training device: restored from the checkpoint, or started from the weights."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    if d is not None and (d / "unet_ema").is_dir():
+        ema = EMAModel.from_pretrained(d / "unet_ema", model_cls=UNet2DConditionModel)
+    else:
+        ema = EMAModel(unet.parameters(), decay=decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+    ema.to(device)
+    return ema
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -96,36 +115,37 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # same initial weights on every worker
     unet = load_unet(cfg.model)
     start_epoch, step = 0, 0
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # this rank's noise, timesteps, dropout
     checkpoint = ray.train.get_checkpoint()
-    state = None
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            unet = UNet2DConditionModel.from_pretrained(Path(d) / "unet")
-            state = torch.load(Path(d) / CHECKPOINT_STATE, weights_only=False)
-        start_epoch, step = state["epoch"] + 1, state["step"]
-    if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    ema = None
-    if t.ema_decay > 0:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(unet.parameters(), decay=t.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
-    unet.train()
-    model = ray.train.torch.prepare_model(unet)  # DDP across workers
+    state, ema = None, None
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+        d = Path(d) if d else None
+        if d is not None:
+            unet = UNet2DConditionModel.from_pretrained(d / "unet")
+            state = torch.load(d / CHECKPOINT_STATE, weights_only=False)
+            start_epoch, step = state["epoch"] + 1, state["step"]
+            if (d / rank_state_file(rank)).exists():  # absent when the world size grew: keep the seeded stream
+                rng = torch.load(d / rank_state_file(rank), weights_only=False)
+                generator.set_state(rng["generator"])
+                torch.set_rng_state(rng["torch_rng"])
+        if t.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        model = ray.train.torch.prepare_model(unet)  # DDP across workers; moves the U-Net to the device
+        if t.ema_decay > 0:
+            ema = _load_ema(d, unet, t.ema_decay, device)  # built after the move, so it lives on the device
     if t.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     if state:
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
     scaling = job.scaling_factor
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16")
     shard = ray.train.get_dataset_shard("train")
     log_dir = Path(job.log_dir)
     for epoch in range(start_epoch, t.epochs):
-        started, seen, losses, dropped = time.perf_counter(), 0, [], []
-        micro = 0
+        started, seen, losses, dropped, first_ids = time.perf_counter(), 0, [], [], []
+        micro, fingerprint = 0, rng_fingerprint(generator)
         bar = tqdm(total=job.batches_per_epoch, desc=f"epoch {epoch}", disable=rank != 0, mininterval=5)
         for batch in shard.iter_batches(
             batch_size=t.per_worker_batch,
@@ -138,6 +158,8 @@ def train_loop_per_worker(config: dict) -> None:
                 (log_dir / "fault-injected").touch()
                 os._exit(1)  # fault injection for tests: the worker dies without a word
             n = len(batch["id"])
+            if len(first_ids) < 4 * t.per_worker_batch:  # the epoch's first batches, for the order in the log
+                first_ids += [str(i) for i in batch["id"]]
             mean, logvar = torch.from_numpy(np.asarray(batch["mean"])), torch.from_numpy(np.asarray(batch["logvar"]))
             latents = sample_latents(mean, logvar, scaling, generator).to(device)
             drop = dropout_mask(n, t.caption_dropout, generator)
@@ -166,28 +188,33 @@ def train_loop_per_worker(config: dict) -> None:
                 if ema is not None:
                     ema.step(unet.parameters())
                 step += 1
-            losses.append(loss.item())
+            losses.append(loss.detach())  # no host sync per step; averaged at the epoch's end
             seen += n
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            if micro % 25 == 0:
+                bar.set_postfix(loss=f"{losses[-1].item():.4f}", refresh=False)
         bar.close()
-        if micro % t.accumulation:
+        if micro % t.accumulation:  # the epoch's last, partial accumulation
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(unet.parameters())
             step += 1
         seconds = time.perf_counter() - started
         metrics = {
             "epoch": epoch,
             "step": step,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "loss": torch.stack(losses).mean().item() if losses else float("nan"),
             "samples_per_s": seen * world / seconds,
             "dropped_fraction": len(dropped) / max(seen, 1),
             "effective_batch": t.effective_batch,
         }
-        (log_dir / f"epoch-{epoch:03d}-rank-{rank}.json").write_text(json.dumps({**metrics, "dropped_ids": dropped}))
+        log = {**metrics, "dropped_ids": dropped, "first_ids": first_ids, "rng_at_start": fingerprint}
+        (log_dir / f"epoch-{epoch:03d}-rank-{rank}.json").write_text(json.dumps(log))
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
             if rank == 0:
-                _save(unet, optimizer, epoch, step, generator, ema, Path(tmp))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                _save(unet, optimizer, epoch, step, ema, Path(tmp))
+            rng = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+            torch.save(rng, Path(tmp) / rank_state_file(rank))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)  # every rank's files land in one directory
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")

@@ -50,7 +50,11 @@ def run(cfg: RunConfig, fail_at_step: int = -1):
     run_root = cfg.run_path.resolve()
     (run_root / "train_log").mkdir(parents=True, exist_ok=True)
     # only images of the current corpus's train split: the cache may hold ids a re-ingest dropped
-    data = ray.data.read_parquet(str(cache / "latents")).filter(expr=col("id").is_in(info["train_ids"]))
+    # Shuffled globally each epoch without an all-to-all: the latent files are read in a new random
+    # order every epoch (a new seed per execution), and each worker mixes rows in a local buffer.
+    shuffle = ray.data.FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
+    data = ray.data.read_parquet(str(cache / "latents"), shuffle=shuffle)
+    data = data.filter(expr=col("id").is_in(info["train_ids"]))
     job = TrainJob(
         text_cache=str((cache / "text.parquet").resolve()),
         scaling_factor=float(info["scaling_factor"]),
