@@ -224,7 +224,7 @@ def test_actor_pool_grows_when_a_node_joins(tiny_model, tmp_path):
                 f"run_dir={run_dir}",
                 f"generate.checkpoint={tiny_model}",
                 f"generate.sets=[{set_file}]",
-                "generate.steps=10",
+                "generate.steps=25",  # enough work left when the second node has started
                 "generate.resolution=128",
                 "generate.batch_size=4",
                 "generate.min_actors=1",
