@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from medisyn.config import RunConfig
 from medisyn.infer.prompts import PromptEntry, PromptSet, cap_counts, expand, load_prompt_set, match_to_corpus
+from medisyn.infer.sampling import generate_images, load_sampler
 from medisyn.records import (
     MANIFEST_SCHEMA,
     atomic_write_bytes,
@@ -70,16 +71,12 @@ class ImageGenerator:
     """
 
     def __init__(self, cfg: RunConfig, job: SetJob):
-        from medisyn.infer.sampling import load_sampler
-
         self.pipe = load_sampler(job.model_dir)
         self.out, self.checkpoint, self.settings = Path(job.out), job.checkpoint, cfg.generate
         (self.out / ".actors").mkdir(exist_ok=True)  # one marker per actor: shows the pool's size afterwards
         (self.out / ".actors" / f"{os.uname().nodename}-{os.getpid()}").touch()
 
     def __call__(self, batch: dict) -> dict:
-        from medisyn.infer.sampling import generate_images
-
         g = self.settings
         prompts = [str(p) for p in batch["prompt"]]
         images = generate_images(
