@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -47,30 +51,26 @@ def test_text_cache_encodes_only_new_captions(tmp_path):
     assert encode_text(cfg, ["Fundus photograph showing glaucoma."], out) == 0
 
 
-def test_ema_weights_move():
-    from diffusers import UNet2DConditionModel
-    from diffusers.training_utils import EMAModel
+def _kill_a_worker_after_the_first_checkpoint(run_dir, killed: dict) -> None:
+    """From outside the loop: once Ray Train has registered epoch 0's checkpoint, SIGKILL rank 1 by pid.
 
-    from medisyn.models import build_pipeline
-
-    unet = build_pipeline("tiny").unet
-    ema = EMAModel(unet.parameters(), decay=0.999, model_cls=UNet2DConditionModel, model_config=unet.config)
-    before = [p.clone() for p in ema.shadow_params]
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-2)
-    for _ in range(3):  # diffusers' EMA copies the weights on its first step (warm-up), then averages
-        for p in unet.parameters():
-            p.grad = torch.randn_like(p)
-        opt.step()
-        ema.step(unet.parameters())
-    moved = sum(not torch.equal(a, b) for a, b in zip(before, ema.shadow_params, strict=True))
-    assert moved > 0.9 * len(before)
-    same = sum(torch.equal(s, p) for s, p in zip(ema.shadow_params, unet.parameters(), strict=True))
-    assert same == 0  # a moving average, not a copy
+    Registered means listed in the controller's snapshot: a checkpoint whose files are written but
+    that the controller has not yet polled is not a restore point (Ray Train restarts from scratch)."""
+    snapshot, rank_log = (
+        run_dir / "checkpoints/checkpoint_manager_snapshot.json",
+        run_dir / "train_log/epoch-000-rank-1.json",
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and not (snapshot.exists() and "epoch-000" in snapshot.read_text()):
+        time.sleep(0.05)
+    pid = json.loads(rank_log.read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    killed.update(pid=pid, at=time.time())
 
 
 @pytest.fixture(scope="module")
 def trained(ingested):
-    """Cache at 64 px, then 2 epochs on 2 workers with EMA on and a worker killed during epoch 1."""
+    """Cache at 64 px, then 3 epochs on 2 workers (accumulation 2, EMA on); a worker is killed after epoch 0."""
     from medisyn.config import load_config
     from medisyn.train.cache import cache_dir
     from medisyn.train.cache import run as cache
@@ -83,9 +83,9 @@ def trained(ingested):
             f"run_dir={run_dir}",
             f"ingest.repositories_file={base.ingest.repositories_file}",
             "train.resolution=64",
-            "train.per_worker_batch=8",
+            "train.per_worker_batch=4",
             "train.effective_batch=16",
-            "train.epochs=2",
+            "train.epochs=3",
             "train.max_failures=2",
             "train.ema_decay=0.9",
             "select.num_images=16",
@@ -95,39 +95,85 @@ def trained(ingested):
     first = cache(cfg)
     assert first["latents_encoded"] > 300 and cache(cfg)["latents_encoded"] == 0  # a re-run encodes nothing
     info = json.loads((cache_dir(cfg) / "cache.json").read_text())
-    result = train(cfg, fail_at_step=info["images"] // 16 + 5)
-    return cfg, run_dir, info, result
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after_the_first_checkpoint, args=(run_dir, killed), daemon=True)
+    killer.start()
+    result = train(cfg)
+    killer.join(timeout=1)
+    return cfg, run_dir, info, result, killed
+
+
+def _epoch_logs(run_dir, epochs=(0, 1, 2)):
+    log = run_dir / "train_log"
+    return [[json.loads((log / f"epoch-{e:03d}-rank-{r}.json").read_text()) for r in (0, 1)] for e in epochs]
 
 
 @pytest.mark.ray
-def test_two_workers_two_epochs_survive_a_killed_worker(trained):
+def test_a_worker_killed_from_outside_resumes_without_redoing_an_epoch(trained):
     from medisyn.train.trainer import checkpoints
 
-    cfg, run_dir, info, result = trained
+    cfg, run_dir, info, result, killed = trained
     assert info["images"] > 300 and info["resolution"] == 64
-    log = run_dir / "train_log"
-    marker = log / "fault-injected"
-    assert marker.exists()  # the failure really happened
+    assert killed, "the run finished before the first checkpoint was seen"
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed["pid"], 0)  # the worker really died
     ckpts = checkpoints(cfg)
-    assert [c.name for c in ckpts] == ["epoch-000", "epoch-001"]  # one per epoch, none twice
-    assert (ckpts[0] / "unet/diffusion_pytorch_model.safetensors").exists()
-    assert (log / "epoch-000-rank-0.json").stat().st_mtime < marker.stat().st_mtime  # epoch 0 not redone
-    epochs = [[json.loads((log / f"epoch-{e:03d}-rank-{r}.json").read_text()) for r in (0, 1)] for e in (0, 1)]
-    assert epochs[1][0]["loss"] < epochs[0][0]["loss"]  # it learns
+    assert [c.name for c in ckpts] == ["epoch-000", "epoch-001", "epoch-002"]  # one per epoch, none twice
+    epochs = _epoch_logs(run_dir)
+    log = run_dir / "train_log"
+    for r in (0, 1):  # epoch 0 was not trained again after the kill; the later epochs were trained after it
+        assert (log / f"epoch-000-rank-{r}.json").stat().st_mtime < killed["at"]
+        assert (log / f"epoch-001-rank-{r}.json").stat().st_mtime > killed["at"]
+    assert epochs[1][1]["pid"] != killed["pid"]  # by a new worker process
+    steps_per_epoch = epochs[0][0]["step"]
+    assert [epochs[e][0]["step"] for e in (0, 1, 2)] == [steps_per_epoch * k for k in (1, 2, 3)]
+    assert epochs[2][0]["loss"] < epochs[0][0]["loss"]  # it learns
     dropped = [set(epochs[e][0]["dropped_ids"]) | set(epochs[e][1]["dropped_ids"]) for e in (0, 1)]
     for e in (0, 1):
         assert 0.04 < epochs[e][0]["dropped_fraction"] < 0.18
     assert len(dropped[0] & dropped[1]) < 0.5 * len(dropped[0])  # not the same images every epoch
-    assert result.metrics["epoch"] == 1 and result.metrics["effective_batch"] == 16
+    assert result.metrics["epoch"] == 2 and result.metrics["effective_batch"] == 16
+
+
+@pytest.mark.ray
+def test_gradients_sync_only_when_the_optimizer_steps(trained):
+    """Accumulation 2 on 2 workers: DDP all-reduces on half the micro-steps (no_sync on the others)."""
+    _, run_dir, _, _, _ = trained
+    epochs = _epoch_logs(run_dir)
+    for e, epoch in enumerate(epochs):
+        steps = epoch[0]["step"] - (epochs[e - 1][0]["step"] if e else 0)
+        for rank_log in epoch:
+            assert rank_log["micro_steps"] in (2 * steps, 2 * steps - 1)
+            assert rank_log["grad_syncs"] == steps  # one all-reduce round per optimizer step, none in between
+
+
+@pytest.mark.ray
+def test_checkpoints_keep_bf16_weights_per_epoch_and_resume_state_only_for_the_last(trained):
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    cfg, run_dir, _, _, _ = trained
+    ckpts = sorted((run_dir / "checkpoints").glob("epoch-*"))
+    for c in ckpts:
+        for weights in ("unet", "unet_ema"):
+            with safe_open(c / weights / "diffusion_pytorch_model.safetensors", "pt") as f:
+                assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+            UNet2DConditionModel.from_pretrained(c / weights)  # a plain diffusers U-Net
+    assert [c.name for c in ckpts if (c / "resume").exists()] == ["epoch-002"]
+    resume = ckpts[-1] / "resume"
+    with safe_open(resume / "unet/diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # the master weights resume in fp32
+    state = torch.load(resume / "training_state.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["optimizer"]["state"]
 
 
 @pytest.mark.ray
 def test_each_rank_resumes_its_own_random_stream(trained):
     from medisyn.train.loop import rank_state_file, rng_fingerprint
 
-    cfg, run_dir, _, _ = trained
+    cfg, run_dir, _, _, _ = trained
     log = run_dir / "train_log"
-    epoch1 = [json.loads((log / f"epoch-001-rank-{r}.json").read_text()) for r in (0, 1)]
+    epoch1 = [json.loads((log / f"epoch-001-rank-{r}.json").read_text()) for r in (0, 1)]  # after the kill
     assert epoch1[0]["rng_at_start"] != epoch1[1]["rng_at_start"]  # after the restart the ranks still differ
     for rank in (0, 1):  # ... because each continued exactly where its own epoch 0 ended
         saved = torch.load(run_dir / "checkpoints/epoch-000" / rank_state_file(rank), weights_only=False)
@@ -142,10 +188,10 @@ def test_ema_lives_in_the_loop_and_survives_the_restart(trained):
 
     from medisyn.models import load_unet
 
-    cfg, run_dir, _, _ = trained
-    last = run_dir / "checkpoints/epoch-001"
-    ema = UNet2DConditionModel.from_pretrained(last / "unet_ema")
-    raw = UNet2DConditionModel.from_pretrained(last / "unet")
+    cfg, run_dir, _, _, _ = trained
+    last = run_dir / "checkpoints/epoch-002"
+    ema = UNet2DConditionModel.from_pretrained(last / "resume/unet_ema")
+    raw = UNet2DConditionModel.from_pretrained(last / "resume/unet")
     torch.manual_seed(cfg.seed)
     initial = load_unet(cfg.model)
     moved = [
@@ -153,8 +199,8 @@ def test_ema_lives_in_the_loop_and_survives_the_restart(trained):
         for e, r, i in zip(ema.parameters(), raw.parameters(), initial.parameters(), strict=True)
     ]
     assert sum(a for a, _ in moved) > 0.9 * len(moved) and sum(b for _, b in moved) > 0.9 * len(moved)
-    steps = json.loads((run_dir / "train_log/epoch-001-rank-0.json").read_text())["step"]
-    ema_steps = json.loads((last / "unet_ema/config.json").read_text())["optimization_step"]
+    steps = json.loads((run_dir / "train_log/epoch-002-rank-0.json").read_text())["step"]
+    ema_steps = json.loads((last / "resume/unet_ema/config.json").read_text())["optimization_step"]
     assert ema_steps == steps  # one EMA step per optimizer step, counted across the restart (not restarted)
 
 
@@ -162,7 +208,7 @@ def test_ema_lives_in_the_loop_and_survives_the_restart(trained):
 def test_every_epoch_reads_a_new_global_order(trained):
     import pyarrow.parquet as pq
 
-    cfg, run_dir, _, _ = trained
+    cfg, run_dir, _, _, _ = trained
     corpus = pq.read_table(run_dir / "corpus", columns=["id", "specialty"]).to_pylist()
     specialty = {r["id"]: r["specialty"] for r in corpus}
     log = run_dir / "train_log"
@@ -180,10 +226,10 @@ def test_select_picks_lowest_fid_and_exports_a_plain_diffusers_pipeline(trained)
 
     from medisyn.select.stage import run as select
 
-    cfg, run_dir, _, _ = trained
+    cfg, run_dir, _, _, _ = trained
     selection = select(cfg)
     fids = {c["checkpoint"]: c["fid"] for c in selection["checkpoints"]}
-    assert set(fids) == {"epoch-000", "epoch-001"} and all(np.isfinite(list(fids.values())))
+    assert set(fids) == {"epoch-000", "epoch-001", "epoch-002"} and all(np.isfinite(list(fids.values())))
     assert selection["best"] == min(fids, key=fids.get)
     assert "offline" in selection["feature_extractor"] and "not comparable" in selection["feature_extractor"]
     assert set(selection["checkpoints"][0]["fid_by_specialty"]) <= {

@@ -96,12 +96,16 @@ def score_checkpoint(cfg: RunConfig, checkpoint: str, real: tuple[dict, ...], im
 
 def export_pipeline(cfg: RunConfig, checkpoint: Path, out: Path) -> Path:
     """Base text encoders, tokenizers, VAE and scheduler + the fine-tuned U-Net, diffusers layout."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     from medisyn.models import load_pipeline, save_pipeline
 
     pipe = load_pipeline(cfg.model)
-    pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir(checkpoint, cfg.select.weights))
+    # bf16 as the checkpoint stores it (~5 GB at SDXL size); from_pretrained loads it in any dtype
+    pipe.unet = UNet2DConditionModel.from_pretrained(
+        unet_dir(checkpoint, cfg.select.weights), torch_dtype=torch.bfloat16
+    )
     tmp = out.with_name(out.name + ".partial")
     save_pipeline(pipe, tmp)
     atomic_write_text(

@@ -4,9 +4,15 @@ Per step: draw latents from the cached posterior moments and scale them; replace
 captions by the cached encoding of "" (drawn at the step, so different images each epoch);
 SDXL's time ids from the recorded original size and crop; noise and timesteps from the
 scheduler; MSE on the predicted noise; AdamW at a constant learning rate; bf16 autocast over
-fp32 master weights; gradient accumulation to the effective batch. At each epoch's end the
-U-Net (diffusers layout), optimizer, step and RNG state are reported as a Ray Train checkpoint
-``epoch-NNN``; a restarted worker resumes from the latest one.
+fp32 master weights; gradient accumulation to the effective batch, gradients all-reduced only
+on the micro-step that steps the optimizer (DDP ``no_sync`` on the others).
+
+At each epoch's end a Ray Train checkpoint ``epoch-NNN`` is reported (DESIGN §5.3):
+``unet/`` (and ``unet_ema/``) in bf16, diffusers layout, for selection and export (~5 GB each
+at SDXL size); ``rng-rank-R.pt`` per rank; and ``resume/`` (fp32 U-Net, fp32 EMA, AdamW state,
+epoch and step: ~41 GB at SDXL size), which is kept only for the newest epochs: rank 0 removes
+the one two epochs back, and the trainer removes all but the last when the run ends. A
+restarted worker resumes from the latest checkpoint's ``resume/``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,6 @@ class TrainJob:
     scaling_factor: float  # the VAE's latent scaling factor
     log_dir: str  # train_log/: one JSON per epoch and rank
     batches_per_epoch: int  # for the progress bar
-    fail_at_step: int = -1  # tests: the last rank exits at this optimizer step, once (-1: never)
 
 
 def add_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -70,12 +75,48 @@ def rng_fingerprint(generator: torch.Generator) -> str:
     return hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest()[:16]
 
 
+def save_weights(unet, out: Path, dtype=torch.bfloat16) -> None:
+    """The U-Net in diffusers layout with its tensors in ``dtype``: what select scores and exports.
+
+    ``from_pretrained`` loads it as any diffusers U-Net (in fp32 unless told otherwise)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_config(out)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet.state_dict().items()}
+    save_file(tensors, out / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+
+
 def _save(unet, optimizer, epoch: int, step: int, ema, out: Path) -> None:
-    """Rank 0's part of a checkpoint: U-Net (diffusers layout), EMA copy, optimizer and position."""
-    unet.save_pretrained(out / "unet", safe_serialization=True)
+    """Rank 0's part of a checkpoint: bf16 weights for selection, fp32 state for resuming."""
+    from diffusers import UNet2DConditionModel
+
+    save_weights(unet, out / "unet")
+    resume = out / "resume"
+    unet.save_pretrained(resume / "unet", safe_serialization=True)  # fp32 master weights
     if ema is not None:
-        ema.save_pretrained(out / "unet_ema")  # diffusers layout + optimization_step: exportable and resumable
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, out / CHECKPOINT_STATE)
+        ema.save_pretrained(resume / "unet_ema")  # fp32 + optimization_step: the average continues on resume
+        averaged = UNet2DConditionModel.from_config(unet.config)
+        ema.copy_to(averaged.parameters())
+        save_weights(averaged, out / "unet_ema")
+        del averaged
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, resume / CHECKPOINT_STATE)
+
+
+def prune_resume_state(fs, checkpoints_path: str, keep: set[str]) -> list[str]:
+    """Delete ``resume/`` from every epoch checkpoint not in ``keep`` (pyarrow filesystem paths)."""
+    import pyarrow.fs as pafs
+
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(checkpoints_path, allow_not_found=True)):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type != pafs.FileType.Directory or not name.startswith("epoch-") or name in keep:
+            continue
+        resume = f"{info.path}/resume"
+        if fs.get_file_info(resume).type == pafs.FileType.Directory:
+            fs.delete_dir(resume)
+            removed.append(name)
+    return removed
 
 
 def _load_ema(d: Path | None, unet, decay: float, device):
@@ -83,12 +124,33 @@ def _load_ema(d: Path | None, unet, decay: float, device):
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    if d is not None and (d / "unet_ema").is_dir():
-        ema = EMAModel.from_pretrained(d / "unet_ema", model_cls=UNet2DConditionModel)
+    if d is not None and (d / "resume/unet_ema").is_dir():
+        ema = EMAModel.from_pretrained(d / "resume/unet_ema", model_cls=UNet2DConditionModel)
     else:
         ema = EMAModel(unet.parameters(), decay=decay, model_cls=UNet2DConditionModel, model_config=unet.config)
     ema.to(device)
     return ema
+
+
+_END = object()
+
+
+def with_last(batches):
+    """(batch, is_last) pairs: the epoch's last micro-step must sync gradients even mid-accumulation."""
+    it = iter(batches)
+    current = next(it, _END)
+    while current is not _END:
+        following = next(it, _END)
+        yield current, following is _END
+        current = following
+
+
+def _counting_allreduce(state: dict, bucket):
+    """DDP's default all-reduce, noting which micro-step it ran on (the epoch log's ``grad_syncs``)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    state["synced"].add(state["micro"])
+    return default_hooks.allreduce_hook(None, bucket)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -107,9 +169,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     captions, embeds, pooled = load_text(Path(job.text_cache))
     index = {c: i for i, c in enumerate(captions)}
+    table_dtype = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float32  # the caption table
     embeds, pooled = (
-        torch.from_numpy(embeds.astype(np.float32)).to(device),
-        torch.from_numpy(pooled.astype(np.float32)).to(device),
+        torch.from_numpy(embeds).to(device, table_dtype),
+        torch.from_numpy(pooled).to(device, table_dtype),
     )
     scheduler = load_noise_scheduler(cfg.model)
     torch.manual_seed(cfg.seed)  # same initial weights on every worker
@@ -121,8 +184,10 @@ def train_loop_per_worker(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
         d = Path(d) if d else None
         if d is not None:
-            unet = UNet2DConditionModel.from_pretrained(d / "unet")
-            state = torch.load(d / CHECKPOINT_STATE, weights_only=False)
+            if not (d / "resume" / CHECKPOINT_STATE).is_file():
+                raise FileNotFoundError(f"train: checkpoint {checkpoint.path} has no resume/ state to continue from")
+            unet = UNet2DConditionModel.from_pretrained(d / "resume/unet")
+            state = torch.load(d / "resume" / CHECKPOINT_STATE, weights_only=False)
             start_epoch, step = state["epoch"] + 1, state["step"]
             if (d / rank_state_file(rank)).exists():  # absent when the world size grew: keep the seeded stream
                 rng = torch.load(d / rank_state_file(rank), weights_only=False)
@@ -134,6 +199,10 @@ def train_loop_per_worker(config: dict) -> None:
         model = ray.train.torch.prepare_model(unet)  # DDP across workers; moves the U-Net to the device
         if t.ema_decay > 0:
             ema = _load_ema(d, unet, t.ema_decay, device)  # built after the move, so it lives on the device
+    ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+    comm = {"micro": 0, "synced": set()}
+    if ddp is not None:
+        ddp.register_comm_hook(comm, _counting_allreduce)
     if t.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -143,21 +212,24 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16")
     shard = ray.train.get_dataset_shard("train")
     log_dir = Path(job.log_dir)
+    storage = ctx.get_storage()
     for epoch in range(start_epoch, t.epochs):
         started, seen, losses, dropped, first_ids = time.perf_counter(), 0, [], [], []
         micro, fingerprint = 0, rng_fingerprint(generator)
         bar = tqdm(total=job.batches_per_epoch, desc=f"epoch {epoch}", disable=rank != 0, mininterval=5)
-        for batch in shard.iter_batches(
+        comm["synced"].clear()
+        batches = shard.iter_batches(
             batch_size=t.per_worker_batch,
             batch_format="numpy",
             local_shuffle_buffer_size=256,
             local_shuffle_seed=cfg.seed * 100 + epoch * 10 + rank,
             drop_last=False,
-        ):
-            if 0 <= job.fail_at_step == step and rank == world - 1 and not (log_dir / "fault-injected").exists():
-                (log_dir / "fault-injected").touch()
-                os._exit(1)  # fault injection for tests: the worker dies without a word
+        )
+        for batch, last in with_last(batches):
             n = len(batch["id"])
+            comm["micro"] = micro
+            sync = (micro + 1) % t.accumulation == 0 or last
+            no_sync = ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
             if len(first_ids) < 4 * t.per_worker_batch:  # the epoch's first batches, for the order in the log
                 first_ids += [str(i) for i in batch["id"]]
             mean, logvar = torch.from_numpy(np.asarray(batch["mean"])), torch.from_numpy(np.asarray(batch["logvar"]))
@@ -175,12 +247,16 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.from_numpy(np.stack(batch["crop_top_left"])),
                 t.resolution,
             ).to(device)
-            with autocast:
-                pred = model(
-                    noisy, timesteps, embeds[idx], added_cond_kwargs={"text_embeds": pooled[idx], "time_ids": time_ids}
-                ).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-            (loss / t.accumulation).backward()
+            with no_sync:  # forward and backward: DDP decides on the forward whether the backward reduces
+                with autocast:
+                    pred = model(
+                        noisy,
+                        timesteps,
+                        embeds[idx],
+                        added_cond_kwargs={"text_embeds": pooled[idx], "time_ids": time_ids},
+                    ).sample
+                loss = F.mse_loss(pred.float(), noise.float())
+                (loss / t.accumulation).backward()
             micro += 1
             if micro % t.accumulation == 0:
                 optimizer.step()
@@ -209,7 +285,15 @@ def train_loop_per_worker(config: dict) -> None:
             "dropped_fraction": len(dropped) / max(seen, 1),
             "effective_batch": t.effective_batch,
         }
-        log = {**metrics, "dropped_ids": dropped, "first_ids": first_ids, "rng_at_start": fingerprint}
+        log = {
+            **metrics,
+            "pid": os.getpid(),  # shows a restarted worker (and lets the fault test kill one from outside)
+            "micro_steps": micro,
+            "grad_syncs": len(comm["synced"]) if ddp is not None else None,
+            "dropped_ids": dropped,
+            "first_ids": first_ids,
+            "rng_at_start": fingerprint,
+        }
         (log_dir / f"epoch-{epoch:03d}-rank-{rank}.json").write_text(json.dumps(log))
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -218,3 +302,7 @@ def train_loop_per_worker(config: dict) -> None:
             torch.save(rng, Path(tmp) / rank_state_file(rank))
             ckpt = ray.train.Checkpoint.from_directory(tmp)  # every rank's files land in one directory
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")
+        if rank == 0 and epoch >= 2:
+            # every rank has reported epoch-1 (report is a barrier), so two back is never the resume point
+            keep = {f"epoch-{e:03d}" for e in range(epoch - 1, t.epochs)}
+            prune_resume_state(storage.storage_filesystem, storage.experiment_fs_path, keep)

@@ -3,6 +3,8 @@
 Checkpoints land in ``<run_dir>/checkpoints/epoch-NNN/`` (Ray Train's storage), one per epoch.
 A worker that dies restarts from the latest one (``FailureConfig(max_failures)``); a re-run
 of a finished or interrupted job finds the run's state there and continues where it stopped.
+Every epoch keeps its bf16 weights for selection; only the last keeps ``resume/`` (optimizer
+and fp32 state) once the run ends.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def checkpoints(cfg: RunConfig) -> list[Path]:
     return sorted(p for p in (cfg.run_path / "checkpoints").glob("epoch-*") if (p / "unet").is_dir())
 
 
-def run(cfg: RunConfig, fail_at_step: int = -1):
+def run(cfg: RunConfig):
     import ray.train
     from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
@@ -59,7 +61,6 @@ def run(cfg: RunConfig, fail_at_step: int = -1):
         text_cache=str((cache / "text.parquet").resolve()),
         scaling_factor=float(info["scaling_factor"]),
         log_dir=str(run_root / "train_log"),
-        fail_at_step=fail_at_step,
         batches_per_epoch=-(-len(info["train_ids"]) // (t.num_workers * t.per_worker_batch)),
     )
     trainer = TorchTrainer(
@@ -76,6 +77,14 @@ def run(cfg: RunConfig, fail_at_step: int = -1):
         datasets={"train": data},
     )
     result = trainer.fit()
+    import pyarrow.fs
+
+    from medisyn.train.loop import prune_resume_state
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(str(run_root / "checkpoints"))
+    done = checkpoints(cfg)
+    if done:  # the finished run keeps optimizer and fp32 state only where it would resume: the last epoch
+        prune_resume_state(fs, path, keep={done[-1].name})
     print(
         f"train: {len(checkpoints(cfg))} epoch checkpoints in {run_root / 'checkpoints'}; last metrics {result.metrics}"
     )
