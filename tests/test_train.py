@@ -268,3 +268,27 @@ def test_select_picks_lowest_fid_and_exports_a_plain_diffusers_pipeline(trained)
     ema = load_file(run_dir / "checkpoints" / ema_selection["best"] / "unet_ema/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
     assert json.loads((run_dir / "model/medisyn.json").read_text())["weights"] == "ema"
+
+
+@pytest.mark.ray
+def test_a_dropped_caption_is_the_exported_pipelines_unconditional_branch(trained):
+    """Training replaces a caption by cache row 0; plain diffusers, loading the export, must guide
+    against exactly that encoding (SDXL's default would be zeros: force_zeros_for_empty_prompt)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from medisyn.select.stage import run as select
+    from medisyn.train.cache import cache_dir, load_text
+
+    cfg, run_dir, _, _, _ = trained
+    if not (run_dir / "model/model_index.json").exists():
+        select(cfg)
+    captions, embeds, pooled = load_text(cache_dir(cfg) / "text.parquet")
+    assert captions[0] == ""
+    pipe = StableDiffusionXLPipeline.from_pretrained(run_dir / "model")
+    with torch.no_grad():  # the user's call: a prompt, guidance on, no negative prompt given
+        _, negative, _, negative_pooled = pipe.encode_prompt(
+            "Dermoscopy image showing melanoma.", device="cpu", do_classifier_free_guidance=True
+        )
+    assert negative.abs().sum() > 0  # not SDXL's zeros
+    torch.testing.assert_close(negative[0], torch.from_numpy(embeds[0]).float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(negative_pooled[0], torch.from_numpy(pooled[0]).float(), atol=2e-3, rtol=2e-3)
