@@ -79,14 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(sub.add_parser("pipeline", help="every built stage in order"))
     show = sub.add_parser("config", help="print the resolved, validated config and exit")
     _config_args(show)
-    bench = sub.add_parser("bench", help="throughput benchmarks (ingest, train, generate)")
-    bench.add_argument("what", choices=["ingest", "train", "generate"])
-    bench.add_argument("--images", type=int, default=256, help="source images per kind (ingest)")
+    bench = sub.add_parser("bench", help="throughput benchmarks (ingest, train, generate, select)")
+    bench.add_argument("what", choices=["ingest", "train", "generate", "select"])
+    bench.add_argument(
+        "--images", type=int, default=0, help="source images per kind (ingest: 256) or per checkpoint (select)"
+    )
+    bench.add_argument("--checkpoints", type=int, default=3, help="checkpoints each arm scores (select)")
     bench.add_argument(
         "--preset",
         choices=[p for p in preset_names("diffusion") if "build" in get_preset(p)],
         default="tiny",
-        help="build preset (random weights) for the train/generate benches",
+        help="build preset (random weights) for the train/generate/select benches",
     )
     bench.add_argument("--batch", type=int, default=0, help="samples per step (0: preset default)")
     bench.add_argument("--resolution", type=int, default=0, help="image side in pixels (0: preset default)")
@@ -127,11 +130,15 @@ def _dispatch(args, cfg: RunConfig) -> int:
         if args.what == "ingest":
             from medisyn.ingest.bench import run as bench_ingest
 
-            bench_ingest(cfg, images=args.images)
+            bench_ingest(cfg, images=args.images or 256)
         elif args.what == "train":
             from medisyn.train.bench import run as bench_train
 
             bench_train(args.preset, args.batch, args.resolution, args.steps)
+        elif args.what == "select":
+            from medisyn.select.bench import run as bench_select
+
+            bench_select(args.preset, args.images, args.checkpoints, args.steps, args.resolution)
         else:
             from medisyn.infer.bench import run as bench_generate
 

@@ -68,6 +68,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("guidance_scale", pa.float64()),
         ("steps", pa.int64()),
         ("scheduler", pa.string()),
+        ("original_size", pa.list_(pa.int32())),  # (height, width) the image was conditioned on
     ]
 )
 
@@ -159,6 +160,26 @@ def sample_corpus(corpus: str | Path, n: int, seed: int, split: str = "train", c
     rows = read_corpus(corpus, columns=columns, split=split).to_pylist()
     rng = np.random.default_rng(seed)
     return [rows[i] for i in sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
+
+
+def median_original_sizes(corpus: str | Path, split: str = "train") -> dict[str, list[int]]:
+    """``{image_type: [height, width]}``: the median original size of each image type's images,
+    and under ``"*"`` of all of them (for prompts that name no image type).
+
+    What generation and FID images are conditioned on (SDXL's ``original_size``), as training
+    conditioned each image on its own original size; stored with the exported model."""
+    table = read_corpus(corpus, columns=["image_type", "original_size"], split=split)
+    sizes: dict[str, list] = {}
+    for t, size in zip(table.column("image_type").to_pylist(), table.column("original_size").to_pylist(), strict=True):
+        sizes.setdefault(t, []).append(size)
+        sizes.setdefault("*", []).append(size)
+    return {t: [int(x) for x in np.median(np.asarray(v), axis=0).round()] for t, v in sorted(sizes.items())}
+
+
+def conditioning_size(sizes: dict[str, list[int]], image_type: str, default: int) -> tuple[int, int]:
+    """The recorded size for an image type (else the overall median, else ``default`` square)."""
+    size = sizes.get(image_type) or sizes.get("*") or [default, default]
+    return int(size[0]), int(size[1])
 
 
 def read_images(corpus: str | Path, ids: set[str] | list[str]) -> dict[str, bytes]:

@@ -30,6 +30,16 @@ def test_bench_generate_tiny_on_cpu(capsys):
     assert "Euler 2 steps, guidance 7" in capsys.readouterr().out
 
 
+def test_bench_select_tiny_on_cpu(capsys):
+    from medisyn.select.bench import run
+
+    results = run("tiny", images=8, checkpoints=2, steps=2, resolution=64)
+    assert [r["arm"] for r in results] == ["real features per checkpoint", "real features cached"]
+    assert results[0]["ratio"] == 1.0 and all(r["checkpoints_per_hour"] > 0 for r in results)
+    assert results[0]["fid"] == pytest.approx(results[1]["fid"])  # caching changes the time, not the number
+    assert "checkpoints/hour" in capsys.readouterr().out
+
+
 def test_sdxl_random_pipeline_has_sdxl_shapes():
     from diffusers import AutoencoderKL
 

@@ -133,6 +133,7 @@ def test_generate_counts_manifest_metadata_and_resume(ray_cluster, tiny_model, t
     }
     row = manifest.iloc[0]
     assert (row.steps, row.guidance_scale, row.scheduler, row.checkpoint) == (3, 7.0, "euler", "tiny")
+    assert list(row.original_size) == [64, 64]  # a pipeline that records no sizes: the output size
     assert (row["id"], row.seed) == image_identity("tiny-set", row.prompt, row["index"])
     png = Image.open(out / row.file)
     assert png.size == (64, 64) and png.text == {"prompt": row.prompt, "seed": str(row.seed), "checkpoint": "tiny"}
@@ -260,3 +261,23 @@ def test_actor_pool_grows_when_a_node_joins(tiny_model, tmp_path):
         # not `ray stop`: that would stop every Ray cluster on the machine, the test session's too
         subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_conditioning_sizes_come_from_the_export_or_the_config(tmp_path):
+    import json
+
+    from medisyn.infer.generate import conditioning_sizes
+    from medisyn.records import conditioning_size
+
+    model = tmp_path / "model"
+    model.mkdir()
+    recorded = {"dermoscopy": [450, 600], "*": [300, 300]}
+    (model / "medisyn.json").write_text(json.dumps({"checkpoint": "epoch-001", "original_sizes": recorded}))
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path}"])
+    sizes = conditioning_sizes(cfg, model)
+    assert conditioning_size(sizes, "dermoscopy", 64) == (450, 600)
+    assert conditioning_size(sizes, "fundoscopy", 64) == (300, 300)  # a type the corpus lacked: all images
+    fixed = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path}", "generate.original_size=[512,384]"])
+    assert conditioning_size(conditioning_sizes(fixed, model), "dermoscopy", 64) == (512, 384)
+    with pytest.raises(ConfigError, match="generate.original_size"):
+        load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path}", "generate.original_size=[512]"])

@@ -91,3 +91,17 @@ def test_one_sampler_images_depend_only_on_their_seed(tiny_pipe):
     assert np.abs(pair[0].astype(int) - pair[1].astype(int)).max() > 0
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         generate_images(tiny_pipe, ["a", "b"], [1], **kw)
+
+
+def test_size_conditioning_changes_the_image_and_grouping_does_not(tiny_pipe):
+    from medisyn.infer.sampling import generate_images
+
+    kw = {"resolution": 64, "steps": 3, "guidance_scale": 7.0}
+    prompts = ["Dermoscopy image showing melanoma.", "Fundus photograph showing glaucoma."]
+    mixed = generate_images(tiny_pipe, prompts, [11, 12], original_sizes=[(300, 400), (64, 64)], **kw)
+    alone = generate_images(tiny_pipe, prompts[1:], [12], **kw)  # no sizes: the output size
+    assert np.abs(mixed[1].astype(int) - alone[0].astype(int)).max() <= 1  # its own group, same pixels
+    other = generate_images(tiny_pipe, prompts[:1], [11], original_sizes=[(1024, 1024)], **kw)
+    assert np.abs(mixed[0].astype(int) - other[0].astype(int)).max() > 0  # SDXL's time ids reach the U-Net
+    with pytest.raises(ValueError, match="2 prompts but 1 original sizes"):
+        generate_images(tiny_pipe, prompts, [1, 2], original_sizes=[(64, 64)], **kw)

@@ -9,6 +9,7 @@ from medisyn.records import (
     CORPUS_SCHEMA,
     atomic_write_bytes,
     atomic_write_table,
+    median_original_sizes,
     read_corpus,
     read_images,
     read_manifest,
@@ -75,3 +76,16 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
     assert target.read_bytes() == b"second" and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
     (tmp_path / ".y.png.abc.tmp").write_bytes(b"cut short")
     assert remove_partial_writes(tmp_path) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_median_original_sizes_per_image_type_of_the_train_split(tmp_path):
+    rows = _rows("a", 8)
+    sizes = [[100, 200], [300, 400], [999, 999], [999, 999], [500, 600], [700, 800], [999, 999], [999, 999]]
+    for r, size in zip(rows, sizes, strict=True):
+        r["original_size"] = size
+    rows[4]["image_type"] = rows[5]["image_type"] = "ultrasound"
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    atomic_write_table(pa.Table.from_pylist(rows, CORPUS_SCHEMA), folder / "a.parquet")
+    # train rows are i % 4 in (0, 1): X-ray 100x200 and 300x400, ultrasound 500x600 and 700x800
+    assert median_original_sizes(folder) == {"X-ray": [200, 300], "ultrasound": [600, 700], "*": [400, 500]}

@@ -260,10 +260,20 @@ def test_select_picks_lowest_fid_and_exports_a_plain_diffusers_pipeline(trained)
     for c in selection["checkpoints"]:  # per-specialty FID is there, and finite where a specialty has 2+ images
         assert len(c["fid_by_specialty"]) >= 2 and any(np.isfinite(v) for v in c["fid_by_specialty"].values())
 
+    from medisyn.records import median_original_sizes
+
+    sizes = median_original_sizes(run_dir / "corpus")  # conditioning recorded with the export
+    assert sizes["dermoscopy"] and sizes["*"] and selection["original_sizes"] == sizes
+    assert json.loads((run_dir / "model/medisyn.json").read_text())["original_sizes"] == sizes
+    real_file = run_dir / "select" / selection["real_features"]
+    assert real_file.exists()
+    real_stamp = real_file.stat().st_mtime_ns
+
     from dataclasses import replace
 
     ema_cfg = replace(cfg, select=replace(cfg.select, weights="ema"))
     ema_selection = select(ema_cfg)  # the EMA weights, scored and exported
+    assert ema_selection["real_features"] == real_file.name and real_file.stat().st_mtime_ns == real_stamp
     exported = load_file(run_dir / "model/unet/diffusion_pytorch_model.safetensors")
     ema = load_file(run_dir / "checkpoints" / ema_selection["best"] / "unet_ema/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], ema[k]) for k in ema)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from medisyn.configtools import ConfigError
+
 
 @dataclass(frozen=True)
 class GenerateConfig:
@@ -24,3 +26,10 @@ class GenerateConfig:
     max_actors: int = 8
     cpus_per_actor: float = 1.0  # CPU actors only (GPU actors take one GPU each)
     max_per_prompt: int = 0  # cap on images per prompt (0 = the set's counts; the demo sets a few)
+    # SDXL size conditioning (height, width) for every image; () = the exported model's median
+    # original size of each prompt's image type (model/medisyn.json), as in select's FID images
+    original_size: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.original_size and (len(self.original_size) != 2 or min(self.original_size) <= 0):
+            raise ConfigError(f"generate.original_size: {list(self.original_size)} is not [height, width] > 0")

@@ -32,6 +32,7 @@ from medisyn.records import (
     MANIFEST_SCHEMA,
     atomic_write_bytes,
     atomic_write_table,
+    conditioning_size,
     read_corpus,
     remove_partial_writes,
     sample_corpus,
@@ -66,7 +67,7 @@ def png_bytes(image: np.ndarray, prompt: str, seed: int, checkpoint: str) -> byt
 class ImageGenerator:
     """Ray Data callable class: the pipeline loads once per actor; each call makes a batch.
 
-    Batch in: ``id``, ``seed``, ``prompt`` (arrays). Batch out: ``id`` and ``written`` (1 per
+    Batch in: ``id``, ``seed``, ``prompt``, ``original_size`` (arrays). Batch out: ``id`` and ``written`` (1 per
     image). Images go straight to ``<out>/<id>.png``; nothing heavy returns to the driver.
     """
 
@@ -86,6 +87,7 @@ class ImageGenerator:
             resolution=g.resolution,
             steps=g.steps,
             guidance_scale=g.guidance_scale,
+            original_sizes=[(int(h), int(w)) for h, w in batch["original_size"]],
         )
         for image_id, seed, prompt, pixels in zip(batch["id"], batch["seed"], prompts, images, strict=True):
             atomic_write_bytes(png_bytes(pixels, prompt, int(seed), self.checkpoint), self.out / f"{image_id}.png")
@@ -117,6 +119,21 @@ def model_dir(cfg: RunConfig) -> Path:
     return path
 
 
+def conditioning_sizes(cfg: RunConfig, model: Path) -> dict[str, list[int]]:
+    """``{image_type: [h, w]}`` to condition on: the config's one size, or the model's record."""
+    if cfg.generate.original_size:
+        return {"*": list(cfg.generate.original_size)}
+    meta = json.loads((model / "medisyn.json").read_text()) if (model / "medisyn.json").exists() else {}
+    if "original_sizes" not in meta:
+        log.warning(
+            "generate: %s records no original sizes; conditioning on the output size %d² "
+            "(set generate.original_size to choose one)",
+            model,
+            cfg.generate.resolution,
+        )
+    return meta.get("original_sizes", {})
+
+
 def warn_truncation(model: Path, prompts: list[str]) -> int:
     """CLIP tokenizers drop tokens past 77 without a word: say so, once per prompt."""
     from transformers import AutoTokenizer
@@ -143,8 +160,10 @@ def generate_set(cfg: RunConfig, pset: PromptSet) -> dict:
     out = cfg.run_path / "synthetic" / pset.name
     out.mkdir(parents=True, exist_ok=True)
     warn_truncation(model, [e.prompt for e in pset.entries])
+    sizes = conditioning_sizes(cfg, model)
     remove_partial_writes(out)  # writes a killed actor did not finish
     jobs = expand(pset)
+    size_of = {j.id: conditioning_size(sizes, j.image_type, g.resolution) for j in jobs}
     todo = [j for j in jobs if not (out / f"{j.id}.png").is_file()]
     log.info(
         "generate %s: %d images requested, %d present, %d to make",
@@ -158,7 +177,7 @@ def generate_set(cfg: RunConfig, pset: PromptSet) -> dict:
         use_gpu = gpus_available(cfg.train.use_gpu)
         # one block per batch: blocks are what the pool hands out, so new actors find work waiting
         ds = ray.data.from_items(
-            [{"id": j.id, "seed": j.seed, "prompt": j.prompt} for j in todo],
+            [{"id": j.id, "seed": j.seed, "prompt": j.prompt, "original_size": list(size_of[j.id])} for j in todo],
             override_num_blocks=max(1, -(-len(todo) // g.batch_size)),
         )
         ds = ds.map_batches(
@@ -180,6 +199,7 @@ def generate_set(cfg: RunConfig, pset: PromptSet) -> dict:
             "guidance_scale": g.guidance_scale,
             "steps": g.steps,
             "scheduler": g.scheduler,
+            "original_size": list(size_of[j.id]),
         }
         for j in jobs
     ]

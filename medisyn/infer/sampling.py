@@ -44,20 +44,34 @@ def generate_images(
     resolution: int,
     steps: int,
     guidance_scale: float,
+    original_sizes: list[tuple[int, int]] | None = None,
 ) -> list[np.ndarray]:
-    """One uint8 H×W×3 image per (prompt, seed), sampled with the pipeline as loaded."""
+    """One uint8 H×W×3 image per (prompt, seed), sampled with the pipeline as loaded.
+
+    ``original_sizes`` (height, width) per image: SDXL's size conditioning, as training saw each
+    image's true original size (None: the output size). Prompts that share a size go in one
+    pipeline call; every image has its own generator, so grouping changes no pixel."""
     if len(prompts) != len(seeds):
         raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
+    sizes = [tuple(s) for s in original_sizes] if original_sizes else [(resolution, resolution)] * len(prompts)
+    if len(sizes) != len(prompts):
+        raise ValueError(f"generate_images: {len(prompts)} prompts but {len(sizes)} original sizes")
     device = pipe.device
-    generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-    images = pipe(
-        list(prompts),
-        negative_prompt=[""] * len(prompts),
-        height=resolution,
-        width=resolution,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        generator=generators,
-        output_type="np",
-    ).images
-    return to_uint8(images)
+    out: list[np.ndarray | None] = [None] * len(prompts)
+    for size in dict.fromkeys(sizes):
+        idx = [i for i, s in enumerate(sizes) if s == size]
+        images = pipe(
+            [prompts[i] for i in idx],
+            negative_prompt=[""] * len(idx),
+            height=resolution,
+            width=resolution,
+            original_size=size,
+            target_size=(resolution, resolution),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator(device).manual_seed(int(seeds[i])) for i in idx],
+            output_type="np",
+        ).images
+        for i, image in zip(idx, to_uint8(images), strict=True):
+            out[i] = image
+    return out

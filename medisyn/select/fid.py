@@ -45,14 +45,42 @@ def offline_inception():
     return Features()
 
 
-def fid_metric(kind: str, weights: str):
-    from torchmetrics.image.fid import FrechetInceptionDistance
+def feature_extractor(kind: str, weights: str, device: str = "cpu"):
+    """The extractor, built once per task and shared by every FID key (uint8 NCHW -> [n, 2048])."""
+    import torch
 
     if kind == "offline":
-        return FrechetInceptionDistance(feature=offline_inception(), reset_real_features=False)
-    return FrechetInceptionDistance(
-        feature=2048, reset_real_features=False, feature_extractor_weights_path=weights or None
-    )
+        net = offline_inception()
+    else:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        net = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights or None
+        )
+    net = net.to(device).eval()
+
+    def extract(images):
+        with torch.no_grad():
+            return net(images.to(device)).reshape(len(images), -1)
+
+    return extract
+
+
+def fid_metric(num_features: int = 2048):
+    """torchmetrics' FID over features extracted elsewhere (so each image is extracted once,
+    whichever keys it counts for)."""
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Precomputed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_features = num_features
+
+        def forward(self, features):
+            return features
+
+    return FrechetInceptionDistance(feature=Precomputed(), reset_real_features=False)
 
 
 def to_uint8_nchw(images: list[np.ndarray]):
@@ -60,3 +88,47 @@ def to_uint8_nchw(images: list[np.ndarray]):
     import torch
 
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def new_metrics(keys: list[str], device: str = "cpu") -> dict:
+    """One FID metric per key ("all" and each specialty), on the device that makes the images."""
+    return {k: fid_metric().to(device) for k in keys}
+
+
+def update(metrics: dict, extract, specialties: list[str], images: list[np.ndarray], real: bool) -> None:
+    """Extract a batch of uint8 HWC images once; add the features to "all" and their specialty."""
+    import torch
+
+    features = extract(to_uint8_nchw(images)).float()
+    for key, m in metrics.items():
+        keep = [i for i, s in enumerate(specialties) if key in ("all", s)]
+        if keep:
+            m.update(features[torch.tensor(keep, device=features.device)].to(m.device), real=real)
+
+
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def real_state(metrics: dict) -> dict[str, np.ndarray]:
+    """The real images' running sums, flat ``{"<key>/<state>": array}``: what is cached and reused."""
+    return {f"{k}/{n}": getattr(m, n).cpu().numpy() for k, m in metrics.items() for n in REAL_STATES}
+
+
+def load_real_state(metrics: dict, state: dict[str, np.ndarray]) -> None:
+    """Start each metric from cached real statistics instead of re-extracting the real images."""
+    import torch
+
+    for k, m in metrics.items():
+        for n in REAL_STATES:
+            setattr(m, n, torch.from_numpy(np.asarray(state[f"{k}/{n}"])).to(m.device))
+
+
+def compute(metrics: dict) -> dict[str, float]:
+    """FID per key; NaN where a key has fewer than two images on a side."""
+    out = {}
+    for key, m in metrics.items():
+        try:
+            out[key] = float(m.compute())
+        except (RuntimeError, ValueError):
+            out[key] = float("nan")
+    return out

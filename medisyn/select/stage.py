@@ -1,14 +1,22 @@
 """The ``select`` stage: the epoch checkpoint with the lowest FID, exported as a full SDXL pipeline.
 
 For N real train images (the paper: 10,000) and their captions, each checkpoint generates N
-images from those captions with infer's sampler (the same function generate uses); FID
-(torchmetrics, :mod:`medisyn.select.fid`) is computed between the two sets, overall and per
-specialty. One Ray task per checkpoint (a GPU each where there are GPUs) does the generation
-and the metric, so only numbers come back.
+images from those captions with infer's sampler (the same function generate uses), each
+conditioned on its image type's median original size (as training conditioned on each image's
+own); FID (torchmetrics, :mod:`medisyn.select.fid`) is computed between the two sets, overall
+and per specialty.
+
+The real side is the same for every checkpoint, so it is extracted once: one Ray task reads the
+real images from the corpus itself and writes their running feature sums to
+``select/real-<digest>.npz`` in the run directory (reused by later runs with the same sample and
+extractor). Then one Ray task per checkpoint (a GPU each where there are GPUs, all the CPUs it
+was given otherwise) loads those sums, generates and extracts only the synthetic side. Only
+paths and numbers pass through the driver.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -19,11 +27,20 @@ import numpy as np
 
 from medisyn.config import RunConfig
 from medisyn.configtools import to_dict
-from medisyn.records import atomic_write_text, read_images, sample_corpus
-from medisyn.select.fid import extractor_label, fid_metric, to_uint8_nchw
+from medisyn.records import (
+    atomic_write_bytes,
+    atomic_write_text,
+    conditioning_size,
+    median_original_sizes,
+    read_images,
+    sample_corpus,
+)
+from medisyn.select import fid
 from medisyn.train.trainer import checkpoints
 
 log = logging.getLogger(__name__)
+
+REAL_COLUMNS = ["id", "caption", "specialty", "image_type"]
 
 
 def unet_dir(checkpoint: Path, weights: str) -> Path:
@@ -36,65 +53,147 @@ def unet_dir(checkpoint: Path, weights: str) -> Path:
     return path
 
 
-def _task_cpus() -> float:
-    """CPUs Ray gave this task (torch would otherwise start a thread per core of the node)."""
+def _use_task_cpus() -> None:
+    """torch gets the CPUs Ray gave this task: without this it starts a thread per core of the
+    node (oversubscribed when tasks share it); with it a 16-CPU task uses all 16."""
     import ray
+    import torch
 
     try:
-        return ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     except Exception:
-        return 1
+        cpus = 1
+    torch.set_num_threads(max(1, int(cpus)))
 
 
-def score_checkpoint(cfg: RunConfig, checkpoint: str, real: tuple[dict, ...], images: dict[str, bytes]) -> dict:
-    """Generate from the real captions with this checkpoint's U-Net; FID overall and per specialty."""
-    import torch
-    from diffusers import UNet2DConditionModel
+def keys_of(rows) -> list[str]:
+    """The FID keys of a sample: "all" and each specialty present."""
+    return ["all", *sorted({r["specialty"] for r in rows})]
+
+
+def real_statistics(rows, images: dict[str, bytes], *, kind: str, weights: str, resolution: int, batch_size: int):
+    """Feature sums of the real images (resized as the synthetic ones are made), per FID key."""
     from PIL import Image
 
-    from medisyn.infer.sampling import generate_images, sampling_device
+    from medisyn.infer.sampling import sampling_device
+
+    device = sampling_device()[0]
+    extract, metrics = fid.feature_extractor(kind, weights, device), fid.new_metrics(keys_of(rows), device)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        pixels = [
+            np.asarray(
+                Image.open(io.BytesIO(images[r["id"]]))
+                .convert("RGB")
+                .resize((resolution, resolution), Image.Resampling.LANCZOS)
+            )
+            for r in batch
+        ]
+        fid.update(metrics, extract, [r["specialty"] for r in batch], pixels, real=True)
+    return fid.real_state(metrics)
+
+
+def pipeline_fid(
+    pipe,
+    rows,
+    real: dict[str, np.ndarray],
+    *,
+    kind: str,
+    weights: str,
+    resolution: int,
+    steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    seed: int,
+    sizes: dict[str, list[int]],
+) -> dict[str, float]:
+    """FID per key of ``pipe``'s images for the rows' captions against the cached real statistics."""
+    from medisyn.infer.sampling import generate_images
+
+    device = pipe.device.type
+    extract, metrics = fid.feature_extractor(kind, weights, device), fid.new_metrics(keys_of(rows), device)
+    fid.load_real_state(metrics, real)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        fake = generate_images(
+            pipe,
+            [r["caption"] for r in batch],
+            [seed * 1_000_003 + start + i for i in range(len(batch))],
+            resolution=resolution,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            original_sizes=[conditioning_size(sizes, r["image_type"], resolution) for r in batch],
+        )
+        fid.update(metrics, extract, [r["specialty"] for r in batch], fake, real=False)
+    return fid.compute(metrics)
+
+
+def _resolution(cfg: RunConfig) -> int:
+    return cfg.select.resolution or cfg.train.resolution
+
+
+def features_file(cfg: RunConfig, rows) -> Path:
+    """Where this sample's real statistics are cached: named by what determines them."""
+    s = cfg.select
+    key = json.dumps([[r["id"] for r in rows], s.feature_extractor, s.inception_weights, _resolution(cfg)])
+    return cfg.run_path / "select" / f"real-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def extract_real(cfg: RunConfig, rows: tuple[dict, ...], out: str) -> str:
+    """Ray task: read this sample's images from the corpus, write their feature sums to ``out``."""
+    _use_task_cpus()
+    s = cfg.select
+    images = read_images(cfg.run_path / "corpus", {r["id"] for r in rows})
+    state = real_statistics(
+        rows,
+        images,
+        kind=s.feature_extractor,
+        weights=s.inception_weights,
+        resolution=_resolution(cfg),
+        batch_size=s.batch_size,
+    )
+    buf = io.BytesIO()
+    np.savez(buf, **state)
+    atomic_write_bytes(buf.getvalue(), Path(out))
+    return out
+
+
+def score_checkpoint(cfg: RunConfig, checkpoint: str, rows, real_file: str, sizes: dict) -> dict:
+    """Ray task: this checkpoint's images for the real captions; FID overall and per specialty."""
+    from diffusers import UNet2DConditionModel
+
+    from medisyn.infer.sampling import sampling_device
     from medisyn.models import load_pipeline
 
-    torch.set_num_threads(max(1, int(_task_cpus())))
+    _use_task_cpus()
     s = cfg.select
-    res = s.resolution or cfg.train.resolution
     device, dtype = sampling_device()
     pipe = load_pipeline(cfg.model)
     pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir(Path(checkpoint), s.weights))
     pipe = pipe.to(device, dtype)
-    specialties = sorted({r["specialty"] for r in real})
-    metrics = {k: fid_metric(s.feature_extractor, s.inception_weights) for k in ["all", *specialties]}
-    for start in range(0, len(real), s.batch_size):
-        rows = real[start : start + s.batch_size]
-        seeds = [cfg.seed * 1_000_003 + start + i for i in range(len(rows))]
-        fake = generate_images(
-            pipe, [r["caption"] for r in rows], seeds, resolution=res, steps=s.steps, guidance_scale=s.guidance_scale
-        )
-        reals = [
-            np.asarray(
-                Image.open(io.BytesIO(images[r["id"]])).convert("RGB").resize((res, res), Image.Resampling.LANCZOS)
-            )
-            for r in rows
-        ]
-        for key in ["all", *specialties]:
-            keep = [i for i, r in enumerate(rows) if key in ("all", r["specialty"])]
-            if keep:
-                metrics[key].update(to_uint8_nchw([reals[i] for i in keep]), real=True)
-                metrics[key].update(to_uint8_nchw([fake[i] for i in keep]), real=False)
-    out = {}
-    for key, m in metrics.items():
-        try:
-            out[key] = float(m.compute())
-        except (RuntimeError, ValueError):  # fewer than 2 samples of a specialty
-            out[key] = float("nan")
+    with np.load(real_file) as z:
+        real = {k: z[k] for k in z.files}
+    out = pipeline_fid(
+        pipe,
+        rows,
+        real,
+        kind=s.feature_extractor,
+        weights=s.inception_weights,
+        resolution=_resolution(cfg),
+        steps=s.steps,
+        guidance_scale=s.guidance_scale,
+        batch_size=s.batch_size,
+        seed=cfg.seed,
+        sizes=sizes,
+    )
     return {
         "checkpoint": Path(checkpoint).name,
         "fid": out["all"],
-        "fid_by_specialty": {k: out[k] for k in specialties},
+        "fid_by_specialty": {k: v for k, v in out.items() if k != "all"},
     }
 
 
-def export_pipeline(cfg: RunConfig, checkpoint: Path, out: Path) -> Path:
+def export_pipeline(cfg: RunConfig, checkpoint: Path, out: Path, sizes: dict[str, list[int]]) -> Path:
     """Base text encoders, tokenizers, VAE and scheduler + the fine-tuned U-Net, diffusers layout."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -114,6 +213,8 @@ def export_pipeline(cfg: RunConfig, checkpoint: Path, out: Path) -> Path:
                 "checkpoint": checkpoint.name,
                 "weights": cfg.select.weights,
                 "unconditional": "encoding of the empty caption",
+                # SDXL original_size to condition each image type on (train split medians)
+                "original_sizes": sizes,
             }
         ),
         tmp / "medisyn.json",
@@ -136,12 +237,15 @@ def run(cfg: RunConfig) -> dict:
         )
     for c in ckpts:  # a missing EMA copy is a message before any work, not a failed task
         unet_dir(c, cfg.select.weights)
+    corpus = cfg.run_path / "corpus"
+    sizes = median_original_sizes(corpus)
     fingerprint = {
         "checkpoints": [c.name for c in ckpts],
         "select": to_dict(cfg.select),
         "seed": cfg.seed,
         "resolution": cfg.train.resolution,
         "model": to_dict(cfg.model),
+        "original_sizes": sizes,
     }
     done_file = cfg.run_path / "selection.json"
     if done_file.exists() and (cfg.run_path / "model" / "model_index.json").exists():
@@ -149,22 +253,27 @@ def run(cfg: RunConfig) -> dict:
         if done.get("fingerprint") == fingerprint:
             print(f"select: {done['best']} already selected for these checkpoints and settings ({done_file})")
             return done
-    corpus = cfg.run_path / "corpus"
-    real = tuple(sample_corpus(corpus, cfg.select.num_images, cfg.seed, columns=["id", "caption", "specialty"]))
-    images = read_images(corpus, {r["id"] for r in real})
-    label = extractor_label(cfg.select.feature_extractor)
-    log.info("select: %d checkpoints x %d images; FID %s", len(ckpts), len(real), label)
+    rows = tuple(sample_corpus(corpus, cfg.select.num_images, cfg.seed, columns=REAL_COLUMNS))
+    label = fid.extractor_label(cfg.select.feature_extractor)
+    log.info("select: %d checkpoints x %d images; FID %s", len(ckpts), len(rows), label)
     ensure_ray()
-    task = ray.remote(num_gpus=1 if gpus_available(cfg.train.use_gpu) else 0, num_cpus=1)(score_checkpoint)
-    cfg_ref, real_ref, images_ref = ray.put(cfg), ray.put(real), ray.put(images)
-    scores = ray.get([task.remote(cfg_ref, str(c), real_ref, images_ref) for c in ckpts])
+    gpus = 1 if gpus_available(cfg.train.use_gpu) else 0
+    real_file = features_file(cfg, rows)
+    real_file.parent.mkdir(parents=True, exist_ok=True)
+    cfg_ref, rows_ref = ray.put(cfg), ray.put(rows)
+    if not real_file.exists():  # the real side, once for every checkpoint (and every later re-run)
+        ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(extract_real).remote(cfg_ref, rows_ref, str(real_file)))
+    task = ray.remote(num_gpus=gpus, num_cpus=1)(score_checkpoint)
+    scores = ray.get([task.remote(cfg_ref, str(c), rows_ref, str(real_file), sizes) for c in ckpts])
     best = min(scores, key=lambda s: (np.nan_to_num(s["fid"], nan=np.inf), s["checkpoint"]))
-    model_dir = export_pipeline(cfg, cfg.run_path / "checkpoints" / best["checkpoint"], cfg.run_path / "model")
+    model_dir = export_pipeline(cfg, cfg.run_path / "checkpoints" / best["checkpoint"], cfg.run_path / "model", sizes)
     selection = {
         "feature_extractor": label,
-        "num_images": len(real),
+        "num_images": len(rows),
         "steps": cfg.select.steps,
         "guidance_scale": cfg.select.guidance_scale,
+        "original_sizes": sizes,
+        "real_features": real_file.name,
         "checkpoints": scores,
         "best": best["checkpoint"],
         "exported": str(model_dir),
