@@ -44,7 +44,7 @@ def run_pipeline(cfg: RunConfig) -> None:
     """Every built stage in order; the stages still to come are named, not silently skipped."""
     todo = [s for s in STAGES if not s.built]
     for stage in STAGES:
-        if stage.name == "phantoms" and not cfg.phantoms.enabled:
+        if (stage.name == "phantoms" and not cfg.phantoms.enabled) or (stage.name == "vae" and not cfg.vae_fit.enabled):
             continue
         if stage.built:
             run_stage(stage.name, cfg)

@@ -9,18 +9,18 @@ that file's folder. ``{run_dir}`` in a path is replaced by the run directory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from medisyn.audit.config import MemorizationConfig, UtilityConfig
+from medisyn.audit.config import FidelityConfig, MemorizationConfig, UtilityConfig
 from medisyn.configtools import ConfigError, apply_overrides, build, read_yaml, to_dict
 from medisyn.infer.config import GenerateConfig
 from medisyn.ingest.config import IngestConfig
 from medisyn.presets import get_preset, preset_names
 from medisyn.reader.config import ReaderConfig
 from medisyn.select.config import SelectConfig
-from medisyn.train.config import CacheConfig, TrainConfig
+from medisyn.train.config import CacheConfig, TrainConfig, VaeFitConfig
 
 __all__ = ["ConfigError", "ModelConfig", "PhantomsConfig", "RunConfig", "load_config", "to_dict"]
 
@@ -59,16 +59,30 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     phantoms: PhantomsConfig = field(default_factory=PhantomsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    vae_fit: VaeFitConfig = field(default_factory=VaeFitConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    audit_fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     audit_memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
     audit_utility: UtilityConfig = field(default_factory=UtilityConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     config_path: str = ""  # set by load_config: the YAML file this came from
 
     def __post_init__(self):
+        if "{run_dir}" in self.model.vae:  # a VAE the run fits itself (vae stage): a path in the run
+            object.__setattr__(
+                self, "model", replace(self.model, vae=self.model.vae.replace("{run_dir}", self.run_dir))
+            )
+        if self.vae_fit.enabled:
+            if not self.model.vae:
+                raise ConfigError('vae_fit.enabled: set model.vae to the directory to fit into (e.g. "{run_dir}/vae")')
+            if "build" not in get_preset(self.model.preset) or self.model.base:
+                raise ConfigError(
+                    f"vae_fit.enabled: model.preset {self.model.preset!r} loads a pretrained VAE; "
+                    "fitting is for build presets (tiny)"
+                )
         t = self.train
         measured = get_preset(self.model.preset).get("gpu_batch_limit", {})
         limit = t.gpu_batch_limit or measured.get("gradient_checkpointing" if t.gradient_checkpointing else "eager", 0)

@@ -200,6 +200,8 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None) -> S
     """The pipeline a config names: a build preset from code, else hub ids or local dirs."""
     if _builds(cfg):
         pipe = build_pipeline(cfg.preset, cfg.seed)
+        if cfg.vae:  # a VAE fitted to the corpus (the vae stage) replaces the preset's random one
+            pipe.vae = AutoencoderKL.from_pretrained(_source(cfg.vae, "", "vae"))
         return pipe.to(dtype=torch_dtype) if torch_dtype else pipe
     base, vae = _pretrained(cfg)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype else {}
@@ -217,6 +219,8 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None) -> S
 def load_vae(cfg: ModelConfig) -> AutoencoderKL:
     """The frozen VAE alone (cache actors need nothing else); the same weights load_pipeline gives."""
     if _builds(cfg):
+        if cfg.vae:
+            return AutoencoderKL.from_pretrained(_source(cfg.vae, "", "vae"))
         return build_pipeline(cfg.preset, cfg.seed).vae
     base, vae = _pretrained(cfg)
     return AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(base, subfolder="vae")

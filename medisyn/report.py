@@ -129,10 +129,68 @@ def ingest_section(cfg: RunConfig, figs: Path) -> str:
     return "\n".join(parts)
 
 
+def vae_section(cfg: RunConfig, figs: Path) -> str:
+    """The fitted VAE (demo runs): val reconstruction error against the mean-colour baseline."""
+    record = Path(cfg.model.vae) / "fit.json" if cfg.model.vae else None
+    if not cfg.vae_fit.enabled or record is None or not record.exists():
+        return ""
+    fit = json.loads(record.read_text())
+    verdict = "beats" if fit["beats_baseline"] else "does <b>not</b> beat"
+    parts = [
+        "<h3>VAE fitted to the corpus</h3>",
+        f"<p>Reconstruction MSE on {fit['val_images']} val images: <b>{fit['val_mse']:.4f}</b>, which {verdict} "
+        f"the mean-colour baseline {fit['baseline_mse']:.4f} (each image replaced by its mean colour); "
+        f"{fit['epochs']} epochs; latent scaling factor {fit['scaling_factor']:.3f} (from the data).</p>",
+    ]
+    sheet = record.parent / "reconstructions.png"
+    if sheet.exists():
+        Image.open(sheet).save(figs / "vae_reconstructions.png")
+        parts.append('<img src="report/vae_reconstructions.png" alt="val images and their reconstructions">')
+    return "\n".join(parts)
+
+
+def fidelity_section(cfg: RunConfig, figs: Path) -> str:
+    """Share of synthetic images a real-trained classifier labels as prompted, next to its real recall."""
+    path = cfg.run_path / "audit" / "fidelity.json"
+    if not path.exists():
+        return "<h2>Prompt fidelity</h2><p class=todo>audit-fidelity has not run.</p>"
+    fid = json.loads(path.read_text())
+    real = fid["real_test"]
+    parts = [
+        "<h2>Prompt fidelity</h2>",
+        f"<p>A classifier ({html.escape(fid['features'])} features, logistic regression) trained on "
+        f"{fid['real_train_images']:,} real train images labels each synthetic image; real test images "
+        f"({fid['real_test_images']:,}) give its ceiling: specialty {real['specialty']['share']:.0%}, "
+        f"class {real['class']['share']:.0%} correct.</p>",
+    ]
+    for name, s in fid["sets"].items():
+        for target in ("specialty", "class"):
+            labels = sorted(s[target]["by_label"])
+            synth = [s[target]["by_label"][k]["share"] for k in labels]
+            ceiling = [real[target]["by_label"].get(k, {}).get("share", float("nan")) for k in labels]
+            fig, ax = plt.subplots(figsize=(7, 0.28 * len(labels) + 1.2))
+            y = range(len(labels))
+            ax.barh([i + 0.2 for i in y], ceiling, height=0.4, color="#bbb", label="real test images")
+            ax.barh([i - 0.2 for i in y], synth, height=0.4, color="#3a7", label=f"synthetic ({name})")
+            ax.set_yticks(list(y), [k[:60] for k in labels], fontsize=7)
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("share labelled as prompted (real: as labelled)")
+            ax.legend(fontsize=7, loc="lower right")
+            fig.tight_layout()
+            fname = f"fidelity_{name}_{target}.png"
+            fig.savefig(figs / fname, dpi=110)
+            plt.close(fig)
+            parts.append(
+                f"<h3>{html.escape(name)} by {target}: {s[target]['share']:.0%} of {s[target]['n']:,} images shown "
+                f'as prompted</h3><img src="report/{fname}" alt="fidelity by {target}">'
+            )
+    return "\n".join(parts)
+
+
 def training_section(cfg: RunConfig, figs: Path) -> str:
     logs = sorted((cfg.run_path / "train_log").glob("epoch-*-rank-0.json"))
     if not logs:
-        return "<h2>Training</h2><p class=todo>train has not run.</p>"
+        return "<h2>Training</h2><p class=todo>train has not run.</p>" + vae_section(cfg, figs)
     epochs = [json.loads(f.read_text()) for f in logs]
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([e["epoch"] for e in epochs], [e["loss"] for e in epochs], marker="o")
@@ -144,6 +202,7 @@ def training_section(cfg: RunConfig, figs: Path) -> str:
     last = epochs[-1]
     parts = [
         "<h2>Training</h2>",
+        vae_section(cfg, figs),
         '<img src="report/train_loss.png" alt="training loss">',
         f"<p>{len(epochs)} epochs, {last['step']:,} optimizer steps, effective batch {last['effective_batch']}, "
         f"{last['samples_per_s']:.1f} samples/s in the last epoch; caption dropout drawn per step "
@@ -177,9 +236,11 @@ def synthetic_section(cfg: RunConfig, figs: Path) -> str:
         return "<h2>Synthetic sets</h2><p class=todo>generate has not run.</p>"
     parts = ["<h2>Synthetic sets</h2>"]
     if cfg.model.preset == "tiny":
+        vae = "a VAE fitted to the phantoms" if cfg.vae_fit.enabled else "a random VAE"
         parts.append(
-            "<p class=todo>Tiny preset: random VAE and text encoders, a U-Net trained for minutes — these "
-            "images show the pipeline works, not what MediSyn draws.</p>"
+            f"<p class=todo>Tiny preset: {vae}, random (fixed) text encoders and a small U-Net trained for "
+            "minutes on phantom images — a demonstration of the pipeline on the offline corpus, not what MediSyn "
+            "draws from real data.</p>"
         )
     for d in sets:
         m = read_manifest(d, columns=["prompt", "steps", "guidance_scale", "checkpoint"]).to_pylist()
@@ -214,7 +275,10 @@ def run(cfg: RunConfig) -> Path:
         config=html.escape(Path(cfg.config_path).name or "defaults"),
         preset=cfg.model.preset,
         todo=todo,
-        sections=ingest_section(cfg, figs) + training_section(cfg, figs) + synthetic_section(cfg, figs),
+        sections=ingest_section(cfg, figs)
+        + training_section(cfg, figs)
+        + synthetic_section(cfg, figs)
+        + fidelity_section(cfg, figs),
     )
     out = cfg.run_path / "report.html"
     out.write_text(page)

@@ -35,6 +35,9 @@ STAGES = (
         "medisyn.ingest.pipeline:run",
         job="ingest.py",
     ),
+    Stage(
+        "vae", "fit the build preset's VAE to the corpus (demo; vae_fit.enabled)", "medisyn.train.vae:run", job="vae.py"
+    ),
     Stage("cache", "VAE latent moments and caption encodings (Ray Data)", "medisyn.train.cache:run", job="cache.py"),
     Stage("train", "fine-tune the SDXL U-Net (Ray Train)", "medisyn.train.trainer:run", job="train.py"),
     Stage(
@@ -45,6 +48,12 @@ STAGES = (
         job="select_checkpoint.py",
     ),
     Stage("generate", "synthetic sets by Ray Data batch inference", "medisyn.infer.generate:run", job="generate.py"),
+    Stage(
+        "audit-fidelity",
+        "prompt fidelity: a classifier trained on real images labels the synthetic ones",
+        "medisyn.audit.fidelity:run",
+        job="audit_fidelity.py",
+    ),
     Stage("audit-memorization", "nearest-neighbour copy audit (embeddings + FAISS + patch distance)", issue=13),
     Stage("audit-utility", "ResNet-50 real vs real+synthetic trials (Ray Tune) with bootstrap CIs", issue=14),
     Stage("reader", "the blinded reader-study web app", issue=17),

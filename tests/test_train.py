@@ -51,6 +51,26 @@ def test_text_cache_encodes_only_new_captions(tmp_path):
     assert encode_text(cfg, ["Fundus photograph showing glaucoma."], out) == 0
 
 
+def test_captions_the_encoders_cannot_tell_apart_stop_the_cache(tmp_path, ingested):
+    """Words outside the tiny tokenizer's vocabulary all become <unk>: such captions collide."""
+    import pyarrow.parquet as pq
+
+    from medisyn.config import load_config
+    from medisyn.records import read_corpus
+    from medisyn.train.cache import encode_text, load_text
+
+    cfg = load_config(None, ["model.preset=tiny", f"run_dir={tmp_path}"])
+    corpus_captions = sorted(set(read_corpus(ingested[1] / "corpus", ["caption"]).column("caption").to_pylist()))
+    out = tmp_path / "text.parquet"
+    assert encode_text(cfg, corpus_captions, out) == len(corpus_captions) + 1  # the demo's all distinct
+    captions, embeds, _ = load_text(out)
+    assert len({e.tobytes() for e in embeds}) == len(captions)
+    with pytest.raises(ValueError, match="share an encoding") as err:
+        encode_text(cfg, ["Dermoscopy image showing xyzzy.", "Dermoscopy image showing plugh."], out)
+    assert "'Dermoscopy image showing xyzzy.' == 'Dermoscopy image showing plugh.'" in str(err.value)
+    assert pq.read_table(out).num_rows == len(corpus_captions) + 1  # the cache was not rewritten
+
+
 def _kill_a_worker_after_the_first_checkpoint(run_dir, killed: dict) -> None:
     """From outside the loop: once Ray Train has registered epoch 0's checkpoint, SIGKILL rank 1 by pid.
 

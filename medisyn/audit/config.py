@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from medisyn.configtools import ConfigError
 from medisyn.presets import preset_names
@@ -24,6 +25,22 @@ class MemorizationConfig:
                 f"audit_memorization.embedder: unknown embedder {self.embedder!r}; expected one of "
                 f"{', '.join(valid)}, hf-hub:<repo id> or local-dir:<path>"
             )
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """Prompt fidelity: a classifier trained on real train images labels the synthetic images."""
+
+    sets: tuple[str, ...] = ("memorization",)  # synthetic sets to check (their prompts name specialty and type)
+    features: Literal["thumbnail", "embedder"] = "embedder"  # embedder: audit_memorization.embedder (linear probe)
+    thumbnail_size: int = 16  # side of the colour thumbnails (features: thumbnail)
+    real_per_class: int = 200  # real train images per class the classifier learns from (0 = all)
+
+    def __post_init__(self):
+        if not self.sets:
+            raise ConfigError("audit_fidelity.sets: name at least one synthetic set")
+        if self.thumbnail_size < 2 or self.real_per_class < 0:
+            raise ConfigError("audit_fidelity: thumbnail_size must be >= 2 and real_per_class >= 0")
 
 
 @dataclass(frozen=True)

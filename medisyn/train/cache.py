@@ -33,8 +33,13 @@ log = logging.getLogger(__name__)
 
 def model_identity(model: ModelConfig, resolution: int) -> str:
     """Folder name of a cache: which networks and which training resolution it belongs to."""
+    vae = model.vae
+    if vae and Path(vae).is_dir():  # a local VAE (a fitted one may be refit in place): key by its weights
+        from medisyn.train.vae import vae_fingerprint
+
+        vae = f"{vae}@{vae_fingerprint(vae)}"
     key = json.dumps(
-        {"preset": model.preset, "base": model.base, "vae": model.vae, "seed": model.seed, "resolution": resolution},
+        {"preset": model.preset, "base": model.base, "vae": vae, "seed": model.seed, "resolution": resolution},
         sort_keys=True,
     )
     return f"{model.preset}-r{resolution}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -125,12 +130,30 @@ def encode_text(cfg: RunConfig, captions: list[str], out: Path) -> int:
             pooled.append(p.to(torch.float16).numpy())
     texts = old_caps + new
     e, p = np.concatenate(embeds), np.concatenate(pooled)
+    check_distinct_encodings(texts, e, p)
     table = pa.table({"caption": texts, "embeds": [x.tobytes() for x in e], "pooled": [x.tobytes() for x in p]})
     table = table.replace_schema_metadata(
         {"embeds_shape": json.dumps(list(e.shape[1:])), "pooled_shape": json.dumps(list(p.shape[1:]))}
     )
     atomic_write_table(table, out)
     return len(new)
+
+
+def check_distinct_encodings(captions: list[str], embeds: np.ndarray, pooled: np.ndarray) -> None:
+    """Every distinct caption (and "") must reach the U-Net as a distinct encoding, or the model
+    cannot learn to tell them apart (a caption-word tokenizer maps unknown words to one token;
+    CLIP truncates after 77 tokens). Raises ValueError naming the captions that collide."""
+    groups: dict[bytes, list[str]] = {}
+    for caption, e, p in zip(captions, embeds, pooled, strict=True):
+        groups.setdefault(hashlib.sha256(e.tobytes() + p.tobytes()).digest(), []).append(caption)
+    same = [g for g in groups.values() if len(g) > 1]
+    if same:
+        shown = "; ".join(" == ".join(repr(c) for c in g[:3]) for g in same[:5])
+        raise ValueError(
+            f"cache: {sum(len(g) for g in same)} captions share an encoding with another caption "
+            f"({len(same)} groups): {shown}. The text encoders cannot tell them apart; check the "
+            "tokenizer's vocabulary and caption length"
+        )
 
 
 def load_text(path: Path):
@@ -148,7 +171,9 @@ def run(cfg: RunConfig) -> dict:
     from ray.data.expressions import col
 
     from medisyn.raytools import ensure_ray, gpus_available
+    from medisyn.train.vae import check_fitted_vae
 
+    check_fitted_vae(cfg)
     corpus = cfg.run_path / "corpus"
     train = read_corpus(corpus, columns=["id", "caption"], split="train")
     out = cache_dir(cfg)

@@ -23,7 +23,8 @@ class CacheConfig:
 class TrainConfig:
     """The U-Net fine-tune: only the U-Net trains; VAE and text encoders stay frozen."""
 
-    epochs: int = 15  # passes over the train split
+    epochs: int = 15  # checkpoints: one per epoch
+    repeats: int = 1  # passes over the train split per epoch (kohya's repeats; small corpora)
     learning_rate: float = 1e-5  # AdamW, constant
     weight_decay: float = 1e-2  # AdamW
     effective_batch: int = 128  # = per_worker_batch x num_workers x accumulation
@@ -51,6 +52,8 @@ class TrainConfig:
                 f"train.effective_batch: {self.effective_batch} is not a multiple of "
                 f"per_worker_batch x num_workers = {per_step}"
             )
+        if self.repeats < 1:
+            raise ConfigError(f"train.repeats: {self.repeats} must be at least 1")
         if self.resolution % 8:
             raise ConfigError(f"train.resolution: {self.resolution} must be a multiple of 8")
 
@@ -58,3 +61,22 @@ class TrainConfig:
     def accumulation(self) -> int:
         """Micro-steps per optimizer step."""
         return self.effective_batch // (self.per_worker_batch * self.num_workers)
+
+
+@dataclass(frozen=True)
+class VaeFitConfig:
+    """Fit the build preset's VAE to the corpus (the demo's tiny VAE); real runs keep SDXL's VAE."""
+
+    enabled: bool = False  # fit into model.vae before cache; needs a build preset and model.vae set
+    epochs: int = 20  # passes over the train split at train.resolution
+    batch_size: int = 16
+    learning_rate: float = 2e-3  # AdamW
+    kl_weight: float = 1e-6  # × KL per pixel, added to the reconstruction MSE (SD's weight)
+    num_workers: int = 1  # Ray Train workers (DDP on CPU)
+    cpus_per_worker: float = 1.0  # also the torch threads of each worker
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ConfigError("vae_fit: epochs, batch_size and num_workers must be at least 1")
+        if self.learning_rate <= 0 or self.kl_weight < 0:
+            raise ConfigError("vae_fit: learning_rate must be > 0 and kl_weight >= 0")

@@ -31,7 +31,9 @@ def run(cfg: RunConfig):
 
     from medisyn.raytools import ensure_ray
     from medisyn.train.loop import TrainJob, train_loop_per_worker
+    from medisyn.train.vae import check_fitted_vae
 
+    check_fitted_vae(cfg)
     cache = cache_dir(cfg)
     info_file = cache / "cache.json"
     if not info_file.exists():
@@ -61,7 +63,7 @@ def run(cfg: RunConfig):
         text_cache=str((cache / "text.parquet").resolve()),
         scaling_factor=float(info["scaling_factor"]),
         log_dir=str(run_root / "train_log"),
-        batches_per_epoch=-(-len(info["train_ids"]) // (t.num_workers * t.per_worker_batch)),
+        batches_per_epoch=t.repeats * -(-len(info["train_ids"]) // (t.num_workers * t.per_worker_batch)),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -1,0 +1,307 @@
+"""The ``vae`` stage: fit the build preset's ``AutoencoderKL`` to the corpus, for runs that bring no VAE.
+
+Real runs keep SDXL's pretrained (fp16-fix) VAE and skip this stage (``vae_fit.enabled: false``).
+The ``tiny`` preset's VAE is random, so without this a demo model can only learn to make noise.
+With ``vae_fit.enabled`` the stage trains the preset's VAE on the train split at the training
+resolution (Ray Train; ``TorchTrainer`` workers, a checkpoint per epoch under
+``<run_dir>/vae_fit/``, so a killed worker or a re-submitted job resumes) and writes it in the
+diffusers layout to ``model.vae``, which every later stage then loads (cache, train, select's
+export, generate through the export).
+
+Loss: MSE of the reconstruction of a posterior sample + ``kl_weight`` × KL (SD's recipe without
+the perceptual and adversarial terms, which need pretrained networks). The latent scaling factor
+is set from the data (1 / std of the train latents) and stored in the VAE's config, as SD's
+0.18215 and SDXL's 0.13025 were. ``fit.json`` records the val split's reconstruction error next
+to a trivial baseline (each image replaced by its mean colour); cache and train refuse a VAE
+that does not beat it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medisyn.config import RunConfig
+from medisyn.configtools import to_dict
+from medisyn.records import atomic_write_text, read_corpus, shard_files
+
+log = logging.getLogger(__name__)
+
+FIT_RECORD = "fit.json"
+
+
+def decode_batch(batch: dict, resolution: int) -> dict:
+    """Ray Data: corpus image bytes -> uint8 CHW arrays at the fit resolution (decoded once)."""
+    from medisyn.train.cache import load_image
+
+    x = np.stack([load_image(b, resolution) for b in batch["image"]])
+    return {"pixels": np.rint((x + 1.0) * 127.5).astype(np.uint8)}
+
+
+def to_model_input(pixels: np.ndarray, device):
+    """uint8 NCHW -> float in [-1, 1], contiguous (a permuted, non-contiguous input is ~5x slower)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(pixels)).to(device).float().div_(127.5).sub_(1.0)
+
+
+def vae_objective(vae, kl_weight: float):
+    """The VAE with its loss as its forward, so DDP (which syncs gradients of what goes through
+    ``forward``) can wrap it: (total, reconstruction MSE of a posterior sample, KL per pixel)."""
+    import torch
+    import torch.nn.functional as F
+
+    class Objective(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, x, generator=None):
+            posterior = self.vae.encode(x).latent_dist
+            recon = self.vae.decode(posterior.sample(generator=generator)).sample
+            mse = F.mse_loss(recon, x)
+            kl = posterior.kl().mean() / x[0].numel()  # per pixel: kl_weight does not depend on resolution
+            return mse + kl_weight * kl, mse, kl
+
+    return Objective()
+
+
+def fit_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: AdamW on the VAE (DDP across workers), a checkpoint per epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from diffusers import AutoencoderKL
+
+    from medisyn.models import build_pipeline
+
+    cfg: RunConfig = config["run"]
+    f = cfg.vae_fit
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(max(1, int(f.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    vae = build_pipeline(cfg.model.preset, cfg.model.seed).vae
+    start_epoch, state = 0, None
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            vae = AutoencoderKL.from_pretrained(Path(d) / "vae")
+            state = torch.load(Path(d) / "state.pt", weights_only=False)
+            start_epoch = state["epoch"] + 1
+            rng = Path(d) / f"rng-rank-{rank}.pt"
+            if rng.exists():
+                generator.set_state(torch.load(rng, weights_only=False))
+    vae.train()
+    model = ray.train.torch.prepare_model(vae_objective(vae, f.kl_weight))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=f.learning_rate, weight_decay=0.0)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, f.epochs):
+        started, losses, mses = time.perf_counter(), [], []
+        batches = shard.iter_batches(
+            batch_size=f.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=256,
+            local_shuffle_seed=cfg.seed * 100 + epoch * 10 + rank,
+        )
+        for batch in tqdm(batches, desc=f"vae epoch {epoch}", disable=rank != 0, mininterval=10):
+            x = to_model_input(batch["pixels"], "cpu").to(ray.train.torch.get_device())
+            loss, mse, _ = model(x, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            mses.append(mse.detach())
+        metrics = {
+            "epoch": epoch,
+            "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
+            "train_mse": float(torch.stack(mses).mean()) if mses else float("nan"),
+            "seconds": time.perf_counter() - started,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                vae.save_pretrained(Path(tmp) / "vae")
+                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch}, Path(tmp) / "state.pt")
+            torch.save(generator.get_state(), Path(tmp) / f"rng-rank-{rank}.pt")
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")
+
+
+def reconstruction_errors(vae, pixels: np.ndarray, batch_size: int = 32) -> tuple[float, float]:
+    """(VAE MSE, mean-colour baseline MSE) over uint8 NCHW images, in the [-1, 1] range.
+
+    The VAE decodes its posterior mean (what a reconstruction is); the baseline replaces each
+    image by its own per-channel mean, the best a model that ignores all structure can do."""
+    import torch
+
+    errors, baseline = [], []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            x = to_model_input(pixels[start : start + batch_size], vae.device)
+            recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+            errors.append(((recon - x) ** 2).mean(dim=(1, 2, 3)))
+            baseline.append(((x - x.mean(dim=(2, 3), keepdim=True)) ** 2).mean(dim=(1, 2, 3)))
+    return float(torch.cat(errors).mean()), float(torch.cat(baseline).mean())
+
+
+def latent_scaling_factor(vae, pixels: np.ndarray, batch_size: int = 32) -> float:
+    """1 / std of posterior samples of the given images: latents of unit variance for the U-Net."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            x = to_model_input(pixels[start : start + batch_size], vae.device)
+            samples.append(vae.encode(x).latent_dist.sample(generator=g).flatten())
+    return float(1.0 / torch.cat(samples).std())
+
+
+def vae_fingerprint(vae_dir: str | Path) -> str:
+    """A digest of a VAE directory's weights and config: the cache is keyed by it, so a refit VAE
+    never reads latents of the previous one."""
+    h = hashlib.sha256()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        path = Path(vae_dir) / name
+        if path.exists():
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def check_fitted_vae(cfg: RunConfig) -> None:
+    """Stop before encoding or training on a fitted VAE that is missing or no better than the baseline."""
+    if not cfg.vae_fit.enabled:
+        return
+    record = Path(cfg.model.vae) / FIT_RECORD
+    if not record.exists():
+        raise FileNotFoundError(f"model.vae: no fitted VAE at {cfg.model.vae} ({FIT_RECORD}); run `medisyn vae` first")
+    fit = json.loads(record.read_text())
+    if not fit["beats_baseline"]:
+        raise ValueError(
+            f"model.vae: the fitted VAE's val reconstruction error {fit['val_mse']:.4f} does not beat the "
+            f"mean-colour baseline {fit['baseline_mse']:.4f}; fit longer (vae_fit.epochs) before training on it"
+        )
+
+
+def _pixels(cfg: RunConfig, split: str, limit: int) -> np.ndarray:
+    """Up to ``limit`` images of a split as uint8 NCHW at the fit resolution (driver-side, small)."""
+    table = read_corpus(cfg.run_path / "corpus", columns=["image"], split=split)
+    data = table.column("image").to_pylist()[:limit]
+    if not data:
+        return np.zeros((0, 3, cfg.train.resolution, cfg.train.resolution), dtype=np.uint8)
+    return decode_batch({"image": data}, cfg.train.resolution)["pixels"]
+
+
+def run(cfg: RunConfig) -> dict:
+    import ray
+    import ray.train
+    import torch
+    from diffusers import AutoencoderKL
+    from ray.train.torch import TorchTrainer
+
+    from medisyn.raytools import ensure_ray
+
+    f = cfg.vae_fit
+    if not f.enabled:
+        print("vae: vae_fit.enabled is false; the model's own VAE is used")
+        return {"fitted": False}
+    out = Path(cfg.model.vae)
+    corpus = cfg.run_path / "corpus"
+    train_ids = sorted(read_corpus(corpus, columns=["id"], split="train").column("id").to_pylist())
+    fingerprint = {
+        "vae_fit": to_dict(f),
+        "preset": cfg.model.preset,
+        "seed": cfg.seed,
+        "resolution": cfg.train.resolution,
+        "train_ids": hashlib.sha256("\n".join(train_ids).encode()).hexdigest()[:16],
+    }
+    record = out / FIT_RECORD
+    if record.exists() and json.loads(record.read_text()).get("fingerprint") == fingerprint:
+        fit = json.loads(record.read_text())
+        print(f"vae: {out} already fitted for this corpus and settings (val MSE {fit['val_mse']:.4f})")
+        return fit
+    ensure_ray()
+    res = cfg.train.resolution
+    data = ray.data.read_parquet([str(p) for p in shard_files(corpus)], columns=["image", "split"])
+    data = data.filter(expr=ray.data.expressions.col("split") == "train")
+    data = data.map_batches(decode_batch, fn_kwargs={"resolution": res}, batch_size=64).materialize()  # decode once
+    trainer = TorchTrainer(
+        fit_loop_per_worker,
+        train_loop_config={"run": cfg},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=f.num_workers, use_gpu=False, resources_per_worker={"CPU": f.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name="vae_fit",
+            storage_path=str(cfg.run_path.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": data},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        vae = AutoencoderKL.from_pretrained(Path(d) / "vae").eval()
+    torch.manual_seed(0)
+    train_px, val_px = _pixels(cfg, "train", 256), _pixels(cfg, "val", 1024)
+    scaling = latent_scaling_factor(vae, train_px)
+    vae.register_to_config(scaling_factor=scaling)
+    val_mse, baseline = reconstruction_errors(vae, val_px)
+    tmp = out.with_name(out.name + ".partial")
+    vae.save_pretrained(tmp)
+    fit = {
+        "val_mse": val_mse,
+        "baseline_mse": baseline,
+        "beats_baseline": bool(val_mse < baseline),
+        "val_images": int(len(val_px)),
+        "scaling_factor": scaling,
+        "epochs": f.epochs,
+        "train_mse_last_epoch": result.metrics.get("train_mse"),
+        "fingerprint": fingerprint,
+    }
+    atomic_write_text(json.dumps(fit, indent=2), tmp / FIT_RECORD)
+    _reconstruction_sheet(vae, val_px[:8], tmp / "reconstructions.png")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    verdict = "beats" if fit["beats_baseline"] else "does NOT beat"
+    print(
+        f"vae: fitted in {out}; val MSE {val_mse:.4f} {verdict} the mean-colour baseline {baseline:.4f}; "
+        f"latent scaling factor {scaling:.4f}"
+    )
+    return fit
+
+
+def _reconstruction_sheet(vae, pixels: np.ndarray, path: Path) -> None:
+    """Val images (top) over their reconstructions (bottom): the picture the report shows."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from medisyn.figures import contact_sheet
+
+    if not len(pixels):
+        return
+    with torch.no_grad():
+        x = to_model_input(pixels, vae.device)
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    tiles = []
+    for label, images in (("val image", pixels.transpose(0, 2, 3, 1)), ("reconstruction", recon)):
+        for img in images:
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG")
+            tiles.append((buf.getvalue(), label))
+    contact_sheet(tiles, per_row=len(pixels)).save(path)

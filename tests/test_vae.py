@@ -1,0 +1,76 @@
+"""The demo's VAE: fitted to the corpus by Ray Train, better than a trivial baseline, used downstream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def fitted(ingested):
+    from medisyn.config import load_config
+    from medisyn.train.vae import run as fit_vae
+
+    base, run_dir, _ = ingested
+    cfg = load_config(
+        base.config_path,
+        [
+            f"run_dir={run_dir}",
+            f"ingest.repositories_file={base.ingest.repositories_file}",
+            "model.vae={run_dir}/vae-64",
+            "train.resolution=64",
+            "vae_fit.epochs=10",
+        ],
+    )
+    return cfg, fit_vae(cfg)
+
+
+@pytest.mark.ray
+def test_the_fitted_vae_beats_the_mean_colour_baseline_and_records_its_scale(fitted):
+    from diffusers import AutoencoderKL
+
+    cfg, fit = fitted
+    assert fit["beats_baseline"] and fit["val_mse"] < 0.8 * fit["baseline_mse"], fit
+    assert fit["val_images"] > 20
+    vae = AutoencoderKL.from_pretrained(cfg.model.vae)  # plain diffusers layout
+    assert vae.config.scaling_factor == pytest.approx(fit["scaling_factor"]) and fit["scaling_factor"] != 0.13025
+    assert (cfg.run_path / "vae_fit/epoch-009").is_dir()  # Ray Train checkpoints: a re-submitted job resumes
+    stamp = (cfg.run_path / "vae-64/fit.json").stat().st_mtime_ns
+    from medisyn.train.vae import run as fit_vae
+
+    assert fit_vae(cfg)["val_mse"] == fit["val_mse"]  # same corpus and settings: nothing refit
+    assert (cfg.run_path / "vae-64/fit.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.ray
+def test_downstream_stages_load_the_fitted_vae_and_refuse_a_useless_one(fitted):
+    from medisyn.models import load_pipeline, load_vae
+    from medisyn.train.cache import cache_dir
+    from medisyn.train.vae import check_fitted_vae, vae_fingerprint
+
+    cfg, fit = fitted
+    assert load_vae(cfg.model).config.scaling_factor == pytest.approx(fit["scaling_factor"])
+    assert load_pipeline(cfg.model).vae.config.scaling_factor == pytest.approx(fit["scaling_factor"])
+    from dataclasses import replace
+
+    before = cache_dir(cfg)  # the cache is keyed by the VAE's weights: a refit VAE gets a new cache
+    (cfg.run_path / "vae-64-copy").mkdir(exist_ok=True)
+    for f in ("config.json", "diffusion_pytorch_model.safetensors"):
+        data = (cfg.run_path / "vae-64" / f).read_bytes()
+        (cfg.run_path / "vae-64-copy" / f).write_bytes(data if f == "config.json" else data[:-1] + b"\x00")
+    other = replace(cfg, model=replace(cfg.model, vae=str(cfg.run_path / "vae-64-copy")))
+    assert vae_fingerprint(cfg.model.vae) != vae_fingerprint(other.model.vae) and cache_dir(other) != before
+    check_fitted_vae(cfg)  # passes
+    record = cfg.run_path / "vae-64/fit.json"
+    saved = record.read_text()
+    try:
+        record.write_text(json.dumps({**json.loads(saved), "beats_baseline": False}))
+        with pytest.raises(ValueError, match="does not beat the mean-colour baseline"):
+            check_fitted_vae(cfg)
+        from medisyn.train.cache import run as cache
+
+        with pytest.raises(ValueError, match="does not beat"):
+            cache(cfg)
+    finally:
+        record.write_text(saved)
