@@ -29,7 +29,14 @@ from medisyn.records import IMAGE_TYPES, SPECIALTIES
 
 from . import defects as _defects
 from .catalog import BY_NAME, REPOSITORIES, PhantomRepo
-from .common import PLANTED_INSTITUTION, PLANTED_MARKER, PLANTED_PATIENT_NAME, GenContext, GenResult
+from .common import (
+    PATIENT_OFFSET,
+    PLANTED_INSTITUTION,
+    PLANTED_MARKER,
+    PLANTED_PATIENT_NAME,
+    GenContext,
+    GenResult,
+)
 
 SCALES = ("small", "medium")
 MARKER_FILE = ".medisyn-phantom"  # lets a re-run replace only directories it wrote itself
@@ -55,6 +62,39 @@ def _class_counts(repo: PhantomRepo, rows: list[dict]) -> dict[str, int]:
     return {k: int(cnt.get(k, 0)) for k in repo.classes}
 
 
+def _row_class(repo: PhantomRepo, row: dict) -> str:
+    if repo.multi_label:
+        return "+".join(c for c in repo.label_columns if str(row.get(c, "")).strip() in ("1", "1.0"))
+    return str(row.get(repo.label_columns[0], ""))
+
+
+def assign_splits(rows: list[dict], repo: PhantomRepo, rng, fractions=(0.8, 0.1, 0.1)) -> dict[str, str]:
+    """An official split per patient: drawn 80/10/10, then, for every class missing from a split,
+    one of its patients moves there from a split that has two or more of them, so every split
+    holds every class that has three patients or more."""
+    patients = sorted({r[repo.patient_column] for r in rows})
+    draws = rng.random(len(patients))
+    split = {
+        p: "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
+        for p, u in zip(patients, draws, strict=True)
+    }
+    by_class: dict[str, list[str]] = {}
+    for r in rows:
+        members = by_class.setdefault(_row_class(repo, r), [])
+        if r[repo.patient_column] not in members:
+            members.append(r[repo.patient_column])
+    for _, members in sorted(by_class.items()):
+        for want in ("test", "val", "train"):
+            if any(split[p] == want for p in members):
+                continue
+            for donor in ("train", "val", "test"):  # a split that can spare a patient of this class
+                have = [p for p in members if split[p] == donor]
+                if donor != want and len(have) > 1:
+                    split[have[-1]] = want
+                    break
+    return split
+
+
 def _generate_repo(out: Path, repo: PhantomRepo, seed: int, scale: str, plant: bool) -> tuple[GenResult, list, dict]:
     repo_dir = out / repo.name
     if repo_dir.exists():  # stale files from another seed would confuse glob-based ingest
@@ -71,6 +111,10 @@ def _generate_repo(out: Path, repo: PhantomRepo, seed: int, scale: str, plant: b
     counts = _class_counts(repo, res.rows)
     n_rows_valid = len(res.rows)
     recs = _defects.plant(ctx, repo, res) if plant else []
+    if repo.split_column:
+        split = assign_splits(res.rows[:n_rows_valid], repo, ctx.rng(PATIENT_OFFSET - 3))
+        for r in res.rows:
+            r[repo.split_column] = split.get(r.get(repo.patient_column), "train")
     pd.DataFrame(res.rows).to_csv(repo_dir / repo.labels_csv, index=False, lineterminator="\n")
     info = {
         "specialty": repo.specialty,

@@ -31,6 +31,10 @@ class PhantomRepo:
     classes: dict[str, str]  # raw CSV value (or, multi-label, column name) -> caption phrase
     generate: Callable = field(repr=False, compare=False)  # (ctx, repo, n_per_class) -> GenResult
     per_class: tuple[int, int] = (10, 60)  # n_per_class at scale (small, medium)
+    # official split column written into the labels CSV (as CheXpert, Cholec80 and Kvasir ship one),
+    # drawn per patient and stratified so every class has a patient in every split; "" = ingest's
+    # patient-hash split (kept for one repository, so the demo exercises both)
+    split_column: str = "split"
 
     @property
     def multi_label(self) -> bool:
@@ -51,6 +55,7 @@ class PhantomRepo:
             "specialty": self.specialty,
             "image_type": self.image_type,
             "classes": dict(self.classes),
+            **({"split_column": self.split_column} if self.split_column else {}),
         }
 
 
@@ -130,6 +135,7 @@ REPOSITORIES: tuple[PhantomRepo, ...] = (
         "Breast ultrasound image showing {label}.",
         {"normal": "normal tissue", "benign": "a benign lesion", "malignant": "a malignant lesion"},
         xray_us.breast_us,
+        split_column="",
     ),
     R(
         "isic",
@@ -172,7 +178,7 @@ REPOSITORIES: tuple[PhantomRepo, ...] = (
         "Histopathological lymph node image showing {label} at 40x magnification.",
         {"tumor": "metastasis", "normal": "no presence of metastasis"},
         pathology.lymph_node_wsi,
-        (3, 16),
+        (5, 16),  # one slide per patient: 5 patients per class, so val and test get one each
     ),
     R(
         "oct",

@@ -111,7 +111,7 @@ def write_slide(levels: list[np.ndarray], path: Path) -> None:
 
 def lymph_node_wsi(ctx: GenContext, repo, n_per_class: int) -> GenResult:
     rows, col = [], repo.label_columns[0]
-    for p, cls, i in class_schedule(ctx, list(repo.classes), n_per_class, 1, 2):
+    for p, cls, i in class_schedule(ctx, list(repo.classes), n_per_class, 1, 1):
         rel = f"slides/{ctx.patient_id(p)}_node{i:03d}.tiff"
         write_slide(pyramid(slide_rgb(ctx.rng(i), cls == "tumor")), ctx.path(rel))
         rows.append({repo.path_column: rel, repo.patient_column: ctx.patient_id(p), col: cls})

@@ -173,7 +173,7 @@ def cholec_frame(prng: np.random.Generator, rng: np.random.Generator, phase: str
     return D.to_u8(img + 2.5 * rng.standard_normal((h, w, 1)).astype(np.float32))
 
 
-def video_schedule(classes: list[str], n_per_class: int, per_video: int = 2):
+def video_schedule(classes: list[str], n_per_class: int, per_video: int = 1):
     """Every video has `per_video` frames of every class (as in real surgeries)."""
     n_videos = max(2, int(np.ceil(n_per_class / per_video)))
     i = 0
