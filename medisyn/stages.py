@@ -54,7 +54,12 @@ STAGES = (
         "medisyn.audit.fidelity:run",
         job="audit_fidelity.py",
     ),
-    Stage("audit-memorization", "nearest-neighbour copy audit (embeddings + FAISS + patch distance)", issue=13),
+    Stage(
+        "audit-memorization",
+        "nearest-neighbour copy audit (embeddings, exact search, patch distance, controls)",
+        "medisyn.audit.memorization:run",
+        job="audit_memorization.py",
+    ),
     Stage("audit-utility", "ResNet-50 real vs real+synthetic trials (Ray Tune) with bootstrap CIs", issue=14),
     Stage("reader", "the blinded reader-study web app", issue=17),
     Stage("report", "the HTML report of every stage", "medisyn.report:run", job="report.py"),

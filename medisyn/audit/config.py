@@ -14,11 +14,24 @@ class MemorizationConfig:
     """Paper: BiomedCLIP cosine nearest neighbour, 4x4 patch distance, threshold 0.15."""
 
     embedder: str = "biomedclip"  # embedder preset (medisyn/presets), or hf-hub:org/repo, local-dir:/path
-    images_per_prompt: int = 500
+    sets: tuple[str, ...] = ("memorization",)  # synthetic sets to audit
+    images_per_prompt: int = 500  # audited images per prompt (the first ones by index)
     grid: int = 4  # patches per side
     threshold: float = 0.15  # distance at or below which a pair is a possible copy
+    k: int = 50  # embedding neighbours re-ranked by patch distance
+    relative_alpha: float = 0.5  # relative distance = distance / (alpha x mean distance to the k neighbours)
+    control_queries: int = 1000  # held-out test images and left-out train images searched as controls
+    shard_size: int = 65536  # train embeddings per block of the exact search
+    batch_size: int = 64  # images per embedding call
+    num_actors: int = 4  # embedding actors at most (one GPU each on GPU clusters)
 
     def __post_init__(self):
+        if not self.sets:
+            raise ConfigError("audit_memorization.sets: name at least one synthetic set")
+        if self.k < 1 or self.grid < 1 or self.shard_size < 1 or self.control_queries < 0:
+            raise ConfigError("audit_memorization: k, grid and shard_size must be >= 1, control_queries >= 0")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"audit_memorization.threshold: {self.threshold} is outside (0, 1)")
         valid = preset_names("embedder")
         if self.embedder not in valid and not self.embedder.startswith(("hf-hub:", "local-dir:")):
             raise ConfigError(

@@ -1,0 +1,155 @@
+"""The memorization audit: the patch distance, exact sharded search, the statistics, and planted copies."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from medisyn.audit.neighbours import patch_distance, shards, topk_search
+from medisyn.audit.stats import clopper_pearson_upper, closer_than_control, tail_summary, wilcoxon_above
+
+
+def test_patch_distance_is_a_normalised_worst_patch():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert patch_distance(a, a) == 0.0
+    assert patch_distance(a, b) == pytest.approx(patch_distance(b, a))
+    black, white = np.zeros((64, 64), np.uint8), np.full((64, 64), 255, np.uint8)
+    assert patch_distance(black, white) == pytest.approx(1.0)
+    c = a.copy()
+    c[:16, :16] = 0  # one patch changed: its distance, by hand, is the result
+    by_hand = np.sqrt((a[:16, :16].astype(float) ** 2).sum() / (255.0**2 * 16 * 16 * 3))
+    assert patch_distance(a, c) == pytest.approx(by_hand)
+    with pytest.raises(ValueError, match="shapes differ"):
+        patch_distance(a, a[:32])
+
+
+def test_sharded_search_equals_unsharded_and_brute_force():
+    rng = np.random.default_rng(1)
+    keys = rng.standard_normal((3000, 32)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    q = keys[:100] + 0.01 * rng.standard_normal((100, 32)).astype(np.float32)
+    s1, i1 = topk_search(q, shards(keys, 3000), 20)
+    s2, i2 = topk_search(q, shards(keys, 701), 20, block=97)
+    brute = np.argsort(-(q @ keys.T), axis=1, kind="stable")[:, :20]
+    assert (i1 == i2).all() and (i1 == brute).all()
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
+    _, loo = topk_search(keys[:100], shards(keys, 500), 5, exclude=np.arange(100))
+    assert not (loo == np.arange(100)[:, None]).any()  # left out of its own search
+
+
+def test_tail_statistics_on_a_small_case():
+    d = np.array([0.1, 0.3, 0.35, 0.4, 0.5, 0.45, 0.38, 0.41, 0.33, 0.36])
+    t = tail_summary(d, 0.15)
+    assert t["pairs"] == 10 and t["flagged"] == 1 and t["flagged_pct"] == 10.0 and t["min"] == 0.1
+    assert t["flagged_rate_upper95"] == pytest.approx(clopper_pearson_upper(1, 10))
+    assert clopper_pearson_upper(0, 1000) == pytest.approx(0.002991, abs=1e-5)  # the "rule of three"
+    assert wilcoxon_above(np.full(50, 0.4) + np.linspace(0, 0.01, 50)) < 1e-6
+    assert closer_than_control(np.full(30, 0.05), np.linspace(0.3, 0.5, 30)) < 1e-6
+    assert closer_than_control(np.linspace(0.3, 0.5, 30), np.linspace(0.3, 0.5, 30)) > 0.3
+
+
+def _png(px: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _altered(px: np.ndarray, how: str, rng) -> np.ndarray:
+    if how == "exact":
+        return px
+    if how == "noise":
+        return np.clip(px.astype(float) + rng.normal(0, 3, px.shape), 0, 255).astype(np.uint8)
+    if how == "shift":
+        return np.roll(px, 1, axis=1)
+    if how == "jpeg":
+        buf = io.BytesIO()
+        Image.fromarray(px).save(buf, format="JPEG", quality=90)
+        return np.asarray(Image.open(buf).convert("RGB"))
+    if how == "brighter":
+        return np.clip(px.astype(int) + 6, 0, 255).astype(np.uint8)
+    raise ValueError(how)
+
+
+@pytest.fixture(scope="module")
+def planted(ingested):
+    """A synthetic set of altered copies of train images plus clean images, then the audit."""
+    from medisyn.audit.memorization import run as audit
+    from medisyn.config import load_config
+    from medisyn.records import MANIFEST_SCHEMA, atomic_write_table, read_corpus
+
+    base, run_dir, _ = ingested
+    cfg = load_config(
+        base.config_path,
+        [
+            f"run_dir={run_dir}",
+            f"ingest.repositories_file={base.ingest.repositories_file}",
+            "audit_memorization.sets=[planted]",
+            "audit_memorization.control_queries=40",
+        ],
+    )
+    rng = np.random.default_rng(0)
+    train = read_corpus(run_dir / "corpus", ["id", "image", "specialty", "image_type"], split="train").to_pylist()
+    out = run_dir / "synthetic/planted"
+    out.mkdir(parents=True, exist_ok=True)
+    rows, plants = [], {}
+    sources = [r for r in train if r["image_type"] in ("dermoscopy", "fundoscopy", "endoscopy")][::7][:10]
+    for n, src in enumerate(sources):
+        px = np.asarray(Image.open(io.BytesIO(src["image"])).convert("RGB").resize((128, 128), Image.LANCZOS))
+        how = ["exact", "noise", "shift", "jpeg", "brighter"][n % 5]
+        for kind, pixels in (("plant", _altered(px, how, rng)), ("clean", rng.integers(0, 256, px.shape, np.uint8))):
+            image_id = f"{kind}{n:02d}"
+            (out / f"{image_id}.png").write_bytes(_png(pixels))
+            rows.append({"id": image_id, "file": f"{image_id}.png", "prompt": f"p{n}", "specialty": src["specialty"],
+                         "image_type": src["image_type"], "labels": [], "seed": n, "index": 0, "checkpoint": "-",
+                         "guidance_scale": 7.0, "steps": 1, "scheduler": "euler", "original_size": [9, 9]})  # fmt: skip
+            if kind == "plant":
+                plants[image_id] = (src["id"], how)
+    atomic_write_table(pa.Table.from_pylist(rows, MANIFEST_SCHEMA), out / "manifest.parquet")
+    return cfg, audit(cfg), plants
+
+
+@pytest.mark.ray
+def test_every_planted_copy_is_flagged_and_clean_images_are_not(planted):
+    import pyarrow.parquet as pq
+
+    cfg, summary, plants = planted
+    pairs = pq.read_table(cfg.run_path / "audit/memorization/pairs.parquet").to_pylist()
+    synthetic = {p["id"]: p for p in pairs if p["kind"] == "synthetic:planted"}
+    for image_id, (source, how) in plants.items():
+        assert synthetic[image_id]["flagged"], (how, synthetic[image_id])
+        assert synthetic[image_id]["match_id"] == source, how
+    assert not any(p["flagged"] for i, p in synthetic.items() if i.startswith("clean"))
+    s = summary["by_kind"]["synthetic:planted"]
+    assert s["overall"]["flagged"] == len(plants) and s["overall"]["pairs"] == 2 * len(plants)
+    assert s["p_closer_than_test_control"] < 0.5 or s["overall"]["min"] == 0.0
+    assert {"control:test", "control:train-loo"} <= set(summary["by_kind"])
+    loo = [p for p in pairs if p["kind"] == "control:train-loo"]
+    assert loo and all(p["id"] != p["match_id"] for p in loo)  # left out of its own search
+    out = cfg.run_path / "audit/memorization"
+    assert (out / "gallery.png").stat().st_size > 1000 and (out / "histograms.png").exists()
+
+
+@pytest.mark.ray
+def test_a_copy_outside_the_embeddings_top1_is_found_by_the_pixels(planted):
+    """Re-ranking: the plant's embedding points at another image first, its source is within top-k."""
+    from medisyn.audit.memorization import _stored, audit_group
+    from medisyn.records import read_corpus
+
+    cfg, _, plants = planted
+    image_id, (source, _) = next(iter(plants.items()))
+    row = read_corpus(cfg.run_path / "corpus", ["id", "specialty", "image_type"], ids=[source]).to_pylist()[0]
+    group = read_corpus(cfg.run_path / "corpus", ["id", "specialty", "image_type"], split="train").to_pylist()
+    train_ids = [r["id"] for r in group if (r["specialty"], r["image_type"]) == (row["specialty"], row["image_type"])]
+    emb = _stored(cfg.run_path / "audit/memorization/embeddings/real.parquet")
+    decoy = next(i for i in train_ids if i != source)
+    emb[image_id] = emb[decoy]  # its embedding's top-1 is now the decoy
+    query = {"id": image_id, "specialty": row["specialty"], "image_type": row["image_type"]}
+    images = {image_id: (cfg.run_path / f"synthetic/planted/{image_id}.png").read_bytes()}
+    (found,) = audit_group(cfg, [query], train_ids, emb, images)
+    assert found["match_id"] == source and found["embedding_rank"] > 0 and found["distance"] <= 0.15
