@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medisyn-installed
 
-.PHONY: test demo test-fast lint clean-demo
+.PHONY: test demo demo-memorize test-fast lint clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-fast: lint  ## everything but the tests marked slow (end-to-end pipeline, e
 
 demo: $(STAMP)
 	$(VENV)/bin/medisyn pipeline --config jobs/configs/demo.yaml
+
+demo-memorize: $(STAMP)
+	$(VENV)/bin/medisyn pipeline --config jobs/configs/demo-memorize.yaml
 
 clean-demo:
 	rm -rf runs/demo

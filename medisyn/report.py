@@ -187,6 +187,53 @@ def fidelity_section(cfg: RunConfig, figs: Path) -> str:
     return "\n".join(parts)
 
 
+def memorization_section(cfg: RunConfig, figs: Path) -> str:
+    """Table 1 per kind (synthetic sets and the two controls), the histograms and the gallery."""
+    folder = cfg.run_path / "audit" / "memorization"
+    if not (folder / "summary.json").exists():
+        return "<h2>Memorization audit</h2><p class=todo>audit-memorization has not run.</p>"
+    summary = json.loads((folder / "summary.json").read_text())
+    t, m = summary["threshold"], cfg.audit_memorization
+    head = (
+        "<tr><th>images</th><th>specialty</th><th>pairs</th><th>distance mean ± sd</th>"
+        f"<th>≤ {t}</th><th>%</th><th>95% upper bound</th><th>min</th><th>1st pct</th>"
+        f"<th>Wilcoxon p (&gt; {t})</th></tr>"
+    )
+    rows = []
+    for kind, entry in summary["by_kind"].items():
+        for sp, v in [*entry["by_specialty"].items(), ("all", entry["overall"])]:
+            rows.append(
+                f"<tr><td>{html.escape(kind)}</td><td>{html.escape(sp)}</td><td>{v['pairs']}</td>"
+                f"<td>{v['mean']:.3f} ± {v['sd']:.3f}</td><td>{v['flagged']}</td><td>{v['flagged_pct']:.1f}</td>"
+                f"<td>{v['flagged_rate_upper95']:.2%}</td><td>{v['min']:.3f}</td><td>{v['p1']:.3f}</td>"
+                f"<td>{v['wilcoxon_p_above']:.2g}</td></tr>"
+            )
+    notes = []
+    for kind, entry in summary["by_kind"].items():
+        if kind.startswith("synthetic"):
+            p_closer = entry.get("p_closer_than_test_control", float("nan"))
+            notes.append(
+                f"{html.escape(kind)}: {entry['distinct_train_images_matched']} distinct train images matched, at "
+                f"most {entry['most_matches_to_one_train_image']} synthetic images to one; "
+                f"{entry['match_not_embedding_top1']} matches were not the embedding's top-1 (re-ranked by pixels); "
+                f"one-sided p that synthetic images are closer to train than held-out test images: {p_closer:.2g}."
+            )
+    parts = [
+        "<h2>Memorization audit</h2>",
+        f"<p>Nearest train image of the same specialty and image type (exact search over "
+        f"{html.escape(m.embedder)} embeddings, {m.k} neighbours re-ranked by the {m.grid}×{m.grid} patch "
+        f"distance); a pair at or below {t} is flagged. Controls: held-out real test images, and train images "
+        "with themselves left out.</p>",
+        f"<table>{head}{''.join(rows)}</table>",
+        "<p>" + "<br>".join(notes) + "</p>",
+    ]
+    for name, alt in (("histograms.png", "distance histograms"), ("gallery.png", "flagged and closest pairs")):
+        if (folder / name).exists():
+            Image.open(folder / name).save(figs / f"memorization_{name}")
+            parts.append(f'<img src="report/memorization_{name}" alt="{alt}">')
+    return "\n".join(parts)
+
+
 def training_section(cfg: RunConfig, figs: Path) -> str:
     logs = sorted((cfg.run_path / "train_log").glob("epoch-*-rank-0.json"))
     if not logs:
@@ -278,7 +325,8 @@ def run(cfg: RunConfig) -> Path:
         sections=ingest_section(cfg, figs)
         + training_section(cfg, figs)
         + synthetic_section(cfg, figs)
-        + fidelity_section(cfg, figs),
+        + fidelity_section(cfg, figs)
+        + memorization_section(cfg, figs),
     )
     out = cfg.run_path / "report.html"
     out.write_text(page)

@@ -322,3 +322,22 @@ def test_a_dropped_caption_is_the_exported_pipelines_unconditional_branch(traine
     assert negative.abs().sum() > 0  # not SDXL's zeros
     torch.testing.assert_close(negative[0], torch.from_numpy(embeds[0]).float(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(negative_pooled[0], torch.from_numpy(pooled[0]).float(), atol=2e-3, rtol=2e-3)
+
+
+def test_subset_per_caption_keeps_n_seeded_images_of_every_caption(ingested):
+    from dataclasses import replace
+
+    from medisyn.records import read_corpus
+    from medisyn.train.trainer import training_ids
+
+    cfg, run_dir, _ = ingested
+    rows = read_corpus(run_dir / "corpus", ["id", "caption"], split="train").to_pylist()
+    ids = [r["id"] for r in rows]
+    assert training_ids(cfg, ids) == ids  # 0: all of them
+    one = replace(cfg, train=replace(cfg.train, subset_per_caption=1))
+    chosen = training_ids(one, ids)
+    caption = {r["id"]: r["caption"] for r in rows}
+    assert len(chosen) == len(set(caption.values())) and {caption[i] for i in chosen} == set(caption.values())
+    assert training_ids(one, ids) == chosen  # seeded
+    two = training_ids(replace(cfg, train=replace(cfg.train, subset_per_caption=2)), ids)
+    assert set(chosen) < set(two) or len(two) > len(chosen)

@@ -25,6 +25,7 @@ class TrainConfig:
 
     epochs: int = 15  # checkpoints: one per epoch
     repeats: int = 1  # passes over the train split per epoch (kohya's repeats; small corpora)
+    subset_per_caption: int = 0  # train on N images per caption only (0 = all; demo-memorize: 1)
     learning_rate: float = 1e-5  # AdamW, constant
     weight_decay: float = 1e-2  # AdamW
     effective_batch: int = 128  # = per_worker_batch x num_workers x accumulation
@@ -52,6 +53,8 @@ class TrainConfig:
                 f"train.effective_batch: {self.effective_batch} is not a multiple of "
                 f"per_worker_batch x num_workers = {per_step}"
             )
+        if self.subset_per_caption < 0:
+            raise ConfigError(f"train.subset_per_caption: {self.subset_per_caption} must be >= 0")
         if self.repeats < 1:
             raise ConfigError(f"train.repeats: {self.repeats} must be at least 1")
         if self.resolution % 8:

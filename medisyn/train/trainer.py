@@ -24,6 +24,27 @@ def checkpoints(cfg: RunConfig) -> list[Path]:
     return sorted(p for p in (cfg.run_path / "checkpoints").glob("epoch-*") if (p / "unet").is_dir())
 
 
+def training_ids(cfg: RunConfig, cached: list[str]) -> list[str]:
+    """The cached train ids, or with ``train.subset_per_caption`` N a seeded draw of N per caption:
+    a few dozen images trained far past convergence, which the demo-memorize run uses to make a
+    model that really memorises, so the memorization audit can be shown to catch it."""
+    n = cfg.train.subset_per_caption
+    if not n:
+        return cached
+    import numpy as np
+
+    from medisyn.records import read_corpus
+
+    rows = read_corpus(cfg.run_path / "corpus", columns=["id", "caption"], split="train", ids=cached).to_pylist()
+    by_caption: dict[str, list[str]] = {}
+    for r in sorted(rows, key=lambda r: r["id"]):
+        by_caption.setdefault(r["caption"], []).append(r["id"])
+    rng = np.random.default_rng(cfg.seed)
+    chosen = sorted(i for ids in by_caption.values() for i in rng.permutation(ids)[:n].tolist())
+    log.info("train: train.subset_per_caption=%d: %d of %d train images", n, len(chosen), len(cached))
+    return chosen
+
+
 def run(cfg: RunConfig):
     import ray.train
     from ray.data.expressions import col
@@ -58,12 +79,13 @@ def run(cfg: RunConfig):
     # order every epoch (a new seed per execution), and each worker mixes rows in a local buffer.
     shuffle = ray.data.FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
     data = ray.data.read_parquet(str(cache / "latents"), shuffle=shuffle)
-    data = data.filter(expr=col("id").is_in(info["train_ids"]))
+    train_ids = training_ids(cfg, info["train_ids"])
+    data = data.filter(expr=col("id").is_in(train_ids))
     job = TrainJob(
         text_cache=str((cache / "text.parquet").resolve()),
         scaling_factor=float(info["scaling_factor"]),
         log_dir=str(run_root / "train_log"),
-        batches_per_epoch=t.repeats * -(-len(info["train_ids"]) // (t.num_workers * t.per_worker_batch)),
+        batches_per_epoch=t.repeats * -(-len(train_ids) // (t.num_workers * t.per_worker_batch)),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
