@@ -89,7 +89,7 @@ def test_overrides_are_typed():
         (["train.use_gpu=maybe"], "train.use_gpu: expected true or false"),
         (["model.preset=big"], "model.preset: unknown preset 'big'; expected one of sdxl, sdxl-random, tiny"),
         (["train.caption_dropout=1.5"], "train.caption_dropout: 1.5 is outside [0, 1)"),
-        (["train.num_workers=3"], "train.effective_batch: 8 is not a multiple of per_worker_batch x num_workers = 12"),
+        (["train.num_workers=3"], "train.effective_batch: 32 is not a multiple of per_worker_batch x num_workers = 48"),
         (["ingest.wsi_overlap=0.2"], "ingest.wsi_overlap: 0.2 is outside [0, 0.1]"),
         (["ingest.split_fractions=[0.5, 0.1, 0.1]"], "must be non-negative and sum to 1"),
         (["epochs"], "override 'epochs' must look like key=value"),
