@@ -86,6 +86,7 @@ def test_overrides_are_typed():
         (["trian.epochs=2"], "unknown key 'trian'; did you mean 'train'?"),
         (["train.epochs=two"], "train.epochs: expected an integer, got 'two'"),
         (["train.epochs=2.5"], "train.epochs: expected an integer"),
+        (["train.learning_rate=fast"], "train.learning_rate: expected a number, got 'fast'"),
         (["train.use_gpu=maybe"], "train.use_gpu: expected true or false"),
         (["model.preset=big"], "model.preset: unknown preset 'big'; expected one of sdxl, sdxl-random, tiny"),
         (["train.caption_dropout=1.5"], "train.caption_dropout: 1.5 is outside [0, 1)"),
@@ -182,3 +183,10 @@ def test_gpu_batch_above_the_measured_limit_is_refused():
     assert load_config(PAPER, ["train.per_worker_batch=32", "train.gpu_batch_limit=40"]).train.per_worker_batch == 32
     assert load_config(PAPER, ["train.per_worker_batch=32", "train.use_gpu=false"]).train.per_worker_batch == 32
     assert load_config(PAPER, ["train.per_worker_batch=32", "model.preset=tiny"]).train.per_worker_batch == 32
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-5 as a string; a float field takes it as the number the user meant."""
+    from medisyn.config import load_config
+
+    assert load_config(None, ["train.learning_rate=1e-5"]).train.learning_rate == 1e-5

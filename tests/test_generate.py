@@ -94,6 +94,7 @@ def _cfg(run_dir: Path, model: Path, set_file: Path):
             f"generate.checkpoint={model}",
             f"generate.sets=[{set_file}]",
             "generate.steps=3",
+            "generate.guidance_scale=7.0",
             "generate.resolution=64",
             "generate.batch_size=4",
             "generate.max_actors=1",

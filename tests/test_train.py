@@ -67,7 +67,7 @@ def test_captions_the_encoders_cannot_tell_apart_stop_the_cache(tmp_path, ingest
     assert len({e.tobytes() for e in embeds}) == len(captions)
     with pytest.raises(ValueError, match="share an encoding") as err:
         encode_text(cfg, ["Dermoscopy image showing xyzzy.", "Dermoscopy image showing plugh."], out)
-    assert "'Dermoscopy image showing xyzzy.' == 'Dermoscopy image showing plugh.'" in str(err.value)
+    assert "'Dermoscopy image showing plugh.' == 'Dermoscopy image showing xyzzy.'" in str(err.value)
     assert pq.read_table(out).num_rows == len(corpus_captions) + 1  # the cache was not rewritten
 
 
@@ -102,7 +102,11 @@ def trained(ingested):
         [
             f"run_dir={run_dir}",
             f"ingest.repositories_file={base.ingest.repositories_file}",
+            "vae_fit.enabled=false",  # the mechanics of training, on the preset's own VAE (tests/test_vae.py fits one)
+            "model.vae=",
             "train.resolution=64",
+            "train.repeats=1",
+            "train.learning_rate=0.00001",
             "train.per_worker_batch=4",
             "train.effective_batch=16",
             "train.epochs=3",
