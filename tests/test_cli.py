@@ -99,7 +99,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert summary["pairs"]["total"] > 400 and len(summary["by_image_type"]) == 10
     page = (run_dir / "report.html").read_text()
     assert "image–caption pairs" in page and (run_dir / "report/corpus_pathology.png").stat().st_size > 10_000
-    assert "stages still to come" in proc.stdout
+    assert "stages still to come: audit-utility" in proc.stdout
     assert json.loads((run_dir / "selection.json").read_text())["best"] in ("epoch-000", "epoch-001")
     assert (run_dir / "model/model_index.json").exists() and "Training" in page
     manifest = pq.read_table(run_dir / "synthetic/memorization/manifest.parquet")
@@ -114,3 +114,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     fidelity = json.loads((run_dir / "audit/fidelity.json").read_text())
     assert fidelity["real_test"]["specialty"]["share"] > 0.9  # the classifier is sound on real images
     assert fidelity["sets"]["memorization"]["specialty"]["n"] == 20 and "Prompt fidelity" in page
+    memorization = json.loads((run_dir / "audit/memorization/summary.json").read_text())
+    assert set(memorization["by_kind"]) == {"synthetic:memorization", "control:test", "control:train-loo"}
+    assert memorization["by_kind"]["synthetic:memorization"]["overall"]["pairs"] == 20
+    assert "Memorization audit" in page and (run_dir / "report/memorization_gallery.png").exists()

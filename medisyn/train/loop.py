@@ -18,7 +18,6 @@ restarted worker resumes from the latest checkpoint's ``resume/``.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import tempfile
@@ -219,17 +218,14 @@ def train_loop_per_worker(config: dict) -> None:
         micro, fingerprint = 0, rng_fingerprint(generator)
         bar = tqdm(total=job.batches_per_epoch, desc=f"epoch {epoch}", disable=rank != 0, mininterval=5)
         comm["synced"].clear()
-        passes = (  # train.repeats passes over the data make one epoch (kohya's repeats), each in a new order
-            shard.iter_batches(
-                batch_size=t.per_worker_batch,
-                batch_format="numpy",
-                local_shuffle_buffer_size=256,
-                local_shuffle_seed=cfg.seed * 100 + (epoch * t.repeats + r) * 10 + rank,
-                drop_last=False,
-            )
-            for r in range(t.repeats)
+        batches = shard.iter_batches(  # train.repeats copies of the data per epoch: the trainer's union
+            batch_size=t.per_worker_batch,
+            batch_format="numpy",
+            local_shuffle_buffer_size=256,
+            local_shuffle_seed=cfg.seed * 100 + epoch * 10 + rank,
+            drop_last=False,
         )
-        for batch, last in with_last(itertools.chain.from_iterable(passes)):
+        for batch, last in with_last(batches):
             n = len(batch["id"])
             comm["micro"] = micro
             sync = (micro + 1) % t.accumulation == 0 or last

@@ -81,6 +81,13 @@ def run(cfg: RunConfig):
     data = ray.data.read_parquet(str(cache / "latents"), shuffle=shuffle)
     train_ids = training_ids(cfg, info["train_ids"])
     data = data.filter(expr=col("id").is_in(train_ids))
+    if t.repeats > 1:
+        # kohya's repeats are for small corpora: the filtered latents are held once in the object
+        # store and repeated as one dataset, so an epoch is one execution, not one per pass (a
+        # pass over a few dozen images would cost more to start than to train); the workers'
+        # epoch-seeded local buffers mix the copies
+        data = data.materialize()
+        data = data.union(*([data] * (t.repeats - 1)))
     job = TrainJob(
         text_cache=str((cache / "text.parquet").resolve()),
         scaling_factor=float(info["scaling_factor"]),
