@@ -78,7 +78,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     run_dir = tmp_path / "demo"
     fast = [
         "train.resolution=64",
-        "vae_fit.epochs=10",  # enough at 64² to beat the mean-colour baseline (or cache refuses the VAE)
+        "vae_fit.epochs=14",  # enough at 64² to beat the mean-colour baseline (or cache refuses the VAE)
         "train.epochs=2",
         "train.repeats=2",
         "select.num_images=8",
@@ -108,9 +108,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     fit = json.loads((run_dir / "vae/fit.json").read_text())
     assert fit["beats_baseline"] and "VAE fitted to the corpus" in page
     cache = json.loads(next((run_dir / "cache").glob("tiny-r64-*/cache.json")).read_text())
-    per_rank = -(-(len(cache["train_ids"]) // 2) // 16)  # 2 workers, 16 per worker, equal shards
+    once = -(-(len(cache["train_ids"]) // 2) // 16)  # one pass: 2 workers, 16 per worker, equal shards
     log = json.loads((run_dir / "train_log/epoch-001-rank-0.json").read_text())
-    assert log["micro_steps"] == 2 * per_rank  # train.repeats=2: two passes per epoch
+    assert log["micro_steps"] == -(-(2 * len(cache["train_ids"]) // 2) // 16) >= 2 * once - 1  # train.repeats=2
     fidelity = json.loads((run_dir / "audit/fidelity.json").read_text())
     assert fidelity["real_test"]["specialty"]["share"] > 0.9  # the classifier is sound on real images
     assert fidelity["sets"]["memorization"]["specialty"]["n"] == 20 and "Prompt fidelity" in page
