@@ -56,3 +56,15 @@ def test_fidelity_needs_two_real_classes_and_keys_ignore_label_order():
     assert class_key("radiology", "X-ray", ["edema", "cardiomegaly"]) == class_key(
         "radiology", "X-ray", ["cardiomegaly", "edema"]
     )
+
+
+def test_embedder_features_are_unit_length_and_feed_the_same_check():
+    from medisyn.audit.fidelity import embeddings
+
+    rng = np.random.default_rng(0)
+    images = _colour((200, 40, 40), rng, 6) + _colour((40, 40, 200), rng, 6)
+    e = embeddings(images, "tiny-embedder", batch_size=5)  # the demo's offline embedder, in batches
+    assert e.shape == (12, 64)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    part = {"features": e, "specialty": ["red"] * 6 + ["blue"] * 6, "class": ["red"] * 6 + ["blue"] * 6}
+    assert prompt_fidelity(part, part, {"same": part})["sets"]["same"]["specialty"]["n"] == 12

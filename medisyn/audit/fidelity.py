@@ -45,22 +45,14 @@ def thumbnails(images: list[bytes], size: int = 16) -> np.ndarray:
 
 
 def embeddings(images: list[bytes], embedder: str, batch_size: int = 64) -> np.ndarray:
-    """Encoded images -> unit-length image embeddings of an open_clip embedder (preset or source)."""
-    import torch
-    from PIL import Image
+    """Encoded images -> unit-length embeddings, by the memorization audit's ``Embedder``."""
+    from medisyn.audit.memorization import Embedder
 
-    from medisyn.models import load_embedder
-
-    model, preprocess = load_embedder(embedder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack(
-                [preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[start : start + batch_size]]
-            )
-            chunks.append(model.encode_image(batch.to(device), normalize=True).float().cpu().numpy())
+    embed = Embedder(embedder)
+    chunks = [
+        np.stack(embed({"id": [], "image": images[start : start + batch_size]})["embedding"])
+        for start in range(0, len(images), batch_size)
+    ]
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
 

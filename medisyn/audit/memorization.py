@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -144,10 +145,11 @@ def _pixels(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
     return np.asarray(im)
 
 
-def match(query_px: np.ndarray, candidates: list[str], images: dict[str, bytes], grid: int, alpha: float) -> dict:
-    """The candidate with the smallest patch distance (real images resized to the query's size)."""
+def match(query_px: np.ndarray, candidates: list[str], pixels, grid: int, alpha: float) -> dict:
+    """The candidate with the smallest patch distance; ``pixels(id, size)`` gives a real image
+    resized to the query's size (decoded once per group and size, however many queries list it)."""
     size = (query_px.shape[1], query_px.shape[0])
-    d = np.array([patch_distance(query_px, _pixels(images[c], size), grid) for c in candidates])
+    d = np.array([patch_distance(query_px, pixels(c, size), grid) for c in candidates])
     best = int(d.argmin())
     return {
         "match_id": candidates[best],
@@ -180,10 +182,15 @@ def audit_group(
         for srow, irow in zip(scores, idx, strict=True)
     ]
     images = read_images(cfg.run_path / "corpus", {c for row in candidates for c in row})  # only the candidates
+
+    @functools.lru_cache(maxsize=1024)  # bounded: ~0.8 GB of 512² candidates, however large the group
+    def pixels(image_id: str, size: tuple[int, int]) -> np.ndarray:
+        return _pixels(images[image_id], size)
+
     out = []
     for r, row in zip(queries, candidates, strict=True):
         if row:
-            out.append({**r, **match(_pixels(query_images[r["id"]]), row, images, m.grid, m.relative_alpha)})
+            out.append({**r, **match(_pixels(query_images[r["id"]]), row, pixels, m.grid, m.relative_alpha)})
     return out
 
 
