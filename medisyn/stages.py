@@ -60,7 +60,12 @@ STAGES = (
         "medisyn.audit.memorization:run",
         job="audit_memorization.py",
     ),
-    Stage("audit-utility", "ResNet-50 real vs real+synthetic trials (Ray Tune) with bootstrap CIs", issue=14),
+    Stage(
+        "audit-utility",
+        "ResNet-50 trials on real, half-real, half-real + synthetic and duplicated-real arms (Ray Tune), bootstrap CIs",
+        "medisyn.audit.utility:run",
+        job="audit_utility.py",
+    ),
     Stage("reader", "the blinded reader-study web app", issue=17),
     Stage("report", "the HTML report of every stage", "medisyn.report:run", job="report.py"),
 )

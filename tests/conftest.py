@@ -77,3 +77,48 @@ def ingested(ray_cluster, phantom_root, tmp_path_factory):
         [f"run_dir={run_dir}", f"ingest.repositories_file={phantom_root / 'repositories.yaml'}"],
     )
     return cfg, run_dir, ingest(cfg)
+
+
+def fake_synthetic_set(run_dir, name: str = "utility", per_class: int = 12, size: int = 64):
+    """A synthetic set made of real train images (re-encoded PNGs, single-label rows only), so
+    the utility audit can run without a diffusion model: the manifest is the real format."""
+    import io
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from medisyn.records import MANIFEST_SCHEMA, read_corpus
+
+    cols = ["id", "image", "specialty", "image_type", "labels", "caption"]
+    rows = read_corpus(Path(run_dir) / "corpus", cols, split="train").to_pylist()
+    out = Path(run_dir) / "synthetic" / name
+    out.mkdir(parents=True, exist_ok=True)
+    seen, records = {}, []
+    for r in rows:
+        key = (r["specialty"], r["image_type"], *r["labels"])
+        if len(r["labels"]) != 1 or seen.get(key, 0) >= per_class:
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        image_id = f"{r['id'][:12]}s"
+        Image.open(io.BytesIO(r["image"])).convert("RGB").resize((size, size)).save(out / f"{image_id}.png")
+        records.append(
+            {
+                "id": image_id,
+                "file": f"{image_id}.png",
+                "prompt": r["caption"],
+                "specialty": r["specialty"],
+                "image_type": r["image_type"],
+                "labels": r["labels"],
+                "seed": 0,
+                "index": seen[key],
+                "checkpoint": "real images (test fixture)",
+                "guidance_scale": 1.0,
+                "steps": 1,
+                "scheduler": "none",
+                "original_size": [size, size],
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), out / "manifest.parquet")
+    return out

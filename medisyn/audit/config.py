@@ -58,15 +58,42 @@ class FidelityConfig:
 
 @dataclass(frozen=True)
 class UtilityConfig:
-    """Paper: ImageNet ResNet-50, 2,000 real vs 1,000 real vs 1,000 real + 1,000 synthetic."""
+    """Paper: ImageNet ResNet-50 on 2,000 real vs 1,000 real vs 1,000 real + 1,000 synthetic
+    train images, 15 epochs, AdamW 1e-4, best-validation epoch tested; plus a 1,000 x 2 control."""
 
-    tasks: tuple[str, ...] = ("chest-xray", "dermoscopy", "prostatectomy")
-    real_full: int = 2000
-    real_half: int = 1000
-    synthetic: int = 1000
+    tasks_file: str = "paper"  # jobs/configs/utility/<name>.yaml, or a path to such a file
+    tasks: tuple[str, ...] = ()  # task names to run from the file (empty: all of them)
+    real_full: int = 2000  # arm (i): real train images, class-matched
+    real_half: int = 1000  # arm (ii): a class-matched subset of (i); (iv) uses it twice
+    synthetic: int = 1000  # arm (iii) = (ii) + this many synthetic images, class-matched to (ii)
+    seeds: int = 3  # trials per arm; seed k fixes the subset draw, initialisation and data order
     epochs: int = 15
+    batch_size: int = 32
     learning_rate: float = 1e-4  # AdamW
     image_size: int = 224  # classifier input side in pixels
+    arch: str = "resnet50"  # a torchvision classification model
+    weights: str = "imagenet"  # imagenet (torchvision's, downloaded; random init when unreachable), none, or a file
+    equal_steps: bool = False  # every arm trains for as many optimizer steps as arm (i)
+    checkpoint: bool = True  # a resumable checkpoint per epoch (off: a restarted trial starts over)
     bootstrap_resamples: int = 2000
-    seeds: int = 1  # trials per arm
-    pretrained: bool = True  # ImageNet weights (offline runs set false)
+    stratified_bootstrap: bool = False  # resample within classes (label combinations), so none goes missing
+    cpus_per_trial: float = 4
+    gpus_per_trial: float = 1  # on GPU clusters; a fraction packs trials onto one GPU
+    max_failures: int = 2  # restarts of a failed trial (from its last checkpoint)
+
+    def __post_init__(self):
+        if not 0 < self.real_half <= self.real_full:
+            raise ConfigError(f"audit_utility: need 0 < real_half <= real_full, got {self.real_half}, {self.real_full}")
+        positive = ("synthetic", "seeds", "epochs", "batch_size", "image_size", "bootstrap_resamples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"audit_utility.{name}: {getattr(self, name)} must be >= 1")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"audit_utility.learning_rate: {self.learning_rate} must be > 0")
+        if not self.cpus_per_trial > 0 or not 0 < self.gpus_per_trial <= 1 or self.max_failures < 0:
+            raise ConfigError("audit_utility: need cpus_per_trial > 0, 0 < gpus_per_trial <= 1, max_failures >= 0")
+        if self.arch not in _CLASSIFIERS:
+            raise ConfigError(f"audit_utility.arch: {self.arch!r}; expected one of {', '.join(_CLASSIFIERS)}")
+
+
+_CLASSIFIERS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision ResNets: one head to replace (fc)

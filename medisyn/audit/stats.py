@@ -133,12 +133,12 @@ def resample_indices(y, n_resamples: int, seed: int = 0, stratified: bool = Fals
 
     Stratified: each resample keeps every stratum's size (a multi-class task's classes, a
     multi-label task's label combinations), so no resample misses a class the test set has."""
-    y = np.asarray(y)
+    y = indicator(y)  # class indices and one-hot rows give the same strata, so the same draws
     n = len(y)
     rng = np.random.default_rng(seed)
     if not stratified:
         return rng.integers(0, n, size=(n_resamples, n))
-    strata = np.unique(y.reshape(n, -1), axis=0, return_inverse=True)[1].reshape(-1)
+    strata = np.unique(y, axis=0, return_inverse=True)[1].reshape(-1)
     out = np.empty((n_resamples, n), dtype=np.int64)
     for k in range(strata.max() + 1):
         members = np.flatnonzero(strata == k)
@@ -211,7 +211,10 @@ def two_level_bootstrap_diff(
         raise ValueError("two_level_bootstrap_diff: need the same number (>= 1) of seeds for both arms")
     y = indicator(y, np.shape(scores_a[0])[1])
     res = bootstrap_aurocs(
-        y, {f"a{i}": s for i, s in enumerate(scores_a)} | {f"b{i}": s for i, s in enumerate(scores_b)}, n_resamples, seed
+        y,
+        {f"a{i}": s for i, s in enumerate(scores_a)} | {f"b{i}": s for i, s in enumerate(scores_b)},
+        n_resamples,
+        seed,
     )
     d = np.stack([res["samples"][f"a{i}"] - res["samples"][f"b{i}"] for i in range(k)], axis=1)  # [R', k]
     pick = np.random.default_rng([seed, 1]).integers(0, k, size=d.shape)

@@ -112,7 +112,7 @@ def _generate_repo(out: Path, repo: PhantomRepo, seed: int, scale: str, plant: b
     n_rows_valid = len(res.rows)
     recs = _defects.plant(ctx, repo, res) if plant else []
     if repo.split_column:
-        split = assign_splits(res.rows[:n_rows_valid], repo, ctx.rng(PATIENT_OFFSET - 3))
+        split = assign_splits(res.rows[:n_rows_valid], repo, ctx.rng(PATIENT_OFFSET - 3), repo.split_fractions)
         for r in res.rows:
             r[repo.split_column] = split.get(r.get(repo.patient_column), "train")
     pd.DataFrame(res.rows).to_csv(repo_dir / repo.labels_csv, index=False, lineterminator="\n")

@@ -35,6 +35,7 @@ class PhantomRepo:
     # drawn per patient and stratified so every class has a patient in every split; "" = ingest's
     # patient-hash split (kept for one repository, so the demo exercises both)
     split_column: str = "split"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test share of patients
 
     @property
     def multi_label(self) -> bool:
@@ -121,6 +122,8 @@ REPOSITORIES: tuple[PhantomRepo, ...] = (
             "Edema": "edema",
         },
         xray_us.chest_xray,
+        (30, 60),  # a utility-audit task: enough images for class-matched arms and a test set
+        split_fractions=(0.6, 0.2, 0.2),  # test AUROCs on more than a handful of images
     ),
     R(
         "breast-us",
@@ -150,6 +153,8 @@ REPOSITORIES: tuple[PhantomRepo, ...] = (
         "Dermoscopy image showing {label}.",
         {"MEL": "melanoma", "SK": "seborrheic keratosis", "BCC": "basal cell carcinoma", "NV": "melanocytic nevi"},
         dermatology.isic,
+        (30, 60),  # a utility-audit task: enough images for class-matched arms and a test set
+        split_fractions=(0.6, 0.2, 0.2),  # test AUROCs on more than a handful of images
     ),
     R(
         "derm-photos",
@@ -251,6 +256,8 @@ REPOSITORIES: tuple[PhantomRepo, ...] = (
             "pushing_needle": "pushing the needle through the tissue",
         },
         surgery.prostatectomy,
+        (30, 60),  # a utility-audit task: enough images for class-matched arms and a test set
+        split_fractions=(0.6, 0.2, 0.2),  # test AUROCs on more than a handful of images
     ),
     R(
         "kvasir",
