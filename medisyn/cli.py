@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(sub.add_parser("pipeline", help="every built stage in order"))
     show = sub.add_parser("config", help="print the resolved, validated config and exit")
     _config_args(show)
-    bench = sub.add_parser("bench", help="throughput benchmarks (ingest, train, generate, select)")
-    bench.add_argument("what", choices=["ingest", "train", "generate", "select"])
+    bench = sub.add_parser(
+        "bench", help="throughput benchmarks (ingest, train, generate, select, bootstrap, classifier)"
+    )
+    bench.add_argument("what", choices=["ingest", "train", "generate", "select", "bootstrap", "classifier"])
     bench.add_argument(
         "--images", type=int, default=0, help="source images per kind (ingest: 256) or per checkpoint (select)"
     )
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=0, help="samples per step (0: preset default)")
     bench.add_argument("--resolution", type=int, default=0, help="image side in pixels (0: preset default)")
     bench.add_argument("--steps", type=int, default=0, help="timed steps (0: default)")
+    bench.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (bootstrap)")
+    bench.add_argument(
+        "--loop-resamples", type=int, default=0, help="resamples the scikit-learn loop times (0: all; bootstrap)"
+    )
+    bench.add_argument("--arch", default="resnet50", help="torchvision ResNet (classifier)")
     _config_args(bench)
     return parser
 
@@ -135,6 +142,14 @@ def _dispatch(args, cfg: RunConfig) -> int:
             from medisyn.train.bench import run as bench_train
 
             bench_train(args.preset, args.batch, args.resolution, args.steps)
+        elif args.what == "bootstrap":
+            from medisyn.audit.bench import bootstrap
+
+            bootstrap(args.resamples, loop_resamples=args.loop_resamples)
+        elif args.what == "classifier":
+            from medisyn.audit.bench import classifier
+
+            classifier(args.arch, args.resolution, args.batch, args.steps)
         elif args.what == "select":
             from medisyn.select.bench import run as bench_select
 

@@ -234,6 +234,60 @@ def memorization_section(cfg: RunConfig, figs: Path) -> str:
     return "\n".join(parts)
 
 
+def utility_section(cfg: RunConfig, figs: Path) -> str:
+    """The paper's Figure 5 and its CI table per task, with seed spread and the control arm."""
+    folder = cfg.run_path / "audit" / "utility"
+    if not (folder / "summary.json").exists():
+        return "<h2>Utility audit</h2><p class=todo>audit-utility has not run.</p>"
+    summary = json.loads((folder / "summary.json").read_text())
+    labels = summary["arm_labels"]
+    parts = [
+        "<h2>Utility audit</h2>",
+        f"<p>{html.escape(summary['arch'])} ({html.escape(summary['weights'])}), {summary['image_size']}² inputs, "
+        f"{summary['epochs']} epochs{' (equal optimizer steps per arm)' if summary['equal_steps'] else ''}, the "
+        f"best-validation epoch tested; {summary['seeds']} seed(s) per arm, each fixing the subset draw, "
+        f"initialisation and data order. CIs: {summary['bootstrap_resamples']:,} paired bootstrap resamples of the "
+        "test set (seed 0, as the paper) and a seed × test-case bootstrap over all seeds. Arm (iv) uses arm (ii)'s "
+        "real images twice: (iii) − (iv) is what synthetic images add beyond more samples.</p>",
+    ]
+    for name, t in summary["tasks"].items():
+        rows = "".join(
+            f"<tr><td>{html.escape(labels[arm])}</td><td>{v['size']}</td><td>{v['mean']:.3f} ± {v['sd']:.3f}</td>"
+            f"<td>{' '.join(f'{a:.3f}' for a in v['auroc'])}</td><td>{sum(v['steps']) / len(v['steps']):.0f}</td>"
+            f"<td>{' '.join(str(e) for e in v['best_epoch'])}</td></tr>"
+            for arm, v in t["arms"].items()
+        )
+        diffs = []
+        for c in t["comparisons"]:
+            key = f"{c['a']}-{c['b']}"
+            paper = t["paper"].get(key)
+            paper_text = f"{paper[0]:+.3f} ({paper[1]:+.3f}, {paper[2]:+.3f})" if paper else "—"
+            d, lo, hi = c["paper_style"]
+            d2, lo2, hi2 = c["two_level"]
+            delong = "; ".join(
+                f"{html.escape(cls)} {v['diff']:+.3f} ({v['lo']:+.3f}, {v['hi']:+.3f})"
+                for cls, v in c["delong_seed0"].items()
+            )
+            diffs.append(
+                f"<tr><td>{html.escape(labels[c['a']].split(' ')[0])} − {html.escape(labels[c['b']].split(' ')[0])}"
+                f"</td><td>{d:+.3f} ({lo:+.3f}, {hi:+.3f})</td><td>{d2:+.3f} ({lo2:+.3f}, {hi2:+.3f})</td>"
+                f"<td>{paper_text}</td>"
+                f"<td style='text-align:left;font-size:85%'>{delong}</td></tr>"
+            )
+        parts += [
+            f"<h3>{html.escape(name)} ({t['kind']}, {len(t['classes'])} classes; {t['n_val']} val, "
+            f"{t['n_test']} test images)</h3>",
+            "<table><tr><th>arm</th><th>train samples</th><th>test macro AUROC, mean ± sd</th><th>per seed</th>"
+            f"<th>optimizer steps</th><th>best epoch</th></tr>{rows}</table>",
+            "<table><tr><th>difference</th><th>seed 0, 95% CI</th><th>over seeds, 95% CI</th>"
+            "<th>paper (its data)</th><th>per class, DeLong 95% CI (seed 0)</th></tr>" + "".join(diffs) + "</table>",
+        ]
+        if (folder / t["roc"]).exists():
+            Image.open(folder / t["roc"]).save(figs / f"utility_{t['roc']}")
+            parts.append(f'<img src="report/utility_{t["roc"]}" alt="{html.escape(name)} ROC curves">')
+    return "\n".join(parts)
+
+
 def training_section(cfg: RunConfig, figs: Path) -> str:
     logs = sorted((cfg.run_path / "train_log").glob("epoch-*-rank-0.json"))
     if not logs:
@@ -326,7 +380,8 @@ def run(cfg: RunConfig) -> Path:
         + training_section(cfg, figs)
         + synthetic_section(cfg, figs)
         + fidelity_section(cfg, figs)
-        + memorization_section(cfg, figs),
+        + memorization_section(cfg, figs)
+        + utility_section(cfg, figs),
     )
     out = cfg.run_path / "report.html"
     out.write_text(page)

@@ -40,6 +40,21 @@ def test_bench_select_tiny_on_cpu(capsys):
     assert "checkpoints/hour" in capsys.readouterr().out
 
 
+def test_bench_bootstrap_matches_the_sklearn_loop(capsys):
+    from medisyn.audit.bench import bootstrap
+
+    r = bootstrap(resamples=60, n=500, loop_resamples=30)
+    assert r["max_diff"] < 1e-12 and r["vectorised_s"] > 0 and r["loop_s"] > 0
+    assert "(timed on 30, scaled)" in capsys.readouterr().out
+
+
+def test_bench_classifier_on_cpu(capsys):
+    from medisyn.audit.bench import classifier
+
+    r = classifier("resnet18", image_size=32, batch=4, steps=2)
+    assert r["images_per_s"] > 0 and "resnet18 at 32², batch 4, 2 steps" in capsys.readouterr().out
+
+
 def test_sdxl_random_pipeline_has_sdxl_shapes():
     from diffusers import AutoencoderKL
 
