@@ -254,7 +254,9 @@ def utility_section(cfg: RunConfig, figs: Path) -> str:
         rows = "".join(
             f"<tr><td>{html.escape(labels[arm])}</td><td>{v['size']}</td><td>{v['mean']:.3f} ± {v['sd']:.3f}</td>"
             f"<td>{' '.join(f'{a:.3f}' for a in v['auroc'])}</td><td>{sum(v['steps']) / len(v['steps']):.0f}</td>"
-            f"<td>{' '.join(str(e) for e in v['best_epoch'])}</td></tr>"
+            f"<td>{' '.join(str(e) for e in v['best_epoch'])}</td>"
+            f"<td style='text-align:left;font-size:85%'>"
+            f"{'; '.join(f'{html.escape(c)} {a:.2f}' for c, a in v['per_class'].items())}</td></tr>"
             for arm, v in t["arms"].items()
         )
         diffs = []
@@ -278,7 +280,7 @@ def utility_section(cfg: RunConfig, figs: Path) -> str:
             f"<h3>{html.escape(name)} ({t['kind']}, {len(t['classes'])} classes; {t['n_val']} val, "
             f"{t['n_test']} test images)</h3>",
             "<table><tr><th>arm</th><th>train samples</th><th>test macro AUROC, mean ± sd</th><th>per seed</th>"
-            f"<th>optimizer steps</th><th>best epoch</th></tr>{rows}</table>",
+            f"<th>optimizer steps</th><th>best epoch</th><th>per class (mean over seeds)</th></tr>{rows}</table>",
             "<table><tr><th>difference</th><th>seed 0, 95% CI</th><th>over seeds, 95% CI</th>"
             "<th>paper (its data)</th><th>per class, DeLong 95% CI (seed 0)</th></tr>" + "".join(diffs) + "</table>",
         ]

@@ -89,7 +89,7 @@ def test_layout_yaml_and_summary(gen):
         assert "{label}" in e["template"] and e["kind"] in ("dicom", "wsi", "image")
     assert json.loads((out / "phantoms.json").read_text()) == summary
     assert summary["seed"] == 0 and summary["scale"] == "small"
-    assert 450 <= summary["totals"]["frames"] - 288 <= 900  # images/frames, excluding WSI tiles
+    assert 700 <= summary["totals"]["frames"] - 288 <= 1100  # images/frames, excluding WSI tiles
 
 
 def test_specialties_and_image_types_covered():
@@ -329,3 +329,21 @@ def test_ctpa_contrast_lumen_shrinks_with_pe(gen):
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         lumen[row["pe_present"]].append(((hu > 200) & (hu < 450)).sum())
     assert np.mean(lumen["0"]) > 1.15 * np.mean(lumen["1"])
+
+
+def test_a_folder_from_another_catalog_is_made_again(tmp_path, monkeypatch):
+    """Reuse needs the same catalog (counts, splits), seed, scale and defects, not just seed and scale."""
+    import json
+
+    import medisyn.phantoms as phantoms
+    from medisyn.phantoms.stage import ensure_phantoms
+
+    calls = []
+    monkeypatch.setattr(phantoms, "generate_phantoms", lambda out, **kw: calls.append(kw) or {"made": True})
+    out = tmp_path / "ph"
+    out.mkdir()
+    marker = {"catalog": phantoms.catalog_digest(), "seed": 0, "scale": "small", "defects_planted": True}
+    (out / "phantoms.json").write_text(json.dumps(marker))
+    assert ensure_phantoms(out, 0, "small") == marker and calls == []
+    (out / "phantoms.json").write_text(json.dumps(marker | {"catalog": "an-older-catalog"}))
+    assert ensure_phantoms(out, 0, "small") == {"made": True} and len(calls) == 1 and not out.exists()

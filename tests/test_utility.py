@@ -283,3 +283,23 @@ def test_a_stopped_audit_resumes_only_the_unfinished_trials(utility_run, monkeyp
 
     meta = json.loads(pq.read_schema(preds / "real_half-seed0.parquet").metadata[b"medisyn"])
     assert meta["resumed_at_epoch"] == 1 and [h["epoch"] for h in meta["history"]] == [1, 2, 3]
+
+
+@pytest.mark.ray
+def test_plan_records_every_arm_and_equal_steps_matches_arm_one(utility_run):
+    import pyarrow.parquet as pq
+
+    from medisyn.audit.utility import plan_task
+
+    task = load_tasks("demo", ("chest-xray",))[0]
+    cfg = _cfg(utility_run, "audit_utility.equal_steps=true", "audit_utility.seeds=2", "audit_utility.epochs=3")
+    plan, todo = plan_task(cfg, task, "none")
+    assert plan.equal_steps == 3 * 2  # arm (i): 16 images in batches of 8, 3 epochs
+    assert todo["size"] == 32 and len(todo["real_ids"]) == len(plan.real_y) == plan.test[-1] + 1
+    arms = pq.read_table(utility_run / "audit/utility/arms/chest-xray.parquet").to_pandas()
+    sizes = arms.groupby(["seed", "arm"]).size().unstack()
+    assert sizes.loc[0].to_dict() == {"half_synth": 16, "half_twice": 16, "real_full": 16, "real_half": 8}
+    assert sorted(arms.draw_seed.unique()) == [0, 1] and set(arms.origin) == {"real", "synthetic"}
+    assert arms[arms.origin == "synthetic"].arm.unique().tolist() == ["half_synth"]
+    val_test = set(plan.val) | set(plan.test)
+    assert not any(set(a.real) & val_test for a in plan.arms.values())  # no arm trains on a val or test row

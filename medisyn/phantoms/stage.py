@@ -22,16 +22,13 @@ def ensure_phantoms(out: Path, seed: int, scale: str, defects: bool = True) -> d
     ``phantoms.json`` is written last, so its presence means the folder is complete; a
     half-written folder (an interrupted run) is cleared and made again.
     """
-    from medisyn.phantoms import generate_phantoms
+    from medisyn.phantoms import catalog_digest, generate_phantoms
 
     marker = out / "phantoms.json"
     if marker.is_file():
         summary = json.loads(marker.read_text())
-        if (summary.get("seed"), summary.get("scale"), bool(summary.get("defects_planted", True))) == (
-            seed,
-            scale,
-            defects,
-        ):
+        have = (summary.get("catalog"), summary.get("seed"), summary.get("scale"), summary.get("defects_planted"))
+        if have == (catalog_digest(), seed, scale, bool(defects)):
             log.info("phantoms: %s already holds seed %d, scale %s; nothing to do", out, seed, scale)
             return summary
     if out.exists():
