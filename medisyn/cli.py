@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("what", choices=["ingest", "train", "generate", "select", "bootstrap", "classifier"])
     bench.add_argument(
-        "--images", type=int, default=0, help="source images per kind (ingest: 256) or per checkpoint (select)"
+        "--images",
+        type=int,
+        default=0,
+        help="source images per kind (ingest: 256), per checkpoint (select), real (audit)",
     )
     bench.add_argument("--checkpoints", type=int, default=3, help="checkpoints each arm scores (select)")
     bench.add_argument(
@@ -142,6 +145,10 @@ def _dispatch(args, cfg: RunConfig) -> int:
             from medisyn.train.bench import run as bench_train
 
             bench_train(args.preset, args.batch, args.resolution, args.steps)
+        elif args.what == "audit":
+            from medisyn.audit.bench import search
+
+            search(n_real=args.images or 100_000)
         elif args.what == "bootstrap":
             from medisyn.audit.bench import bootstrap
 

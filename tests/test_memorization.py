@@ -41,6 +41,13 @@ def test_sharded_search_equals_unsharded_and_brute_force():
     np.testing.assert_allclose(s1, s2, atol=1e-6)
     _, loo = topk_search(keys[:100], shards(keys, 500), 5, exclude=np.arange(100))
     assert not (loo == np.arange(100)[:, None]).any()  # left out of its own search
+    # exact ties (duplicated keys) across the k-th place: the lowest indices win, however sharded
+    small = rng.integers(-3, 4, (40, 8)).astype(np.float32)  # integer products: ties are exact in any blocking
+    dup = np.repeat(small, 6, axis=0)[rng.permutation(240)]
+    for k in (1, 4, 9):
+        brute = np.lexsort((np.broadcast_to(np.arange(240), (40, 240)), -(small @ dup.T)), axis=1)[:, :k]
+        for size, block in ((240, 4096), (50, 7)):
+            assert (topk_search(small, shards(dup, size), k, block=block)[1] == brute).all(), (k, size)
 
 
 def test_tail_statistics_on_a_small_case():

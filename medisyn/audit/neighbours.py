@@ -55,15 +55,39 @@ def topk_search(
         for start in range(0, len(shard), block):
             keys = shard[start : start + block]
             scores = q @ keys.T  # [q, b]
-            idx = np.arange(offset + start, offset + start + len(keys), dtype=np.int64)
             if exclude is not None:
-                scores[exclude[:, None] == idx[None, :]] = -np.inf
-            s = np.concatenate([best_s, scores], axis=1)
-            i = np.concatenate([best_i, np.broadcast_to(idx, scores.shape)], axis=1)
+                local = exclude - (offset + start)
+                rows = np.flatnonzero((local >= 0) & (local < len(keys)))
+                scores[rows, local[rows]] = -np.inf
+            s, i = _block_topk(scores, k)
+            s = np.concatenate([best_s, s], axis=1)
+            i = np.concatenate([best_i, i + (offset + start)], axis=1)
             keep = min(k, s.shape[1])
             order = np.lexsort((i, -s), axis=1)[:, :keep]  # score descending, then index ascending
             best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
     return best_s, best_i
+
+
+def _block_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best (score, column), ties at the boundary resolved to the lowest columns.
+
+    ``argpartition`` is linear in the block, where sorting whole rows was not; it may pick any of
+    several equal scores at the k-th place, so rows with such a tie are redone exactly."""
+    n = scores.shape[1]
+    if k == 1:  # argmax returns the first (lowest) column of the maximum
+        i = scores.argmax(axis=1)[:, None]
+        return np.take_along_axis(scores, i, 1), i
+    if k >= n:
+        i = np.broadcast_to(np.arange(n), scores.shape)
+        return scores, i
+    i = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    s = np.take_along_axis(scores, i, 1)
+    kth = s.min(axis=1)
+    ties = (scores == kth[:, None]).sum(axis=1) > (s == kth[:, None]).sum(axis=1)  # more equal scores than slots
+    for r in np.flatnonzero(ties):
+        exact = np.lexsort((np.arange(n), -scores[r]))[:k]
+        i[r], s[r] = exact, scores[r, exact]
+    return s, i
 
 
 def shards(keys: np.ndarray, size: int) -> Iterable[tuple[int, np.ndarray]]:
