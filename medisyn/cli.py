@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved, validated config and exit")
     _config_args(show)
     bench = sub.add_parser(
-        "bench", help="throughput benchmarks (ingest, train, generate, select, bootstrap, classifier)"
+        "bench", help="throughput benchmarks (ingest, train, generate, select, audit, bootstrap, classifier)"
     )
-    bench.add_argument("what", choices=["ingest", "train", "generate", "select", "bootstrap", "classifier"])
+    bench.add_argument("what", choices=["ingest", "train", "generate", "select", "audit", "bootstrap", "classifier"])
     bench.add_argument(
         "--images",
         type=int,

@@ -143,9 +143,12 @@ def test_every_planted_copy_is_flagged_and_clean_images_are_not(planted):
 
 
 @pytest.mark.ray
-def test_a_copy_outside_the_embeddings_top1_is_found_by_the_pixels(planted):
+def test_a_copy_outside_the_embeddings_top1_is_found_by_the_pixels(planted, tmp_path):
     """Re-ranking: the plant's embedding points at another image first, its source is within top-k."""
-    from medisyn.audit.memorization import _stored, audit_group
+    import pyarrow.parquet as pq
+
+    from medisyn.audit.embeddings import EMBEDDING_SCHEMA, embeddings_dir, read_embeddings
+    from medisyn.audit.memorization import corpus_index, find_matches
     from medisyn.records import read_corpus
 
     cfg, _, plants = planted
@@ -153,10 +156,54 @@ def test_a_copy_outside_the_embeddings_top1_is_found_by_the_pixels(planted):
     row = read_corpus(cfg.run_path / "corpus", ["id", "specialty", "image_type"], ids=[source]).to_pylist()[0]
     group = read_corpus(cfg.run_path / "corpus", ["id", "specialty", "image_type"], split="train").to_pylist()
     train_ids = [r["id"] for r in group if (r["specialty"], r["image_type"]) == (row["specialty"], row["image_type"])]
-    emb = _stored(cfg.run_path / "audit/memorization/embeddings/real.parquet")
     decoy = next(i for i in train_ids if i != source)
-    emb[image_id] = emb[decoy]  # its embedding's top-1 is now the decoy
-    query = {"id": image_id, "specialty": row["specialty"], "image_type": row["image_type"]}
-    images = {image_id: (cfg.run_path / f"synthetic/planted/{image_id}.png").read_bytes()}
-    (found,) = audit_group(cfg, [query], train_ids, emb, images)
+    vector = read_embeddings(embeddings_dir(cfg, "real"), [decoy])[decoy]
+    (tmp_path / "q").mkdir()
+    pq.write_table(pa.table({"id": [image_id], "embedding": [vector]}, EMBEDDING_SCHEMA), tmp_path / "q/part-0.parquet")
+    job = {
+        "kind": "decoy",
+        "queries": [{"id": image_id, "specialty": row["specialty"], "image_type": row["image_type"]}],
+        "train_ids": train_ids,
+        "query_dir": tmp_path / "q",  # its embedding's top-1 is now the decoy
+        "paths": {image_id: str(cfg.run_path / f"synthetic/planted/{image_id}.png")},
+        "leave_one_out": False,
+    }
+    (found,) = find_matches(cfg, [job], corpus_index(cfg.run_path / "corpus"))
     assert found["match_id"] == source and found["embedding_rank"] > 0 and found["distance"] <= 0.15
+
+
+@pytest.mark.ray
+def test_embeddings_are_parts_and_a_rerun_embeds_only_what_is_missing(planted):
+    import pyarrow.parquet as pq
+
+    from medisyn.audit.embeddings import embed, embeddings_dir, files_source, parts, stored_ids
+
+    cfg, summary, _ = planted
+    folder = embeddings_dir(cfg, "synthetic-planted")
+    ids = sorted(stored_ids(folder))
+    before = parts(folder)
+    assert len(ids) == 20 and before
+    embed(cfg, "synthetic-planted", ids, files_source(cfg.run_path / "synthetic/planted"))
+    assert parts(folder) == before  # nothing missing: nothing embedded, nothing rewritten
+    lost = set(pq.read_table(before[0], columns=["id"]).column("id").to_pylist())
+    before[0].unlink()
+    embed(cfg, "synthetic-planted", ids, files_source(cfg.run_path / "synthetic/planted"))
+    (new,) = set(parts(folder)) - set(before)
+    assert set(pq.read_table(new, columns=["id"]).column("id").to_pylist()) == lost and stored_ids(folder) == set(ids)
+    # flag rates by the matched train image's dropped duplicates: the buckets hold every pair
+    for entry in summary["by_kind"].values():
+        assert sum(b["pairs"] for b in entry["by_match_near_duplicates"].values()) == entry["overall"]["pairs"]
+
+
+@pytest.mark.ray
+def test_near_duplicate_counts_come_from_ingest_rejects(ingested):
+    from medisyn.audit.memorization import near_duplicate_counts
+    from medisyn.records import read_shards
+
+    _, run_dir, _ = ingested
+    counts = near_duplicate_counts(run_dir)
+    rejects = read_shards(run_dir / "rejects", ["stage", "reason"]).to_pylist()
+    dropped = [r for r in rejects if r["stage"] == "dedup"]
+    assert dropped and sum(counts.values()) == len(dropped)
+    kept = set(read_shards(run_dir / "corpus", ["source_ref"]).column("source_ref").to_pylist())
+    assert set(counts) <= kept  # every count belongs to an image in the corpus

@@ -46,7 +46,7 @@ def thumbnails(images: list[bytes], size: int = 16) -> np.ndarray:
 
 def embeddings(images: list[bytes], embedder: str, batch_size: int = 64) -> np.ndarray:
     """Encoded images -> unit-length embeddings, by the memorization audit's ``Embedder``."""
-    from medisyn.audit.memorization import Embedder
+    from medisyn.audit.embeddings import Embedder
 
     embed = Embedder(embedder)
     chunks = [

@@ -1,21 +1,24 @@
 """The ``audit-memorization`` stage: is any synthetic image a copy of a training image?
 
-1. Embeddings: the embedder (BiomedCLIP's vision tower through open_clip on real runs; the
-   ``tiny-embedder`` offline) of every real train and test image and every synthetic image of
-   the audited sets, by a Ray Data actor pool (a GPU each where there are GPUs), unit length,
-   stored with the image id in ``audit/memorization/embeddings/`` (a re-run embeds only ids
-   not stored yet).
-2. Exact top-k (k = 50) inner-product search per (specialty, image type), the train side
-   streamed in shards (:func:`medisyn.audit.neighbours.topk_search`).
+1. Embeddings (``medisyn.audit.embeddings``): the embedder (BiomedCLIP's vision tower through
+   open_clip on real runs; the ``tiny-embedder`` offline) of every real train image, the test
+   control and every synthetic image of the audited sets, by a Ray Data actor pool (a GPU each
+   where there are GPUs), unit length, written batch by batch as parquet parts under
+   ``audit/memorization/embeddings/<name>/`` (a re-run embeds only ids no part holds).
+2. Exact top-k (k = 50) inner-product search per (specialty, image type), one Ray task per
+   chunk of queries, the train side streamed part by part from the store
+   (:func:`medisyn.audit.neighbours.topk_search`): no step holds a whole group's embeddings.
 3. Patch distance (:func:`medisyn.audit.neighbours.patch_distance`, 4×4 grid) to all k
-   neighbours, on pixels read only for the candidate pairs; the match is the neighbour with
+   neighbours, one Ray task per corpus shard that holds candidates (the shard read once, only
+   the candidate rows decoded), so the corpus is never read per query; the match is the neighbour with
    the smallest distance (re-ranked; how often that is not the embedding's top-1 is reported).
    The relative distance (distance / (α · mean distance to the k neighbours)) is reported
    beside it. A pair at or below the threshold (0.15) is flagged.
 4. Controls: held-out real test images against train, and train images against train with
    each left out of its own search; a one-sided test that synthetic images are not closer.
 5. Outputs in ``audit/memorization/``: ``pairs.parquet`` (every query's match), ``summary.json``
-   (Table 1 per specialty and overall with tail statistics), ``histograms.png`` and
+   (Table 1 per specialty and overall with tail statistics; flag rates by how many copies of the
+   matched train image ingest dropped as duplicates), ``histograms.png`` and
    ``gallery.png`` (every flagged pair, then the closest unflagged ones).
 """
 
@@ -31,109 +34,30 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from medisyn.audit.neighbours import patch_distance, shards, topk_search
+from medisyn.audit.embeddings import (
+    corpus_source,
+    embed,
+    embedding_shards,
+    embeddings_dir,
+    files_source,
+    read_embeddings,
+)
+from medisyn.audit.neighbours import patch_distance, topk_search
 from medisyn.audit.stats import closer_than_control, tail_summary
 from medisyn.config import RunConfig
-from medisyn.records import atomic_write_table, atomic_write_text, read_corpus, read_images, read_manifest
+from medisyn.records import (
+    atomic_write_bytes,
+    atomic_write_table,
+    atomic_write_text,
+    read_corpus,
+    read_manifest,
+    read_shards,
+    shard_files,
+)
 
 log = logging.getLogger(__name__)
-
-EMBEDDING_SCHEMA = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32()))])
-
-
-class Embedder:
-    """Ray Data callable class: the embedder loads once per actor; each call embeds a batch.
-
-    Batch in: ``id``, ``image`` (encoded bytes). Batch out: ``id``, ``embedding`` (unit length)."""
-
-    def __init__(self, embedder: str):
-        import torch
-
-        from medisyn.models import load_embedder
-
-        self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, self.preprocess = load_embedder(embedder)
-        self.model = model.to(self.device)
-
-    def __call__(self, batch: dict) -> dict:
-        from PIL import Image
-
-        torch = self.torch
-        x = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]])
-        with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
-            e = self.model.encode_image(x.to(self.device), normalize=True)
-        return {"id": batch["id"], "embedding": list(e.float().cpu().numpy())}
-
-
-def _stored(path: Path) -> dict[str, np.ndarray]:
-    if not path.exists():
-        return {}
-    t = pq.read_table(path)
-    return dict(zip(t.column("id").to_pylist(), np.asarray(t.column("embedding").to_pylist(), np.float32), strict=True))
-
-
-def embed(cfg: RunConfig, name: str, ids: list[str], source) -> dict[str, np.ndarray]:
-    """``{id: embedding}`` for ``ids``, embedding only ids not yet stored in ``embeddings/<name>.parquet``.
-
-    ``source(todo)`` builds the Ray Dataset (``id``, ``image`` bytes) of the ids still to embed,
-    so images are read by Ray Data tasks on the cluster, never by the driver."""
-    import ray
-
-    from medisyn.raytools import ensure_ray, gpus_available
-
-    path = cfg.run_path / "audit" / "memorization" / "embeddings" / f"{name}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    have = _stored(path)
-    todo = sorted(set(ids) - set(have))
-    if todo:
-        ensure_ray()
-        m = cfg.audit_memorization
-        use_gpu = gpus_available(cfg.train.use_gpu)
-        ds = source(todo).map_batches(
-            Embedder,
-            fn_constructor_args=(m.embedder,),
-            batch_size=m.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=m.num_actors),
-            num_gpus=1 if use_gpu else 0,
-            num_cpus=0 if use_gpu else 1,
-        )
-        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-            have |= {str(i): np.asarray(e, np.float32) for i, e in zip(batch["id"], batch["embedding"], strict=True)}
-        table = pa.table({"id": list(have), "embedding": [e.tolist() for e in have.values()]}, schema=EMBEDDING_SCHEMA)
-        atomic_write_table(table, path)
-    missing = [i for i in ids if i not in have]
-    if missing:
-        raise RuntimeError(f"audit-memorization: {len(missing)} images of {name} could not be embedded")
-    return {i: have[i] for i in ids}
-
-
-def corpus_source(corpus: Path):
-    """Ray Dataset of corpus images by id (read from the shards by Ray Data)."""
-
-    def build(todo: list[str]):
-        import ray
-        from ray.data.expressions import col
-
-        from medisyn.records import shard_files
-
-        ds = ray.data.read_parquet([str(f) for f in shard_files(corpus)], columns=["id", "image"])
-        return ds.filter(expr=col("id").is_in(todo))
-
-    return build
-
-
-def files_source(folder: Path):
-    """Ray Dataset of a synthetic set's ``<id>.png`` files by id."""
-
-    def build(todo: list[str]):
-        import ray
-
-        ds = ray.data.read_binary_files([str(folder / f"{i}.png") for i in todo], include_paths=True)
-        return ds.map(lambda r: {"id": Path(r["path"]).stem, "image": r["bytes"]})
-
-    return build
 
 
 def _pixels(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -145,56 +69,160 @@ def _pixels(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
     return np.asarray(im)
 
 
-def match(query_px: np.ndarray, candidates: list[str], pixels, grid: int, alpha: float) -> dict:
-    """The candidate with the smallest patch distance; ``pixels(id, size)`` gives a real image
-    resized to the query's size (decoded once per group and size, however many queries list it)."""
-    size = (query_px.shape[1], query_px.shape[0])
-    d = np.array([patch_distance(query_px, pixels(c, size), grid) for c in candidates])
-    best = int(d.argmin())
-    return {
-        "match_id": candidates[best],
-        "distance": float(d[best]),
-        "relative_distance": float(d[best] / (alpha * d.mean())) if d.mean() > 0 else float("nan"),
-        "embedding_rank": best,  # 0 = the embedding's top-1 was also the closest in pixels
-    }
-
-
-def audit_group(
-    cfg: RunConfig,
-    queries: list[dict],
-    train_ids: list[str],
-    emb: dict[str, np.ndarray],
-    query_images: dict[str, bytes],
-    leave_one_out: bool = False,
-) -> list[dict]:
-    """Each query's match among the group's train images: top-k by embedding, re-ranked by pixels."""
-    m = cfg.audit_memorization
-    if not queries or not train_ids:
-        return []
-    keys = np.stack([emb[i] for i in train_ids])
-    q = np.stack([emb[r["id"]] for r in queries])
-    position = {i: n for n, i in enumerate(train_ids)}
-    exclude = np.array([position.get(r["id"], -1) for r in queries]) if leave_one_out else None
-    scores, idx = topk_search(q, shards(keys, m.shard_size), m.k, exclude=exclude)
-    # an excluded key (the query itself) scores -inf; in a group smaller than k it would still be listed
-    candidates = [
-        [train_ids[j] for s, j in zip(srow, irow, strict=True) if np.isfinite(s)]
-        for srow, irow in zip(scores, idx, strict=True)
-    ]
-    images = read_images(cfg.run_path / "corpus", {c for row in candidates for c in row})  # only the candidates
-
-    @functools.lru_cache(maxsize=1024)  # bounded: ~0.8 GB of 512² candidates, however large the group
-    def pixels(image_id: str, size: tuple[int, int]) -> np.ndarray:
-        return _pixels(images[image_id], size)
-
-    out = []
-    for r, row in zip(queries, candidates, strict=True):
-        if row:
-            out.append({**r, **match(_pixels(query_images[r["id"]]), row, pixels, m.grid, m.relative_alpha)})
+def corpus_index(corpus: Path) -> dict[str, tuple[str, int]]:
+    """``{id: (shard path, row)}``: where each corpus image lives, from the id columns only."""
+    out = {}
+    for shard in shard_files(corpus):
+        for row, image_id in enumerate(pq.read_table(shard, columns=["id"]).column("id").to_pylist()):
+            out[image_id] = (str(shard), row)
     return out
 
 
+def search_group(
+    real_dir: str, train_ids: list[str], query_dir: str, query_ids: list[str], k: int, leave_one_out: bool, shard: int
+) -> list[list[str]]:
+    """Ray task: each query's top-k train ids by embedding within one group, the train side
+    streamed part by part (and ``shard`` rows at a time) from the embeddings store."""
+    wanted = read_embeddings(Path(query_dir), query_ids)
+    q = np.stack([wanted[i] for i in query_ids])
+    seen: list[str] = []
+
+    def key_shards():
+        for ids, keys in embedding_shards(Path(real_dir), set(train_ids)):
+            for start in range(0, len(ids), shard):
+                offset = len(seen)
+                seen.extend(ids[start : start + shard])
+                yield offset, keys[start : start + shard]
+
+    scores, idx = topk_search(q, key_shards(), k + int(leave_one_out))  # one more: the query itself, dropped
+    out = []
+    for query_id, srow, irow in zip(query_ids, scores, idx, strict=True):
+        found = [seen[j] for s, j in zip(srow, irow, strict=True) if np.isfinite(s)]
+        out.append([c for c in found if not (leave_one_out and c == query_id)][:k])
+    return out
+
+
+def shard_distances(shard: str, work: list[tuple[int, str, int, str]], grid: int) -> list[tuple[int, float]]:
+    """Ray task: the patch distances of every pair whose train image lives in one corpus shard.
+
+    ``work`` rows are (pair index, train id, row in the shard, query image file); the shard is
+    read once, each query image decoded once, each train image once per query size."""
+    rows = sorted({row for _, _, row, _ in work})
+    table = pq.read_table(shard, columns=["id", "image"]).take(rows)
+    images = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+
+    @functools.lru_cache(maxsize=64)
+    def query(path: str) -> np.ndarray:
+        return _pixels(Path(path).read_bytes())
+
+    @functools.lru_cache(maxsize=256)
+    def train(image_id: str, size: tuple[int, int]) -> np.ndarray:
+        return _pixels(images[image_id], size)
+
+    out = []
+    for pair, image_id, _, path in sorted(work, key=lambda w: w[3]):  # by query: its pixels stay cached
+        q = query(path)
+        out.append((pair, patch_distance(q, train(image_id, (q.shape[1], q.shape[0])), grid)))
+    return out
+
+
+def stage_query_images(index: dict, ids: list[str], folder: Path) -> dict[str, str]:
+    """Copy corpus images that serve as queries (the controls) to files, one read per shard."""
+    import ray
+
+    def copy(shard: str, wanted: list[tuple[str, int]], folder: str) -> None:
+        table = pq.read_table(shard, columns=["id", "image"]).take([row for _, row in wanted])
+        for image_id, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True):
+            atomic_write_bytes(data, Path(folder) / f"{image_id}.img")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = defaultdict(list)
+    for image_id in ids:
+        if not (folder / f"{image_id}.img").exists():
+            shard, row = index[image_id]
+            todo[shard].append((image_id, row))
+    ray.get([ray.remote(num_cpus=1)(copy).remote(shard, wanted, str(folder)) for shard, wanted in todo.items()])
+    return {i: str(folder / f"{i}.img") for i in ids}
+
+
+def find_matches(cfg: RunConfig, jobs: list[dict], index: dict, chunk: int = 1024) -> list[dict]:
+    """Each query's match among its group's train images: top-k by embedding, re-ranked by pixels.
+
+    A job is ``{"kind", "queries": [{id, specialty, image_type}], "train_ids", "query_dir",
+    "paths": {query id: image file}, "leave_one_out"}``. Searches run as one Ray task per
+    (job, chunk of queries); then every candidate pair is grouped by the corpus shard that
+    holds its train image, and one Ray task per shard computes those patch distances, so the
+    corpus is read once, only where candidates live, and no image passes through the driver."""
+    import ray
+
+    m = cfg.audit_memorization
+    real_dir = str(embeddings_dir(cfg, "real"))
+    search = ray.remote(num_cpus=1)(search_group)
+    futures = []
+    for job in jobs:
+        if not job["queries"] or not job["train_ids"]:
+            continue
+        ids_ref = ray.put(job["train_ids"])
+        for start in range(0, len(job["queries"]), chunk):
+            rows = job["queries"][start : start + chunk]
+            ref = search.remote(
+                real_dir,
+                ids_ref,
+                str(job["query_dir"]),
+                [r["id"] for r in rows],
+                m.k,
+                job["leave_one_out"],
+                m.shard_size,
+            )
+            futures.append((job, rows, ref))
+    queries, work, n_pairs = [], defaultdict(list), 0
+    for job, rows, ref in tqdm(futures, desc="memorization search", unit="chunk", mininterval=10):
+        for r, candidates in zip(rows, ray.get(ref), strict=True):
+            queries.append({**r, "kind": job["kind"], "candidates": candidates, "first": n_pairs})
+            for rank, c in enumerate(candidates):
+                shard, row = index[c]
+                work[shard].append((n_pairs + rank, c, row, job["paths"][r["id"]]))
+            n_pairs += len(candidates)
+    distance = np.full(n_pairs, np.nan)
+    remote = ray.remote(num_cpus=1)(shard_distances)
+    pending = [remote.remote(shard, w, m.grid) for shard, w in work.items()]
+    for ref in tqdm(pending, desc="patch distances", unit="shard", mininterval=10):
+        for pair, d in ray.get(ref):
+            distance[pair] = d
+    out = []
+    for q in queries:
+        if not q["candidates"]:
+            continue
+        d = distance[q["first"] : q["first"] + len(q["candidates"])]
+        best = int(d.argmin())
+        out.append(
+            {
+                **{k: v for k, v in q.items() if k not in ("candidates", "first")},
+                "match_id": q["candidates"][best],
+                "distance": float(d[best]),
+                "relative_distance": float(d[best] / (m.relative_alpha * d.mean())) if d.mean() > 0 else float("nan"),
+                "embedding_rank": best,  # 0 = the embedding's top-1 was also the closest in pixels
+            }
+        )
+    return out
+
+
+def near_duplicate_counts(run_path: Path) -> dict[str, int]:
+    """``{source_ref: n}``: how many copies ingest dropped as duplicates of each kept image."""
+    counts: Counter = Counter()
+    try:
+        rejects = read_shards(run_path / "rejects", ["stage", "reason"])
+    except FileNotFoundError:
+        return {}
+    for stage, reason in zip(rejects.column("stage").to_pylist(), rejects.column("reason").to_pylist(), strict=True):
+        if stage == "dedup" and " duplicate of " in reason:
+            counts[reason.split(" duplicate of ", 1)[1]] += 1
+    return dict(counts)
+
+
 def run(cfg: RunConfig) -> dict:
+    from medisyn.raytools import ensure_ray
+
     m = cfg.audit_memorization
     corpus = cfg.run_path / "corpus"
     out = cfg.run_path / "audit" / "memorization"
@@ -210,53 +238,46 @@ def run(cfg: RunConfig) -> dict:
             if per_prompt[r["prompt"]] <= m.images_per_prompt:
                 kept.append({**r, "path": str(folder / r["file"])})
         sets[name] = kept
-    real = read_corpus(corpus, columns=["id", "specialty", "image_type", "split"]).to_pylist()
-    train = [r for r in real if r["split"] == "train"]
-    test = [r for r in real if r["split"] == "test"]
+    real = read_corpus(corpus, columns=["id", "specialty", "image_type", "split", "source_ref"]).to_pandas()
+    train, test = real[real["split"] == "train"], real[real["split"] == "test"]
     rng = np.random.default_rng(cfg.seed)
-    loo = [train[i] for i in sorted(rng.choice(len(train), min(m.control_queries, len(train)), replace=False))]
-    ctl_test = [test[i] for i in sorted(rng.choice(len(test), min(m.control_queries, len(test)), replace=False))]
-    emb = embed(cfg, "real", [r["id"] for r in train + ctl_test], corpus_source(corpus))
-    for name, rows in sets.items():
-        emb |= embed(cfg, f"synthetic-{name}", [r["id"] for r in rows], files_source(cfg.run_path / "synthetic" / name))
-    train_by_group: dict[tuple, list[str]] = defaultdict(list)
-    for r in train:
-        train_by_group[(r["specialty"], r["image_type"])].append(r["id"])
-    pairs = []
-    kinds = [(f"synthetic:{n}", rows, False) for n, rows in sets.items()]
-    kinds += [("control:test", ctl_test, False), ("control:train-loo", loo, True)]
-    for kind, rows, loo_flag in kinds:
+    cols = ["id", "specialty", "image_type"]
+    loo = train.iloc[sorted(rng.choice(len(train), min(m.control_queries, len(train)), replace=False))]
+    ctl_test = test.iloc[sorted(rng.choice(len(test), min(m.control_queries, len(test)), replace=False))]
+    loo, ctl_test = loo[cols].to_dict("records"), ctl_test[cols].to_dict("records")
+    ensure_ray()
+    real_dir = embed(cfg, "real", train["id"].tolist() + [r["id"] for r in ctl_test], corpus_source(corpus))
+    index = corpus_index(corpus)
+    control_paths = stage_query_images(index, [r["id"] for r in ctl_test + loo], out / "queries")
+    kinds = [
+        (f"synthetic:{n}", rows, False, embed(cfg, f"synthetic-{n}", [r["id"] for r in rows], files_source(
+            cfg.run_path / "synthetic" / n)), {r["id"]: r["path"] for r in rows})
+        for n, rows in sets.items()
+    ]  # fmt: skip
+    kinds += [("control:test", ctl_test, False, real_dir, control_paths)]
+    kinds += [("control:train-loo", loo, True, real_dir, control_paths)]
+    train_by_group = {g: list(ids) for g, ids in train.groupby(["specialty", "image_type"])["id"]}
+    jobs = []
+    for kind, rows, loo_flag, query_dir, paths in kinds:
         by_group: dict[tuple, list[dict]] = defaultdict(list)
         for r in rows:
-            by_group[(r["specialty"], r["image_type"])].append(r)
+            by_group[(r["specialty"], r["image_type"])].append({k: r[k] for k in cols})
         for group, queries in sorted(by_group.items()):
-            if kind.startswith("synthetic"):
-                images = {r["id"]: Path(r["path"]).read_bytes() for r in queries}
-            else:
-                images = read_images(corpus, {r["id"] for r in queries})
-            found = audit_group(cfg, queries, train_by_group.get(group, []), emb, images, leave_one_out=loo_flag)
-            if not found and queries:
+            if group not in train_by_group:
                 log.warning("audit-memorization: no train images of %s / %s to compare %d %s images with",
                             *group, len(queries), kind)  # fmt: skip
-            pairs += [
-                {
-                    "kind": kind,
-                    "id": r["id"],
-                    "specialty": r["specialty"],
-                    "image_type": r["image_type"],
-                    "match_id": r["match_id"],
-                    "distance": r["distance"],
-                    "relative_distance": r["relative_distance"],
-                    "embedding_rank": r["embedding_rank"],
-                    "flagged": r["distance"] <= m.threshold,
-                }
-                for r in found
-            ]
+            jobs.append({"kind": kind, "queries": queries, "train_ids": train_by_group.get(group, []),
+                         "query_dir": query_dir, "paths": paths, "leave_one_out": loo_flag})  # fmt: skip
+    dups, ref_of = near_duplicate_counts(cfg.run_path), dict(zip(real["id"], real["source_ref"], strict=True))
+    pairs = [
+        {**r, "flagged": r["distance"] <= m.threshold, "match_near_duplicates": dups.get(ref_of[r["match_id"]], 0)}
+        for r in find_matches(cfg, jobs, index)
+    ]
     atomic_write_table(pa.Table.from_pylist(pairs), out / "pairs.parquet")
     summary = summarize(pairs, m.threshold)
     atomic_write_text(json.dumps(summary, indent=2), out / "summary.json")
     histograms(pairs, m.threshold, out / "histograms.png")
-    gallery(cfg, pairs, sets, out / "gallery.png")
+    gallery(cfg, pairs, sets, out / "gallery.png", index)
     for kind, s in summary["by_kind"].items():
         o = s["overall"]
         print(
@@ -284,6 +305,16 @@ def summarize(pairs: list[dict], threshold: float) -> dict:
         entry["most_matches_to_one_train_image"] = max(matched.values()) if matched else 0
         entry["match_not_embedding_top1"] = sum(p["embedding_rank"] > 0 for p in rows)
         entry["relative_distance_mean"] = float(np.nanmean([p["relative_distance"] for p in rows])) if rows else None
+        entry["by_match_near_duplicates"] = {}  # copies ingest dropped of the matched train image: 0, 1, 2+
+        for bucket, test in (("0", lambda n: n == 0), ("1", lambda n: n == 1), ("2+", lambda n: n >= 2)):
+            sel = [p for p in rows if test(p.get("match_near_duplicates", 0))]
+            if sel:
+                flagged = sum(p["flagged"] for p in sel)
+                entry["by_match_near_duplicates"][bucket] = {
+                    "pairs": len(sel),
+                    "flagged": flagged,
+                    "flagged_pct": 100.0 * flagged / len(sel),
+                }
         by_kind[kind] = entry
     control = np.array([p["distance"] for p in pairs if p["kind"] == "control:test"])
     for kind, entry in by_kind.items():
@@ -316,7 +347,7 @@ def histograms(pairs: list[dict], threshold: float, path: Path) -> None:
     plt.close(fig)
 
 
-def gallery(cfg: RunConfig, pairs: list[dict], sets: dict, path: Path, closest: int = 8) -> None:
+def gallery(cfg: RunConfig, pairs: list[dict], sets: dict, path: Path, index: dict, closest: int = 8) -> None:
     """Every flagged synthetic pair, then the closest unflagged ones: synthetic | train match."""
     from PIL import Image, ImageDraw
 
@@ -326,7 +357,10 @@ def gallery(cfg: RunConfig, pairs: list[dict], sets: dict, path: Path, closest: 
     sheet = Image.new("RGB", (2 * tile + 180, max(1, len(shown)) * (tile + 4)), "white")
     draw = ImageDraw.Draw(sheet)
     paths = {r["id"]: r["path"] for rows in sets.values() for r in rows}
-    real = read_images(cfg.run_path / "corpus", {p["match_id"] for p in shown}) if shown else {}
+    real = {}
+    for image_id in {p["match_id"] for p in shown}:  # the shown matches only, each from its own shard
+        shard, row = index[image_id]
+        real[image_id] = pq.read_table(shard, columns=["image"]).column("image")[row].as_py()
     for n, p in enumerate(shown):
         y = n * (tile + 4)
         for col, data in enumerate((Path(paths[p["id"]]).read_bytes(), real[p["match_id"]])):
