@@ -218,6 +218,15 @@ def memorization_section(cfg: RunConfig, figs: Path) -> str:
                 f"{entry['match_not_embedding_top1']} matches were not the embedding's top-1 (re-ranked by pixels); "
                 f"one-sided p that synthetic images are closer to train than held-out test images: {p_closer:.2g}."
             )
+            buckets = entry.get("by_match_near_duplicates", {})
+            if buckets:
+                notes.append(
+                    f"{html.escape(kind)}, flagged by how many copies of the matched train image ingest dropped as "
+                    "duplicates: "
+                    + "; ".join(
+                        f"{b}: {v['flagged']} of {v['pairs']} ({v['flagged_pct']:.1f}%)" for b, v in buckets.items()
+                    )
+                )
     parts = [
         "<h2>Memorization audit</h2>",
         f"<p>Nearest train image of the same specialty and image type (exact search over "

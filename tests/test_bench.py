@@ -48,6 +48,14 @@ def test_bench_bootstrap_matches_the_sklearn_loop(capsys):
     assert "(timed on 30, scaled)" in capsys.readouterr().out
 
 
+def test_bench_audit_finds_faiss_neighbours(capsys):
+    from medisyn.audit.bench import search
+
+    r = search(n_real=2000, n_queries=200, dim=64, pairs=3)
+    assert r["same"] == 1.0 and r["faiss_s"] > 0 and r["patch_ms"] > 0
+    assert "projected search, 1M real x 10,000 synthetic" in capsys.readouterr().out
+
+
 def test_bench_classifier_on_cpu(capsys):
     from medisyn.audit.bench import classifier
 
