@@ -49,6 +49,7 @@ CORPUS_SCHEMA = pa.schema(
         ("split", pa.string()),  # one of SPLITS
         ("source", pa.string()),  # repository name
         ("source_ref", pa.string()),  # repo/<hash>[#frame=i | #level=l,x=..,y=..]
+        ("series", pa.string()),  # repo/<hash> of the source file's folder: a CT/MR series' slices share it
         ("original_size", pa.list_(pa.int32())),  # (height, width) before resizing
         ("crop_top_left", pa.list_(pa.int32())),  # (top, left) of the crop after resizing
     ]

@@ -218,6 +218,13 @@ def memorization_section(cfg: RunConfig, figs: Path) -> str:
                 f"{entry['match_not_embedding_top1']} matches were not the embedding's top-1 (re-ranked by pixels); "
                 f"one-sided p that synthetic images are closer to train than held-out test images: {p_closer:.2g}."
             )
+            series = entry.get("by_series")
+            if series:
+                notes.append(
+                    f"{html.escape(kind)}, CT/MR: {series['flagged']} of {series['pairs']} pairs flagged, in "
+                    f"{series['series_with_flagged']} of the {series['series_matched']} train series matched (at most "
+                    f"{series['most_flagged_in_one_series']} flags in one series)"
+                )
             buckets = entry.get("by_match_near_duplicates", {})
             if buckets:
                 notes.append(

@@ -134,6 +134,11 @@ def test_corpus_records(ingested):
     assert any(" and " in c for c in cxr.caption)  # multi-label captions read naturally
     wsi = corpus[corpus.source == "lymph-node-wsi"]
     assert wsi.source_ref.str.contains("#level=0,x=").all()
+    # series: a salted hash of the file's folder; a CT series' slices share one, patients never do
+    ct = corpus[corpus.source == "ctpa"]
+    assert ct.series.str.match(r"^ctpa/[0-9a-f]{16}$").all() and ct.series.nunique() < len(ct)
+    assert (ct.groupby("series").patient_id.nunique() == 1).all()
+    assert corpus.series.notna().all()
 
 
 def test_no_identifier_in_any_output_byte(ingested, phantom_root, capfd):

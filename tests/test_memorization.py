@@ -50,6 +50,24 @@ def test_sharded_search_equals_unsharded_and_brute_force():
             assert (topk_search(small, shards(dup, size), k, block=block)[1] == brute).all(), (k, size)
 
 
+def test_flags_are_counted_per_ct_series_and_by_dropped_duplicates():
+    from medisyn.audit.memorization import summarize
+
+    def pair(i, d, series=None, dups=0):
+        return {"kind": "synthetic:s", "id": f"q{i}", "specialty": "radiology", "image_type": "x", "match_id": f"m{i}",
+                "distance": d, "relative_distance": 1.0, "embedding_rank": 0, "flagged": d <= 0.15,
+                "match_near_duplicates": dups, "match_series": series}  # fmt: skip
+
+    pairs = [pair(0, 0.1, "ct/a"), pair(1, 0.12, "ct/a"), pair(2, 0.3, "ct/b"), pair(3, 0.05, None, 2), pair(4, 0.4)]
+    entry = summarize(pairs, 0.15)["by_kind"]["synthetic:s"]
+    assert entry["by_series"] == {"pairs": 3, "series_matched": 2, "flagged": 2, "series_with_flagged": 1,
+                                  "most_flagged_in_one_series": 2}  # fmt: skip
+    assert entry["by_match_near_duplicates"] == {
+        "0": {"pairs": 4, "flagged": 2, "flagged_pct": 50.0},
+        "2+": {"pairs": 1, "flagged": 1, "flagged_pct": 100.0},
+    }
+
+
 def test_tail_statistics_on_a_small_case():
     d = np.array([0.1, 0.3, 0.35, 0.4, 0.5, 0.45, 0.38, 0.41, 0.33, 0.36])
     t = tail_summary(d, 0.15)

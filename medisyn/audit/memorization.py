@@ -59,6 +59,8 @@ from medisyn.records import (
 
 log = logging.getLogger(__name__)
 
+SERIES_TYPES = ("computed tomography", "magnetic resonance imaging")  # image types whose images are slices
+
 
 def _pixels(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
     from PIL import Image
@@ -238,7 +240,9 @@ def run(cfg: RunConfig) -> dict:
             if per_prompt[r["prompt"]] <= m.images_per_prompt:
                 kept.append({**r, "path": str(folder / r["file"])})
         sets[name] = kept
-    real = read_corpus(corpus, columns=["id", "specialty", "image_type", "split", "source_ref"]).to_pandas()
+    columns = ["id", "specialty", "image_type", "split", "source_ref"]
+    has_series = "series" in pq.read_schema(shard_files(corpus)[0]).names if shard_files(corpus) else False
+    real = read_corpus(corpus, columns=columns + (["series"] if has_series else [])).to_pandas()
     train, test = real[real["split"] == "train"], real[real["split"] == "test"]
     rng = np.random.default_rng(cfg.seed)
     cols = ["id", "specialty", "image_type"]
@@ -269,8 +273,15 @@ def run(cfg: RunConfig) -> dict:
             jobs.append({"kind": kind, "queries": queries, "train_ids": train_by_group.get(group, []),
                          "query_dir": query_dir, "paths": paths, "leave_one_out": loo_flag})  # fmt: skip
     dups, ref_of = near_duplicate_counts(cfg.run_path), dict(zip(real["id"], real["source_ref"], strict=True))
+    series_of = dict(zip(real["id"], real["series"], strict=True)) if has_series else {}
     pairs = [
-        {**r, "flagged": r["distance"] <= m.threshold, "match_near_duplicates": dups.get(ref_of[r["match_id"]], 0)}
+        {
+            **r,
+            "flagged": r["distance"] <= m.threshold,
+            "match_near_duplicates": dups.get(ref_of[r["match_id"]], 0),
+            # slices of one CT/MR series are near copies of each other: flags are also counted per series
+            "match_series": series_of.get(r["match_id"]) if r["image_type"] in SERIES_TYPES else None,
+        }
         for r in find_matches(cfg, jobs, index)
     ]
     atomic_write_table(pa.Table.from_pylist(pairs), out / "pairs.parquet")
@@ -315,6 +326,16 @@ def summarize(pairs: list[dict], threshold: float) -> dict:
                     "flagged": flagged,
                     "flagged_pct": 100.0 * flagged / len(sel),
                 }
+        sliced = [p for p in rows if p.get("match_series")]
+        if sliced:  # CT/MR: how the flags spread over the matched train images' series
+            per_series = Counter(p["match_series"] for p in sliced if p["flagged"])
+            entry["by_series"] = {
+                "pairs": len(sliced),
+                "series_matched": len({p["match_series"] for p in sliced}),
+                "flagged": sum(p["flagged"] for p in sliced),
+                "series_with_flagged": len(per_series),
+                "most_flagged_in_one_series": max(per_series.values(), default=0),
+            }
         by_kind[kind] = entry
     control = np.array([p["distance"] for p in pairs if p["kind"] == "control:test"])
     for kind, entry in by_kind.items():

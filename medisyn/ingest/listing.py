@@ -165,6 +165,7 @@ def list_repository(
                 split,
                 labels,
                 repo.template.format(label=join_phrases(list(labels))),
+                source_ref(repo.name, str(PurePosixPath(rel).parent), cfg.split_salt),
             )
         )
     for key in sorted(set(rows) - used):

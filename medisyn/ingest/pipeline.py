@@ -30,7 +30,7 @@ from medisyn.ingest.worker import finalize_unit, process_unit
 from medisyn.records import REJECT_SCHEMA, atomic_write_table, atomic_write_text
 
 log = logging.getLogger(__name__)
-STAGING_FORMAT = 3  # bump when the staging shard layout changes, so old shards are not reused
+STAGING_FORMAT = 4  # bump when the staging shard layout changes, so old shards are not reused
 
 
 def ingest_dirs(cfg: RunConfig) -> dict[str, Path]:

@@ -23,6 +23,7 @@ class Item:
     split: str
     labels: tuple[str, ...]  # caption phrases
     caption: str
+    series: str = ""  # repo/<16 hex>: salted hash of the file's folder (a DICOM series' slices share it)
 
 
 @dataclass(frozen=True)

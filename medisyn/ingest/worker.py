@@ -80,6 +80,7 @@ def _row(item: Item, s: UnitSettings, arr: np.ndarray, suffix: str) -> dict:
         "split": item.split,
         "source": item.repo,
         "source_ref": item.ref + suffix,
+        "series": item.series,
         "original_size": list(info.original_size),
         "crop_top_left": list(info.crop_top_left),
         "phash": str(imagehash.phash(thumb)),  # pHash resizes to 32x32 itself: give it the thumbnail
@@ -114,6 +115,7 @@ def process_unit(row: dict) -> dict:
                         rejects.append(
                             {
                                 "source_ref": item.ref + suffix,
+                                "series": item.series,
                                 "stage": "transform",
                                 "reason": f"transform failed ({type(exc).__name__})",
                             }
