@@ -50,6 +50,26 @@ def test_sharded_search_equals_unsharded_and_brute_force():
             assert (topk_search(small, shards(dup, size), k, block=block)[1] == brute).all(), (k, size)
 
 
+def test_read_rows_reads_only_the_row_groups_it_needs(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from medisyn.audit.memorization import read_rows
+
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"id": [f"i{i}" for i in range(23)], "image": [bytes([i]) for i in range(23)]}), path,
+                   row_group_size=5)  # fmt: skip
+    read, original = [], pq.ParquetFile.read_row_groups
+
+    def spy(self, groups, **kw):
+        read.append(groups)
+        return original(self, groups, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    for rows in ([0], [22], [4, 5, 6], [3, 17, 18, 21], list(range(23))):
+        assert read_rows(str(path), rows) == {f"i{r}": bytes([r]) for r in rows}, rows
+    assert read[:4] == [[0], [4], [0, 1], [0, 3, 4]]
+
+
 def test_flags_are_counted_per_ct_series_and_by_dropped_duplicates():
     from medisyn.audit.memorization import summarize
 

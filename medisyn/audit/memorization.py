@@ -80,6 +80,21 @@ def corpus_index(corpus: Path) -> dict[str, tuple[str, int]]:
     return out
 
 
+def read_rows(shard: str, rows: list[int]) -> dict[str, bytes]:
+    """``{id: image bytes}`` of the given rows of a corpus shard, reading only the row groups
+    that hold them (a shard's other images are never read)."""
+    pf = pq.ParquetFile(shard)
+    starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    group_of = {r: int(np.searchsorted(starts, r, side="right")) - 1 for r in rows}
+    groups = sorted(set(group_of.values()))
+    first, at = {}, 0  # each selected group's first row in the table read below
+    for g in groups:
+        first[g], at = at, at + int(starts[g + 1] - starts[g])
+    table = pf.read_row_groups(groups, columns=["id", "image"])
+    picked = table.take([first[group_of[r]] + r - int(starts[group_of[r]]) for r in rows])
+    return dict(zip(picked.column("id").to_pylist(), picked.column("image").to_pylist(), strict=True))
+
+
 def search_group(
     real_dir: str, train_ids: list[str], query_dir: str, query_ids: list[str], k: int, leave_one_out: bool, shard: int
 ) -> list[list[str]]:
@@ -109,9 +124,7 @@ def shard_distances(shard: str, work: list[tuple[int, str, int, str]], grid: int
 
     ``work`` rows are (pair index, train id, row in the shard, query image file); the shard is
     read once, each query image decoded once, each train image once per query size."""
-    rows = sorted({row for _, _, row, _ in work})
-    table = pq.read_table(shard, columns=["id", "image"]).take(rows)
-    images = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+    images = read_rows(shard, sorted({row for _, _, row, _ in work}))
 
     @functools.lru_cache(maxsize=64)
     def query(path: str) -> np.ndarray:
@@ -133,8 +146,7 @@ def stage_query_images(index: dict, ids: list[str], folder: Path) -> dict[str, s
     import ray
 
     def copy(shard: str, wanted: list[tuple[str, int]], folder: str) -> None:
-        table = pq.read_table(shard, columns=["id", "image"]).take([row for _, row in wanted])
-        for image_id, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True):
+        for image_id, data in read_rows(shard, [row for _, row in wanted]).items():
             atomic_write_bytes(data, Path(folder) / f"{image_id}.img")
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -250,7 +262,7 @@ def run(cfg: RunConfig) -> dict:
     ctl_test = test.iloc[sorted(rng.choice(len(test), min(m.control_queries, len(test)), replace=False))]
     loo, ctl_test = loo[cols].to_dict("records"), ctl_test[cols].to_dict("records")
     ensure_ray()
-    real_dir = embed(cfg, "real", train["id"].tolist() + [r["id"] for r in ctl_test], corpus_source(corpus))
+    real_dir = embed(cfg, "real", train["id"].tolist() + test["id"].tolist(), corpus_source(corpus))
     index = corpus_index(corpus)
     control_paths = stage_query_images(index, [r["id"] for r in ctl_test + loo], out / "queries")
     kinds = [
@@ -381,7 +393,7 @@ def gallery(cfg: RunConfig, pairs: list[dict], sets: dict, path: Path, index: di
     real = {}
     for image_id in {p["match_id"] for p in shown}:  # the shown matches only, each from its own shard
         shard, row = index[image_id]
-        real[image_id] = pq.read_table(shard, columns=["image"]).column("image")[row].as_py()
+        real |= read_rows(shard, [row])
     for n, p in enumerate(shown):
         y = n * (tile + 4)
         for col, data in enumerate((Path(paths[p["id"]]).read_bytes(), real[p["match_id"]])):
