@@ -9,8 +9,8 @@
    chunk of queries, the train side streamed part by part from the store
    (:func:`medisyn.audit.neighbours.topk_search`): no step holds a whole group's embeddings.
 3. Patch distance (:func:`medisyn.audit.neighbours.patch_distance`, 4×4 grid) to all k
-   neighbours, one Ray task per corpus shard that holds candidates (the shard read once, only
-   the candidate rows decoded), so the corpus is never read per query; the match is the neighbour with
+   neighbours, one Ray task per corpus shard that holds candidates (only the row groups that
+   hold them read, only the candidate rows decoded), so the corpus is never read per query; the match is the neighbour with
    the smallest distance (re-ranked; how often that is not the embedding's top-1 is reported).
    The relative distance (distance / (α · mean distance to the k neighbours)) is reported
    beside it. A pair at or below the threshold (0.15) is flagged.
