@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from medisyn.audit.config import FidelityConfig, MemorizationConfig, UtilityConfig
 from medisyn.configtools import ConfigError, apply_overrides, build, read_yaml, to_dict
@@ -29,6 +29,8 @@ __all__ = ["ConfigError", "ModelConfig", "PhantomsConfig", "RunConfig", "load_co
 class ModelConfig:
     """Which networks to build: a diffusion preset of ``medisyn/presets`` (sdxl, tiny, sdxl-random)."""
 
+    RANGES: ClassVar[dict[str, str]] = {"seed": ">=0"}
+
     preset: str = "sdxl"  # a diffusion preset name (medisyn/presets/<name>.json)
     base: str = ""  # SDXL base repo id or local dir; "" = the preset's default
     vae: str = ""  # VAE repo id or local dir; "" = the preset's default (fp16-fix)
@@ -44,6 +46,8 @@ class ModelConfig:
 class PhantomsConfig:
     """The offline demo corpus (``medisyn phantoms``), used when the run starts from phantoms."""
 
+    RANGES: ClassVar[dict[str, str]] = {"seed": ">=0"}
+
     enabled: bool = False  # generate phantom repositories before ingest
     out: str = "phantoms"  # folder under run_dir
     seed: int = 0
@@ -53,6 +57,8 @@ class PhantomsConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; each stage reads its own section."""
+
+    RANGES: ClassVar[dict[str, str]] = {"seed": ">=0"}
 
     run_dir: str = "runs/default"  # root of every output (local path or cluster URI)
     seed: int = 0  # global seed for splits, sampling and trials

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -144,7 +145,32 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     ]
     if missing:
         raise ConfigError(f"{where or 'config'}: missing required key(s) {', '.join(missing)}")
+    for key, value in kwargs.items():  # before the constructor: its own checks may divide by these
+        check_range(cls, key, value, f"{where}.{key}" if where else key)
     return cls(**kwargs)  # __post_init__ checks raise ConfigErrors that name their key
+
+
+def check_range(cls: type, key: str, value: Any, path: str) -> None:
+    """Every float must be finite; a field named in the class's ``RANGES`` must lie in its range.
+
+    ``RANGES`` maps a field to ``">=1"``, ``">0"``, ``">=-1"`` or ``"0..1"`` (inclusive)."""
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{path}: {v} is not a finite number")
+    spec = getattr(cls, "RANGES", {}).get(key)
+    if spec is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if ".." in spec:
+        lo, hi = (float(x) for x in spec.split(".."))
+        ok, want = lo <= value <= hi, f"in [{spec.replace('..', ', ')}]"
+    elif spec.startswith(">="):
+        ok, want = value >= float(spec[2:]), f">= {spec[2:]}"
+    elif spec.startswith(">"):
+        ok, want = value > float(spec[1:]), f"> {spec[1:]}"
+    else:
+        raise ValueError(f"{cls.__name__}.RANGES[{key!r}]: bad range {spec!r}")
+    if not ok:
+        raise ConfigError(f"{path}: {value} must be {want}")
 
 
 def to_dict(obj: Any) -> Any:

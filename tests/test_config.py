@@ -94,6 +94,21 @@ def test_overrides_are_typed():
         (["ingest.wsi_overlap=0.2"], "ingest.wsi_overlap: 0.2 is outside [0, 0.1]"),
         (["ingest.split_fractions=[0.5, 0.1, 0.1]"], "must be non-negative and sum to 1"),
         (["epochs"], "override 'epochs' must look like key=value"),
+        # ranges are checked at config time, before Ray starts (a zero here was a ZeroDivisionError)
+        (["ingest.size=0"], "ingest.size: 0 must be >= 8"),
+        (["train.epochs=0"], "train.epochs: 0 must be >= 1"),
+        (["train.num_workers=0"], "train.num_workers: 0 must be >= 1"),
+        (["train.per_worker_batch=0"], "train.per_worker_batch: 0 must be >= 1"),
+        (["train.learning_rate=-1e-5"], "train.learning_rate: -1e-05 must be > 0"),
+        (["generate.steps=0"], "generate.steps: 0 must be >= 1"),
+        (["generate.batch_size=0"], "generate.batch_size: 0 must be >= 1"),
+        (["generate.resolution=100"], "generate.resolution: 100 must be a multiple of 8"),
+        (["generate.min_actors=3"], "generate.min_actors: 3 is above generate.max_actors (2)"),
+        (["ingest.ct_window_width=.nan"], "ingest.ct_window_width: nan is not a finite number"),
+        (["audit_memorization.threshold=inf"], "audit_memorization.threshold: inf is not a finite number"),
+        (["seed=-1"], "seed: -1 must be >= 0"),
+        (["reader.port=70000"], "reader.port: 70000 must be in [1, 65535]"),
+        (["select.resolution=100"], "select.resolution: 100 must be a multiple of 8"),
     ],
 )
 def test_bad_values_name_the_key(overrides, expected):

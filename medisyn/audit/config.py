@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from medisyn.configtools import ConfigError
 from medisyn.presets import preset_names
@@ -12,6 +12,18 @@ from medisyn.presets import preset_names
 @dataclass(frozen=True)
 class MemorizationConfig:
     """Paper: BiomedCLIP cosine nearest neighbour, 4x4 patch distance, threshold 0.15."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "images_per_prompt": ">=1",
+        "grid": ">=1",
+        "threshold": "0..1",
+        "k": ">=1",
+        "relative_alpha": ">0",
+        "control_queries": ">=0",
+        "shard_size": ">=1",
+        "batch_size": ">=1",
+        "num_actors": ">=1",
+    }
 
     embedder: str = "biomedclip"  # embedder preset (medisyn/presets), or hf-hub:org/repo, local-dir:/path
     sets: tuple[str, ...] = ("memorization",)  # synthetic sets to audit
@@ -43,6 +55,11 @@ class MemorizationConfig:
 @dataclass(frozen=True)
 class FidelityConfig:
     """Prompt fidelity: a classifier trained on real train images labels the synthetic images."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "thumbnail_size": ">=2",
+        "real_per_class": ">=0",
+    }
 
     sets: tuple[str, ...] = ("memorization",)  # synthetic sets to check (their prompts name specialty and type)
     features: Literal["thumbnail", "embedder"] = "embedder"  # embedder: audit_memorization.embedder (linear probe)

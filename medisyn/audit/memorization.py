@@ -10,10 +10,11 @@
    (:func:`medisyn.audit.neighbours.topk_search`): no step holds a whole group's embeddings.
 3. Patch distance (:func:`medisyn.audit.neighbours.patch_distance`, 4×4 grid) to all k
    neighbours, one Ray task per corpus shard that holds candidates (only the row groups that
-   hold them read, only the candidate rows decoded), so the corpus is never read per query; the match is the neighbour with
-   the smallest distance (re-ranked; how often that is not the embedding's top-1 is reported).
-   The relative distance (distance / (α · mean distance to the k neighbours)) is reported
-   beside it. A pair at or below the threshold (0.15) is flagged.
+   hold them read, only the candidate rows decoded), so the corpus is never read per query;
+   the match is the neighbour with the smallest distance (re-ranked; how often that is not
+   the embedding's top-1 is reported). The relative distance (distance / (α · mean distance
+   to the k neighbours)) is reported beside it. A pair at or below the threshold (0.15) is
+   flagged.
 4. Controls: held-out real test images against train, and train images against train with
    each left out of its own search; a one-sided test that synthetic images are not closer.
 5. Outputs in ``audit/memorization/``: ``pairs.parquet`` (every query's match), ``summary.json``

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from medisyn.configtools import ConfigError
 
@@ -11,6 +11,17 @@ from medisyn.configtools import ConfigError
 @dataclass(frozen=True)
 class GenerateConfig:
     """Ray Data batch inference over a prompt set."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "guidance_scale": ">=0",
+        "steps": ">=1",
+        "resolution": ">=8",
+        "batch_size": ">=1",
+        "min_actors": ">=1",
+        "max_actors": ">=1",
+        "cpus_per_actor": ">0",
+        "max_per_prompt": ">=0",
+    }
 
     sets: tuple[str, ...] = (
         "memorization",
@@ -31,5 +42,13 @@ class GenerateConfig:
     original_size: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if self.resolution % 8:
+            raise ConfigError(
+                f"generate.resolution: {self.resolution} must be a multiple of 8 (the VAE's latent factor)"
+            )
+        if self.min_actors > self.max_actors:
+            raise ConfigError(
+                f"generate.min_actors: {self.min_actors} is above generate.max_actors ({self.max_actors})"
+            )
         if self.original_size and (len(self.original_size) != 2 or min(self.original_size) <= 0):
             raise ConfigError(f"generate.original_size: {list(self.original_size)} is not [height, width] > 0")

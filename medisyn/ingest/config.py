@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from medisyn.configtools import ConfigError
 from medisyn.records import IMAGE_TYPES, SPECIALTIES
@@ -52,6 +52,20 @@ class RepositoryConfig:
 @dataclass(frozen=True)
 class IngestConfig:
     """How sources become corpus shards (paper §4.1 numbers are the defaults)."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "size": ">=8",
+        "ct_window_width": ">0",
+        "wsi_level": ">=0",
+        "wsi_patch_size": ">=8",
+        "wsi_tissue_fraction": "0..1",
+        "near_duplicate_bits": ">=-1",
+        "near_duplicate_rms": "0..1",
+        "max_tasks": ">=0",
+        "files_per_task": ">=1",
+        "row_group_rows": ">=1",
+        "png_compress_level": "0..9",
+    }
 
     repositories: tuple[RepositoryConfig, ...] = ()  # inline repository descriptions
     repositories_file: str = ""  # or a YAML file with a `repositories:` list (e.g. the phantoms' repositories.yaml)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from medisyn.configtools import ConfigError
 
 
 @dataclass(frozen=True)
 class SelectConfig:
     """Checkpoint choice by FID between synthetic images and the real images whose captions made them."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "num_images": ">=1",
+        "resolution": ">=0",
+        "batch_size": ">=1",
+        "steps": ">=1",
+        "guidance_scale": ">=0",
+    }
 
     num_images: int = 10_000  # real train images (and as many synthetic)
     feature_extractor: Literal["inception", "offline"] = (
@@ -20,3 +30,7 @@ class SelectConfig:
     steps: int = 50  # sampler steps for the synthetic images
     guidance_scale: float = 7.0
     weights: Literal["raw", "ema"] = "raw"  # score and export the trained weights or their EMA (train.ema_decay > 0)
+
+    def __post_init__(self):
+        if self.resolution % 8:
+            raise ConfigError(f"select.resolution: {self.resolution} must be a multiple of 8 (0 = train.resolution)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from medisyn.configtools import ConfigError
 
@@ -11,6 +11,12 @@ from medisyn.configtools import ConfigError
 @dataclass(frozen=True)
 class CacheConfig:
     """Frozen-encoder outputs computed once: VAE posterior moments and caption encodings."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "batch_size": ">=1",
+        "num_actors": ">=1",
+        "rows_per_file": ">=1",
+    }
 
     batch_size: int = 32  # images per VAE batch
     num_actors: int = 1  # encoder actors (one GPU each on GPU clusters)
@@ -22,6 +28,22 @@ class CacheConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """The U-Net fine-tune: only the U-Net trains; VAE and text encoders stay frozen."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "epochs": ">=1",
+        "repeats": ">=1",
+        "subset_per_caption": ">=0",
+        "learning_rate": ">0",
+        "weight_decay": ">=0",
+        "effective_batch": ">=1",
+        "per_worker_batch": ">=1",
+        "num_workers": ">=1",
+        "cpus_per_worker": ">0",
+        "resolution": ">=8",
+        "ema_decay": "0..1",
+        "max_failures": ">=0",
+        "gpu_batch_limit": ">=0",
+    }
 
     epochs: int = 15  # checkpoints: one per epoch
     repeats: int = 1  # passes over the train split per epoch (kohya's repeats; small corpora)
@@ -69,6 +91,15 @@ class TrainConfig:
 @dataclass(frozen=True)
 class VaeFitConfig:
     """Fit the build preset's VAE to the corpus (the demo's tiny VAE); real runs keep SDXL's VAE."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "epochs": ">=1",
+        "batch_size": ">=1",
+        "learning_rate": ">0",
+        "kl_weight": ">=0",
+        "num_workers": ">=1",
+        "cpus_per_worker": ">0",
+    }
 
     enabled: bool = False  # fit into model.vae before cache; needs a build preset and model.vae set
     epochs: int = 20  # passes over the train split at train.resolution
