@@ -173,6 +173,38 @@ def test_generate_validates_every_set_before_any_image(tmp_path, tiny_model):
     assert not (tmp_path / "run/synthetic").exists()
 
 
+@pytest.mark.parametrize("name", ["../../escaped_set", "/tmp/abs", "a/b", ".hidden", "x" * 65])
+def test_set_names_are_folder_names_not_paths(tmp_path, name):
+    bad = _write_set(tmp_path / "bad.yaml", [{"prompt": "CT image.", "count": 1}], name=name)
+    with pytest.raises(ConfigError, match="must be 1-64 letters, digits"):
+        load_prompt_set(str(bad))
+
+
+def test_two_sets_of_one_name_and_a_set_made_by_other_settings_are_refused(tmp_path, tiny_model):
+    from medisyn.infer.generate import producer, resolve_set, run
+
+    one = _write_set(tmp_path / "one.yaml", [{"prompt": "CT image.", "count": 1}], name="memorization")
+    base = [f"run_dir={tmp_path / 'run'}", f"generate.checkpoint={tiny_model}"]
+    with pytest.raises(ConfigError, match="more than one set is named 'memorization'"):
+        run(load_config(ROOT / "jobs/configs/demo.yaml", [*base, f"generate.sets=[memorization, {one}]"]))
+    # the built-in set made this folder: a user set of the same name, or other settings, must not reuse it
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [*base, "generate.sets=[memorization]"])
+    folder = tmp_path / "run/synthetic/memorization"
+    folder.mkdir(parents=True)
+    made = producer(cfg, resolve_set(cfg, "memorization"), tiny_model)
+    (folder / "set.json").write_text(__import__("json").dumps(made))
+    for override, differs in (
+        (f"generate.sets=[{one}]", "prompt_set"),
+        ("generate.steps=3", "steps: 20 then, 3 now"),
+        ("generate.guidance_scale=1.5", "guidance_scale: 6.0 then, 1.5 now"),
+        ("generate.resolution=64", "resolution: 128 then, 64 now"),
+    ):
+        other = load_config(ROOT / "jobs/configs/demo.yaml", [*base, "generate.sets=[memorization]", override])
+        with pytest.raises(ConfigError, match=f"synthetic/memorization was made by other settings.*{differs}"):
+            run(other)
+    assert list(folder.iterdir()) == [folder / "set.json"]  # nothing was made or deleted
+
+
 def _free_port() -> int:
     import socket
 

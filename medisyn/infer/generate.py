@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from medisyn.config import RunConfig
+from medisyn.config import ConfigError, RunConfig
 from medisyn.infer.prompts import PromptEntry, PromptSet, cap_counts, expand, load_prompt_set, match_to_corpus
 from medisyn.infer.sampling import generate_images, load_sampler
 from medisyn.records import (
     MANIFEST_SCHEMA,
     atomic_write_bytes,
     atomic_write_table,
+    atomic_write_text,
     conditioning_size,
     read_corpus,
     remove_partial_writes,
@@ -145,6 +146,47 @@ def warn_truncation(model: Path, prompts: list[str]) -> int:
     return len(long)
 
 
+def checkpoint_name(model: Path) -> str:
+    if (model / "medisyn.json").exists():
+        return json.loads((model / "medisyn.json").read_text())["checkpoint"]
+    return model.name
+
+
+def producer(cfg: RunConfig, pset: PromptSet, model: Path) -> dict:
+    """What makes a set's images: the prompt set's source, the model (path, checkpoint, and the
+    U-Net weights file's size and time) and every generation setting that changes pixels."""
+    g = cfg.generate
+    weights = sorted((model / "unet").glob("*.safetensors")) or sorted((model / "unet").glob("*.bin"))
+    stat = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
+    return {
+        "prompt_set": pset.source or pset.name,
+        "model": str(model.resolve()),
+        "checkpoint": checkpoint_name(model),
+        "unet_weights": stat,
+        "scheduler": g.scheduler,
+        "guidance_scale": g.guidance_scale,
+        "steps": g.steps,
+        "resolution": g.resolution,
+        "original_size": list(g.original_size),
+    }
+
+
+def check_producer(out: Path, want: dict) -> None:
+    """A set folder holds the images of one producer: a rerun with anything else refuses, naming
+    what differs, instead of mixing old images with a manifest that claims the new settings."""
+    record = out / "set.json"
+    if not record.is_file():
+        return
+    have = json.loads(record.read_text())
+    differs = [k for k in want if have.get(k) != want[k]]
+    if differs:
+        detail = "; ".join(f"{k}: {have.get(k)!r} then, {want[k]!r} now" for k in differs)
+        raise ConfigError(
+            f"generate: synthetic/{out.name} was made by other settings ({detail}). Give this set another name "
+            f"(the prompt file's `name:`), or delete {out} to make it again"
+        )
+
+
 def generate_set(cfg: RunConfig, pset: PromptSet) -> dict:
     import ray
 
@@ -152,13 +194,12 @@ def generate_set(cfg: RunConfig, pset: PromptSet) -> dict:
 
     g = cfg.generate
     model = model_dir(cfg)
-    checkpoint = (
-        json.loads((model / "medisyn.json").read_text())["checkpoint"]
-        if (model / "medisyn.json").exists()
-        else model.name
-    )
+    checkpoint = checkpoint_name(model)
     out = cfg.run_path / "synthetic" / pset.name
+    want = producer(cfg, pset, model)
+    check_producer(out, want)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(want, indent=2), out / "set.json")
     warn_truncation(model, [e.prompt for e in pset.entries])
     sizes = conditioning_sizes(cfg, model)
     remove_partial_writes(out)  # writes a killed actor did not finish
@@ -228,4 +269,12 @@ def contact_sheet_for(out: Path, rows: list[dict], per_prompt: int = 4) -> Path:
 
 def run(cfg: RunConfig) -> list[dict]:
     sets = [resolve_set(cfg, name) for name in cfg.generate.sets]  # every set validated before any image
+    names = [s.name for s in sets]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        named = ", ".join(map(repr, repeated))
+        raise ConfigError(f"generate.sets: more than one set is named {named}; set names must differ")
+    model = model_dir(cfg)
+    for s in sets:  # and every set's folder free for it (or made by the same settings)
+        check_producer(cfg.run_path / "synthetic" / s.name, producer(cfg, s, model))
     return [generate_set(cfg, s) for s in sets]

@@ -10,6 +10,7 @@ or re-sharded job makes the same images and never duplicates or skips one.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from medisyn.records import IMAGE_TYPES, SPECIALTIES
 PROMPT_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "prompts"
 ENTRY_KEYS = ("prompt", "count", "specialty", "image_type", "labels", "task")
 SET_KEYS = ("name", "prompts", "match_corpus", "description")
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a folder name: no path, no dot
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,13 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
                 f"{path.name}: prompts[{i}] repeats the prompt {e.prompt!r}; give it one entry with the total count"
             )
         seen.add(e.prompt)
-    return PromptSet(str(data.get("name") or path.stem), parsed, bool(data.get("match_corpus", False)), str(path))
+    name = str(data.get("name") or path.stem)
+    if not SET_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{path}: set name {name!r} must be 1-64 letters, digits, '-' or '_', starting with a letter or digit "
+            "(it names the set's folder under synthetic/)"
+        )
+    return PromptSet(name, parsed, bool(data.get("match_corpus", False)), str(path))
 
 
 def match_to_corpus(pset: PromptSet, train_captions: list[str]) -> PromptSet:
