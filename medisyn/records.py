@@ -11,6 +11,7 @@ is the same on every machine. Files whose name starts with ``.`` are temporary w
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -108,9 +109,28 @@ def remove_partial_writes(folder: Path) -> int:
 # --- reading shard folders ---
 
 
+SHARD_LIST = "_shards.json"  # written last by the stage that owns a folder: the shards that are current
+
+
 def shard_files(folder: str | Path) -> list[Path]:
-    """The parquet shards of a folder (corpus, rejects, latents), in sorted path order."""
-    return sorted(p for p in Path(folder).glob("*.parquet") if not p.name.startswith("."))
+    """The parquet shards of a folder (corpus, rejects, latents), in sorted path order.
+
+    A folder with a ``_shards.json`` holds exactly the shards it lists: a stage writes its new
+    shards beside the old ones and publishes them by rewriting that list, atomically, only when
+    the run has succeeded, so a failed or refused run leaves the previous result in force."""
+    folder = Path(folder)
+    if (folder / SHARD_LIST).is_file():
+        return [folder / name for name in sorted(json.loads((folder / SHARD_LIST).read_text())["shards"])]
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+
+
+def publish_shards(folder: str | Path, names: list[str]) -> None:
+    """Make ``names`` the folder's current shards (see :func:`shard_files`), then delete the rest."""
+    folder = Path(folder)
+    atomic_write_text(json.dumps({"shards": sorted(names)}, indent=0), folder / SHARD_LIST)
+    for f in folder.glob("*.parquet"):
+        if f.name not in names:
+            f.unlink()
 
 
 def read_shards(folder: str | Path, columns: list[str] | None = None, filter=None) -> pa.Table:

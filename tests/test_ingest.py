@@ -269,3 +269,30 @@ def test_bad_files_all_land_in_rejects(ray_cluster, tmp_path):
     assert reasons["garbage.tiff"].startswith("unreadable slide")
     assert reasons["flat.tiff"].startswith("unreadable slide")
     assert summary["pairs"]["total"] == 1 and summary["accounting"]["rejected"] == 7
+
+
+def test_an_all_rejecting_rerun_keeps_the_previous_corpus(ray_cluster, phantom_root, tmp_path):
+    """The corpus a stage publishes stays in force until a rerun succeeds (issue: `ingest.size=0`
+    rejected every image and deleted the previous corpus)."""
+    import yaml
+
+    from medisyn.configtools import ConfigError
+    from medisyn.records import SHARD_LIST, read_corpus, shard_files
+
+    doc = yaml.safe_load((phantom_root / "repositories.yaml").read_text())
+    (repo,) = [dict(r, path=str(phantom_root / r["path"])) for r in doc["repositories"] if r["name"] == "brain-mri"]
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump({"repositories": [repo]}))
+    bad.write_text(yaml.safe_dump({"repositories": [dict(repo, glob="*/*.nothing")]}))  # every label row unmatched
+    run_dir = tmp_path / "run"
+    first = ingest(
+        load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={run_dir}", f"ingest.repositories_file={good}"])
+    )
+    shards, rows = shard_files(run_dir / "corpus"), read_corpus(run_dir / "corpus", ["id"]).num_rows
+    assert (run_dir / "corpus" / SHARD_LIST).is_file() and rows == first["pairs"]["total"] > 0
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={run_dir}", f"ingest.repositories_file={bad}"])
+    with pytest.raises(
+        RuntimeError, match=r"every image was rejected .*no such file matches.*previous corpus \(\d+ shards\) is kept"
+    ):
+        ingest(cfg)
+    assert shard_files(run_dir / "corpus") == shards and read_corpus(run_dir / "corpus", ["id"]).num_rows == rows

@@ -16,18 +16,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medisyn.config import RunConfig
+from medisyn.config import ConfigError, RunConfig
 from medisyn.ingest.dedup import find_duplicates
 from medisyn.ingest.listing import list_repository, load_repositories
 from medisyn.ingest.summary import summarize, write_summary
 from medisyn.ingest.units import FinalizeJob, Item, Unit, UnitSettings, unit_id
 from medisyn.ingest.worker import finalize_unit, process_unit
-from medisyn.records import REJECT_SCHEMA, atomic_write_table, atomic_write_text
+from medisyn.records import (
+    REJECT_SCHEMA,
+    SHARD_LIST,
+    atomic_write_table,
+    atomic_write_text,
+    publish_shards,
+    shard_files,
+)
 
 log = logging.getLogger(__name__)
 STAGING_FORMAT = 4  # bump when the staging shard layout changes, so old shards are not reused
@@ -106,12 +114,6 @@ def _dedup(units: list[Unit], staging: Path, max_distance: int, max_rms: float) 
     return dropped_by_unit
 
 
-def _remove_stale(folder: Path, keep: set[str]) -> None:
-    for f in folder.glob("*.parquet"):
-        if f.name not in keep:
-            f.unlink()
-
-
 def run(cfg: RunConfig) -> dict:
     from medisyn.raytools import ensure_ray
 
@@ -163,11 +165,22 @@ def run(cfg: RunConfig) -> dict:
     _ray_map("job", jobs, finalize_unit, cfg.ingest.max_tasks)
     atomic_write_text(json.dumps(fingerprints, indent=0), state_file)
 
+    current = sorted(f"{u.id}.parquet" for u in units)
+    accepted = sum(pq.ParquetFile(d["corpus"] / name).metadata.num_rows for name in current)
+    if accepted == 0:  # an all-rejecting run never replaces a corpus: the previous one stays in force
+        reasons = Counter(r["reason"] for r in listing_rejects)
+        for name in current:
+            reasons.update(pq.read_table(d["rejects"] / name, columns=["reason"]).column("reason").to_pylist())
+        top = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3))
+        kept = len(shard_files(d["corpus"])) if (d["corpus"] / SHARD_LIST).is_file() else 0
+        raise ConfigError(  # the CLI prints it as one line: the input, not the code, is at fault
+            f"ingest: every image was rejected ({sum(reasons.values())} rejects; most common: {top or 'no files'}); "
+            + (f"the previous corpus ({kept} shards) is kept" if kept else "no corpus was written")
+        )
     listing_name = "listing.parquet"
     atomic_write_table(pa.Table.from_pylist(listing_rejects, REJECT_SCHEMA), d["rejects"] / listing_name)
-    current = {f"{u.id}.parquet" for u in units}
-    _remove_stale(d["corpus"], current)
-    _remove_stale(d["rejects"], current | {listing_name})
+    publish_shards(d["corpus"], current)
+    publish_shards(d["rejects"], [*current, listing_name])
 
     summary = summarize(d["corpus"], d["rejects"], unit_counts, files=len(source_map))
     write_summary(summary, d["ingest"] / "summary.json")
