@@ -292,7 +292,7 @@ def test_an_all_rejecting_rerun_keeps_the_previous_corpus(ray_cluster, phantom_r
     assert (run_dir / "corpus" / SHARD_LIST).is_file() and rows == first["pairs"]["total"] > 0
     cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={run_dir}", f"ingest.repositories_file={bad}"])
     with pytest.raises(
-        RuntimeError, match=r"every image was rejected .*no such file matches.*previous corpus \(\d+ shards\) is kept"
+        ConfigError, match=r"every image was rejected .*no such file matches.*previous corpus \(\d+ shards\) is kept"
     ):
         ingest(cfg)
     assert shard_files(run_dir / "corpus") == shards and read_corpus(run_dir / "corpus", ["id"]).num_rows == rows
