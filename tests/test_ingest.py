@@ -296,3 +296,37 @@ def test_an_all_rejecting_rerun_keeps_the_previous_corpus(ray_cluster, phantom_r
     ):
         ingest(cfg)
     assert shard_files(run_dir / "corpus") == shards and read_corpus(run_dir / "corpus", ["id"]).num_rows == rows
+
+
+def test_sources_above_max_pixels_are_rejected_from_their_header(phantom_root, tmp_path):
+    """A tiny deflated DICOM or PNG can decode to gigabytes: the header decides, before any decode."""
+    import numpy as np
+    import pydicom
+
+    from medisyn.ingest.readers import Rejected, read_dicom, read_image
+    from medisyn.ingest.units import Item
+    from medisyn.ingest.worker import _images
+
+    ct = sorted((phantom_root / "ctpa").rglob("*.dcm"))[5]
+    header = pydicom.dcmread(ct, stop_before_pixels=True)
+    n = int(header.Rows) * int(header.Columns)
+    assert read_dicom(ct, max_pixels=n)  # at the limit: read
+    with pytest.raises(Rejected, match=rf"too many pixels \({n:,} > ingest.max_pixels {n - 1:,}\)"):
+        read_dicom(ct, max_pixels=n - 1)
+    png = tmp_path / "big.png"
+    Image.fromarray(np.zeros((400, 300), np.uint16)).save(png)
+    assert read_image(png, max_pixels=120_000)[0].shape == (400, 300)
+    with pytest.raises(Rejected, match=r"too many pixels \(120,000 > ingest.max_pixels 119,999\)"):
+        read_image(png, max_pixels=119_999)
+    # the config value reaches the worker through the unit settings
+    from medisyn.ingest.listing import load_repositories
+    from medisyn.ingest.pipeline import _settings
+
+    cfg = load_config(
+        ROOT / "jobs/configs/demo.yaml",
+        ["ingest.max_pixels=1000", f"ingest.repositories_file={phantom_root / 'repositories.yaml'}"],
+    )
+    (repo,) = [r for r, _ in load_repositories(cfg.ingest) if r.name == "ctpa"]
+    item = Item("ctpa/x", str(ct), "ctpa", "p", "train", ("a",), "c.")
+    with pytest.raises(Rejected, match="too many pixels"):
+        list(_images(item, _settings(repo, cfg)))

@@ -65,6 +65,7 @@ class IngestConfig:
         "files_per_task": ">=1",
         "row_group_rows": ">=1",
         "png_compress_level": "0..9",
+        "max_pixels": ">=64",
     }
 
     repositories: tuple[RepositoryConfig, ...] = ()  # inline repository descriptions
@@ -89,6 +90,7 @@ class IngestConfig:
     max_tasks: int = 0  # concurrent ingest tasks (0 = one per CPU of the cluster)
     files_per_task: int = 16  # source files per Ray task (and per staging shard); slides: 1
     row_group_rows: int = 64  # parquet row group size: bounds a task's memory on huge multi-frame files and slides
+    max_pixels: int = 100_000_000  # a DICOM (rows x columns x frames) or image above this is a reject, not a decode
 
     def __post_init__(self):
         if not 0.0 <= self.wsi_overlap <= 0.1:

@@ -70,6 +70,7 @@ def _settings(repo, cfg: RunConfig) -> UnitSettings:
         wsi_overlap=i.wsi_overlap,
         wsi_tissue_fraction=i.wsi_tissue_fraction,
         row_group_rows=i.row_group_rows,
+        max_pixels=i.max_pixels,
         format=STAGING_FORMAT,
     )
 

@@ -111,6 +111,7 @@ def read_dicom(
     intensity: str = "auto",
     window: tuple[float, float] = (700, 100),
     pct: tuple[float, float] = (0.5, 99.5),
+    max_pixels: int = 100_000_000,
 ) -> list[tuple[np.ndarray, dict]]:
     """All selected frames of a DICOM file as uint8 HxW (grey) or HxWx3 (colour) arrays.
 
@@ -124,6 +125,12 @@ def read_dicom(
     ds = _read_dataset(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise Rejected("no pixel data")
+    try:  # from the header, before a decode that could need gigabytes (a deflated file can be tiny)
+        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise Rejected("incomplete image attributes (Rows/Columns)") from None
+    if pixels > max_pixels:
+        raise Rejected(f"too many pixels ({pixels:,} > ingest.max_pixels {max_pixels:,})")
     arr = _decode(ds)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -159,13 +166,15 @@ def read_dicom(
 
 
 def read_image(
-    path: str | Path, *, intensity: str = "auto", pct: tuple[float, float] = (0.5, 99.5)
+    path: str | Path, *, intensity: str = "auto", pct: tuple[float, float] = (0.5, 99.5), max_pixels: int = 100_000_000
 ) -> tuple[np.ndarray, dict]:
     """8- or 16-bit, grey or RGB(A)/palette photographs and scans, as uint8 grey or RGB."""
     path = Path(path)
     _check_size(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # lazy: the size is known before any pixel is decoded
+            if im.width * im.height * getattr(im, "n_frames", 1) > max_pixels:
+                raise Rejected(f"too many pixels ({im.width * im.height:,} > ingest.max_pixels {max_pixels:,})")
             im.load()
             mode = im.mode
             if mode in ("RGB", "L"):

@@ -45,6 +45,7 @@ class UnitSettings:
     wsi_overlap: float
     wsi_tissue_fraction: float
     row_group_rows: int
+    max_pixels: int  # larger sources are rejects (checked from the header, before decoding)
     format: int  # staging layout version: bump it and old staging shards are not reused
 
 

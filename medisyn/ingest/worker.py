@@ -49,10 +49,13 @@ def encode_image(img: Image.Image, fmt: str, png_level: int) -> bytes:
 def _images(item: Item, s: UnitSettings):
     """(uint8 image, ref suffix) for every image of one source file; background patches as None."""
     if s.kind == "dicom":
-        for arr, meta in read_dicom(item.path, frames=s.frames, intensity=s.intensity, window=s.window, pct=s.pct):
+        frames = read_dicom(
+            item.path, frames=s.frames, intensity=s.intensity, window=s.window, pct=s.pct, max_pixels=s.max_pixels
+        )
+        for arr, meta in frames:
             yield arr, (f"#frame={meta['frame']}" if meta["frames"] > 1 else "")
     elif s.kind == "image":
-        arr, _ = read_image(item.path, intensity=s.intensity, pct=s.pct)
+        arr, _ = read_image(item.path, intensity=s.intensity, pct=s.pct, max_pixels=s.max_pixels)
         yield arr, ""
     else:
         for arr, meta in iter_wsi_patches(
