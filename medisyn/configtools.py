@@ -184,15 +184,33 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, without the offending text (which could be anything a user pasted)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(exc, "problem", None) or type(exc).__name__)
+
+
+def load_yaml_file(path: Path, what: str) -> Any:
+    """A YAML file's data; not UTF-8, binary or malformed is a one-line ConfigError naming it."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
+    if "\x00" in text:
+        raise ConfigError(f"{what} {str(path)!r} is a binary file, not YAML")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML ({yaml_problem(exc)})") from None
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing or malformed file is a ConfigError naming it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    data = load_yaml_file(p, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
+import string
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import ClassVar, Literal
 
 from medisyn.configtools import ConfigError
@@ -29,6 +32,7 @@ class RepositoryConfig:
     frames: Literal["all", "middle", "first"] = "all"  # multi-frame DICOM: which frames become images
     intensity: Literal["auto", "ct_window", "percentile", "minmax", "none"] = "auto"  # auto: CT window for CT,
     #   percentile clip for MR/mammography/other >8-bit grey, 8-bit and colour kept as they are
+    encoding: str = "utf-8"  # of the label CSV (e.g. latin-1, cp1252 for tables exported on Windows)
 
     def __post_init__(self):
         if self.specialty not in SPECIALTIES:
@@ -43,6 +47,26 @@ class RepositoryConfig:
             )
         if "{label}" not in self.template:
             raise ConfigError(f"repository {self.name!r}: template {self.template!r} has no {{label}} placeholder")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
+        except ValueError as exc:
+            raise ConfigError(f"repository {self.name!r}: template {self.template!r} is malformed ({exc})") from None
+        if fields != {"label"}:
+            other = sorted(fields - {"label"})
+            raise ConfigError(
+                f"repository {self.name!r}: template {self.template!r} has unknown field(s) "
+                f"{', '.join('{' + f + '}' for f in other)}; only {{label}} is filled in"
+            )
+        for key in ("glob", "labels_csv"):
+            value = getattr(self, key)
+            if PurePosixPath(value).is_absolute() or ".." in PurePosixPath(value.replace("\\", "/")).parts:
+                raise ConfigError(
+                    f"repository {self.name!r}: {key} {value!r} must stay inside the repository (relative, no '..')"
+                )
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"repository {self.name!r}: unknown encoding {self.encoding!r}") from None
         if not self.label_columns:
             raise ConfigError(f"repository {self.name!r}: label_columns is empty")
         if not self.classes:

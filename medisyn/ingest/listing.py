@@ -12,9 +12,8 @@ import hashlib
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
-import yaml
 
-from medisyn.configtools import ConfigError, build
+from medisyn.configtools import ConfigError, build, load_yaml_file
 from medisyn.ingest.config import IngestConfig, RepositoryConfig
 from medisyn.ingest.split import patient_hash, split_for
 from medisyn.ingest.units import Item
@@ -32,7 +31,7 @@ def join_phrases(phrases: list[str]) -> str:
 
 
 def source_ref(repo: str, relpath: str, salt: str) -> str:
-    digest = hashlib.sha256("\x00".join((salt, repo, relpath)).encode()).hexdigest()
+    digest = hashlib.sha256("\x00".join((salt, repo, relpath)).encode("utf-8", "surrogateescape")).hexdigest()
     return f"{repo}/{digest[:16]}"
 
 
@@ -43,8 +42,8 @@ def load_repositories(cfg: IngestConfig, resolve=Path) -> tuple[tuple[Repository
         f = resolve(cfg.repositories_file)
         if not f.is_file():
             raise ConfigError(f"ingest.repositories_file: {str(f)!r} not found")
-        data = yaml.safe_load(f.read_text()) or {}
-        if not isinstance(data, dict) or "repositories" not in data:
+        data = load_yaml_file(f, "ingest.repositories_file") or {}
+        if not isinstance(data, dict) or not isinstance(data.get("repositories"), list):
             raise ConfigError(f"{f}: expected a mapping with a 'repositories' list")
         for i, entry in enumerate(data["repositories"] or []):
             repo = build(RepositoryConfig, entry, f"{f.name}: repositories[{i}]")
@@ -64,15 +63,26 @@ def read_label_table(repo: RepositoryConfig, root: Path) -> pd.DataFrame:
     csv = root / repo.labels_csv
     if not csv.is_file():
         raise ConfigError(f"repository {repo.name!r}: labels_csv {str(csv)!r} not found")
-    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    where = f"repository {repo.name!r}: labels_csv {csv.name}"
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False, encoding=repo.encoding)
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{where} is not {repo.encoding} text; set the repository's encoding (e.g. latin-1)"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"{where} is empty") from None
+    except pd.errors.ParserError as exc:  # "Expected 3 fields in line 5, saw 4": positions, no cell values
+        raise ConfigError(f"{where} is not a well-formed CSV ({str(exc).strip().splitlines()[-1]})") from None
     needed = [repo.path_column, repo.patient_column, *repo.label_columns] + (
         [repo.split_column] if repo.split_column else []
     )
     missing = [c for c in needed if c not in table.columns]
     if missing:
+        # the names it does have are not repeated: in a table without a header row they are a patient's data
         raise ConfigError(
-            f"repository {repo.name!r}: {csv.name} has no column(s) {', '.join(map(repr, missing))}; "
-            f"it has {', '.join(map(repr, table.columns))}"
+            f"{where} has no column(s) {', '.join(map(repr, missing))} among its {len(table.columns)} columns "
+            "(does its first row name the columns?)"
         )
     return table
 
@@ -115,20 +125,39 @@ def list_repository(
         raise ConfigError(f"repository {repo.name!r}: path {str(root)!r} is not a folder")
     table = read_label_table(repo, root)
     rows: dict[str, dict] = {}
+    conflicting: set[str] = set()  # one file, two label rows that disagree: neither is trusted
+    fields = [repo.patient_column, *repo.label_columns] + ([repo.split_column] if repo.split_column else [])
     for row in table.to_dict("records"):
-        rows.setdefault(str(PurePosixPath(row[repo.path_column].strip().replace("\\", "/"))), row)
-    files = sorted(p.relative_to(root).as_posix() for p in root.glob(repo.glob) if p.is_file())
+        key = str(PurePosixPath(row[repo.path_column].strip().replace("\\", "/")))
+        if key in rows and any(rows[key][f].strip() != row[f].strip() for f in fields):
+            conflicting.add(key)
+        rows.setdefault(key, row)
+    inside = root.resolve()
+    files = sorted((p.relative_to(root).as_posix(), p) for p in root.glob(repo.glob) if p.is_file())
     items, rejects, source_map, used = [], [], {}, set()
-    for rel in files:
+    for rel, path in files:
         ref = source_ref(repo.name, rel, cfg.split_salt)
-        source_map[ref] = rel
+        source_map[ref] = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         key = next((k for k in [rel, *map(str, PurePosixPath(rel).parents)] if k in rows), None)
+        used.add(key)  # its label row found its file, whatever becomes of the file
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            rejects.append({"source_ref": ref, "stage": "listing", "reason": "file name is not valid UTF-8"})
+            continue
+        if not path.resolve().is_relative_to(inside):
+            reason = "outside the repository root (a symbolic link that leaves it)"
+            rejects.append({"source_ref": ref, "stage": "listing", "reason": reason})
+            continue
         if key is None:
             rejects.append(
                 {"source_ref": ref, "stage": "listing", "reason": f"no row in {repo.labels_csv} (missing label)"}
             )
             continue
-        used.add(key)
+        if key in conflicting:
+            reason = f"conflicting labels: rows of {repo.labels_csv} for this file disagree"
+            rejects.append({"source_ref": ref, "stage": "listing", "reason": reason})
+            continue
         row = rows[key]
         patient = row[repo.patient_column].strip()
         if not patient:
