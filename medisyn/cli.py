@@ -17,6 +17,7 @@ import yaml
 
 from medisyn.config import ConfigError, RunConfig, load_config, to_dict
 from medisyn.presets import get_preset, preset_names
+from medisyn.records import StageBusy, stage_lock, sweep_partial_writes
 from medisyn.stages import STAGE_BY_NAME, STAGES, Stage, not_built_message
 
 log = logging.getLogger("medisyn")
@@ -34,9 +35,13 @@ def run_stage(name: str, cfg: RunConfig) -> None:
         raise SystemExit(
             f"medisyn: {not_built_message(stage)}; built so far: " + ", ".join(s.name for s in STAGES if s.built)
         )
-    start = time.perf_counter()
+    start, wall = time.perf_counter(), time.time()
     log.info("stage %s: starting (run dir %s)", name, cfg.run_dir)
-    _stage_fn(stage)(cfg)
+    with stage_lock(cfg.run_path, name):
+        _stage_fn(stage)(cfg)
+    swept = sweep_partial_writes(cfg.run_path, before=wall)
+    if swept:
+        log.info("stage %s: removed %d partial writes that killed tasks left", name, swept)
     log.info("stage %s: done in %.1f s", name, time.perf_counter() - start)
 
 
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _dispatch(args, cfg)
-    except (ConfigError, FileNotFoundError) as exc:  # a missing input or a bad set: say it, no traceback
+    except (ConfigError, FileNotFoundError, StageBusy) as exc:  # a missing input, a bad set, a busy stage
         print(f"medisyn: {args.command}: {exc}", file=sys.stderr)
         return 2
 

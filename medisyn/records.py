@@ -11,8 +11,10 @@ is the same on every machine. Files whose name starts with ``.`` are temporary w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -215,3 +217,52 @@ def read_manifest(set_dir: str | Path, columns: list[str] | None = None) -> pa.T
     if not path.is_file():
         raise FileNotFoundError(f"no manifest at {path}; run `medisyn generate` for this set first")
     return pq.read_table(path, columns=columns)
+
+
+# --- one run of a stage per run directory ---
+
+
+class StageBusy(RuntimeError):
+    """Another process is running this stage on this run directory."""
+
+
+@contextlib.contextmanager
+def stage_lock(run_dir: str | Path, stage: str):
+    """Hold ``<run_dir>/.locks/<stage>.lock`` (an exclusive ``flock``) while a stage runs, so two
+    runs of one stage on one run directory never both do the work: the second stops at once
+    with :class:`StageBusy` naming the holder. The kernel drops the lock if the holder dies."""
+    import fcntl
+
+    folder = Path(run_dir) / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / f"{stage}.lock", "a+")  # noqa: SIM115 - held for the block's duration
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StageBusy(
+                f"stage {stage!r} is already running on {run_dir} ({holder}); wait for it to finish or stop it"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def sweep_partial_writes(root: str | Path, before: float) -> int:
+    """Delete ``.*.tmp`` files under ``root`` last written before ``before`` (a stage's start):
+    what killed writers of earlier runs left. Called when a stage completes; returns how many."""
+    n = 0
+    for f in Path(root).rglob(".*.tmp"):
+        try:
+            if f.is_file() and f.stat().st_mtime < before:
+                f.unlink()
+                n += 1
+        except FileNotFoundError:
+            pass  # another writer renamed it meanwhile
+    return n

@@ -112,3 +112,27 @@ def test_config_and_repositories_files_that_are_not_yaml(tmp_path):
     binary.write_text(yaml.safe_dump({"repositories": "photos"}))
     with pytest.raises(ConfigError, match="expected a mapping with a 'repositories' list"):
         load_repositories(cfg.ingest)
+
+
+def test_a_busy_stage_stops_a_second_run_and_a_finished_stage_sweeps_old_partial_writes(tmp_path, capsys):
+    import time
+
+    from medisyn.cli import main
+    from medisyn.records import StageBusy, stage_lock, sweep_partial_writes
+
+    run_dir = tmp_path / "run"
+    with stage_lock(run_dir, "report"):
+        with pytest.raises(StageBusy, match=r"stage 'report' is already running on .* \(pid \d+ on "):
+            with stage_lock(run_dir, "report"):
+                pass
+        with stage_lock(run_dir, "ingest"):  # other stages are free
+            pass
+        code = main(["report", "--config", str(ROOT / "jobs/configs/demo.yaml"), f"run_dir={run_dir}"])
+        assert code == 2 and "is already running" in capsys.readouterr().err
+    old, new = run_dir / "a" / ".x.png.1.tmp", run_dir / "b" / ".y.png.2.tmp"
+    for f in (old, new):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half")
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    assert sweep_partial_writes(run_dir, before=time.time() - 30) == 1 and not old.exists() and new.exists()
+    assert main(["report", "--config", str(ROOT / "jobs/configs/demo.yaml"), f"run_dir={run_dir}"]) == 0  # free again
