@@ -136,3 +136,79 @@ def test_a_busy_stage_stops_a_second_run_and_a_finished_stage_sweeps_old_partial
     os.utime(old, (time.time() - 60, time.time() - 60))
     assert sweep_partial_writes(run_dir, before=time.time() - 30) == 1 and not old.exists() and new.exists()
     assert main(["report", "--config", str(ROOT / "jobs/configs/demo.yaml"), f"run_dir={run_dir}"]) == 0  # free again
+
+
+# --- properties: any input loads or fails in one line naming the file or field, echoing no identifier ---
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SCALARS = st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats() | st.text(max_size=12) | st.just(CANARY)
+VALUES = st.recursive(
+    SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3), max_leaves=8
+)
+SECTIONS = ["run_dir", "seed", "model", "train", "ingest", "generate", "select", "audit_utility", "reader", CANARY]
+FIELDS = ["epochs", "size", "steps", "learning_rate", "tasks", "repositories_file", "preset", "port", CANARY]
+
+
+def _one_line(exc: Exception) -> None:
+    assert "\n" not in str(exc) and "Traceback" not in str(exc), str(exc)
+
+
+@PROPERTY
+@given(
+    st.dictionaries(
+        st.sampled_from(SECTIONS), VALUES | st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=3), max_size=4
+    )
+    | st.binary(max_size=200)
+)
+def test_any_config_file_loads_or_fails_in_one_line(tmp_path, doc):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(doc if isinstance(doc, bytes) else yaml.safe_dump(doc).encode())
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        _one_line(exc)
+
+
+ENTRY_KEYS = ["name", "kind", "path", "glob", "labels_csv", "path_column", "label_columns", "patient_column",
+              "template", "specialty", "image_type", "classes", "encoding", CANARY]  # fmt: skip
+
+
+@PROPERTY
+@given(st.lists(st.dictionaries(st.sampled_from(ENTRY_KEYS), VALUES, max_size=8) | VALUES, max_size=3) | VALUES)
+def test_any_repositories_file_loads_or_fails_in_one_line(tmp_path, repositories):
+    path = tmp_path / "repositories.yaml"
+    path.write_text(yaml.safe_dump({"repositories": repositories}))
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"ingest.repositories_file={path}"])
+    try:
+        load_repositories(cfg.ingest)
+    except ConfigError as exc:
+        _one_line(exc)
+
+
+CELLS = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=8) | st.just(CANARY) | st.just("a.png")
+
+
+@PROPERTY
+@given(st.lists(st.lists(CELLS, max_size=4), max_size=6), st.booleans())
+def test_any_label_table_lists_or_fails_without_echoing_a_cell(tmp_path, rows, header):
+    import csv
+    import io
+    import uuid
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    if header:
+        writer.writerow(["file", "patient", "dx"])
+    writer.writerows(rows)
+    root = _tree(tmp_path / uuid.uuid4().hex, buf.getvalue().encode())
+    try:
+        items, rejects, _ = list_repository(_repo(), root, IngestConfig())
+    except ConfigError as exc:
+        _one_line(exc)
+        assert CANARY not in str(exc)
+        return
+    assert not any(CANARY in r["reason"] for r in rejects)
+    assert not any(CANARY in (i.caption + i.ref + i.patient) for i in items)

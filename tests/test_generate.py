@@ -193,8 +193,11 @@ def test_two_sets_of_one_name_and_a_set_made_by_other_settings_are_refused(tmp_p
     folder.mkdir(parents=True)
     made = producer(cfg, resolve_set(cfg, "memorization"), tiny_model)
     (folder / "set.json").write_text(__import__("json").dumps(made))
+    other_model = tmp_path / "other-model"
+    __import__("shutil").copytree(tiny_model, other_model)  # the same weights elsewhere: another checkpoint
     for override, differs in (
         (f"generate.sets=[{one}]", "prompt_set"),
+        (f"generate.checkpoint={other_model}", "model"),
         ("generate.steps=3", "steps: 20 then, 3 now"),
         ("generate.guidance_scale=1.5", "guidance_scale: 6.0 then, 1.5 now"),
         ("generate.resolution=64", "resolution: 128 then, 64 now"),
