@@ -128,7 +128,7 @@ def read_dicom(
     try:  # from the header, before a decode that could need gigabytes (a deflated file can be tiny)
         pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
-        raise Rejected("incomplete image attributes (Rows/Columns)") from None
+        raise Rejected("incomplete image attributes (no Rows or Columns)") from None
     if pixels > max_pixels:
         raise Rejected(f"too many pixels ({pixels:,} > ingest.max_pixels {max_pixels:,})")
     arr = _decode(ds)
