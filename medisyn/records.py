@@ -266,3 +266,27 @@ def sweep_partial_writes(root: str | Path, before: float) -> int:
         except FileNotFoundError:
             pass  # another writer renamed it meanwhile
     return n
+
+
+# --- what a resumable training run was started from ---
+
+RUN_INPUTS = "medisyn-inputs.json"
+
+
+def run_inputs_differ(folder: str | Path, inputs: dict) -> list[str]:
+    """Keys whose value differs from the record ``folder/medisyn-inputs.json`` (none when the
+    folder holds no run yet, or was started from these inputs); records them when none differ.
+
+    Ray Train resumes whatever snapshot its storage folder holds: without this check a run
+    over another corpus or other settings would silently continue (or return) the old one."""
+    record = Path(folder) / RUN_INPUTS
+    if record.is_file():
+        have = json.loads(record.read_text())
+        differ = sorted(k for k in set(have) | set(inputs) if have.get(k) != inputs.get(k))
+        if differ:
+            return differ
+    elif Path(folder).is_dir() and any(Path(folder).iterdir()):
+        return ["(a run started before its inputs were recorded)"]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), record)
+    return []

@@ -345,3 +345,35 @@ def test_subset_per_caption_keeps_n_seeded_images_of_every_caption(ingested):
     assert training_ids(one, ids) == chosen  # seeded
     two = training_ids(replace(cfg, train=replace(cfg.train, subset_per_caption=2)), ids)
     assert set(chosen) < set(two) or len(two) > len(chosen)
+
+
+@pytest.mark.ray
+def test_a_run_of_other_inputs_is_never_resumed(trained):
+    """Ray Train resumes whatever its storage holds: the trainer refuses a checkpoints folder that
+    another corpus or other settings started, naming what differs, before any worker starts."""
+    from dataclasses import replace
+
+    from medisyn.configtools import ConfigError
+    from medisyn.records import RUN_INPUTS
+    from medisyn.train.trainer import run as train
+
+    cfg, run_dir, *_ = trained
+    assert (run_dir / "checkpoints" / RUN_INPUTS).is_file()
+    other = replace(cfg, train=replace(cfg.train, learning_rate=1e-3))
+    with pytest.raises(ConfigError, match=r"holds a run of other inputs or settings \(differs: train\)"):
+        train(other)
+    reseeded = replace(cfg, seed=cfg.seed + 1)
+    with pytest.raises(ConfigError, match=r"differs: seed\)"):
+        train(reseeded)
+
+
+def test_run_inputs_are_recorded_once_and_differences_named(tmp_path):
+    from medisyn.records import run_inputs_differ
+
+    folder = tmp_path / "run"
+    assert run_inputs_differ(folder, {"a": 1, "b": [1, 2]}) == []  # new: recorded
+    assert run_inputs_differ(folder, {"a": 1, "b": [1, 2]}) == []
+    assert run_inputs_differ(folder, {"a": 2, "b": [1, 2], "c": 0}) == ["a", "c"]
+    legacy = tmp_path / "legacy"
+    (legacy / "epoch-000").mkdir(parents=True)
+    assert run_inputs_differ(legacy, {"a": 1}) == ["(a run started before its inputs were recorded)"]

@@ -9,11 +9,13 @@ and fp32 state) once the run ends.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 
-from medisyn.config import RunConfig
+from medisyn.config import ConfigError, RunConfig, to_dict
+from medisyn.records import run_inputs_differ
 from medisyn.train.cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 def checkpoints(cfg: RunConfig) -> list[Path]:
     """Epoch checkpoints of the run, oldest first."""
     return sorted(p for p in (cfg.run_path / "checkpoints").glob("epoch-*") if (p / "unet").is_dir())
+
+
+# train settings that change where and how fast a run goes, not what it computes (nor epochs: more continue)
+HARDWARE_ONLY = ("epochs", "max_failures", "cpus_per_worker", "use_gpu", "compile", "gradient_checkpointing",
+                 "gpu_batch_limit")  # fmt: skip
 
 
 def training_ids(cfg: RunConfig, cached: list[str]) -> list[str]:
@@ -71,15 +78,28 @@ def run(cfg: RunConfig):
         t.effective_batch,
         t.epochs,
     )
-    ensure_ray()
     run_root = cfg.run_path.resolve()
+    train_ids = training_ids(cfg, info["train_ids"])
+    inputs = {  # what the checkpoints depend on; epochs is not among them: a longer run continues
+        "cache": cache.name,
+        "train_ids": hashlib.sha256("\n".join(sorted(train_ids)).encode()).hexdigest()[:16],
+        "seed": cfg.seed,
+        "model": [cfg.model.preset, cfg.model.base, cfg.model.seed],
+        "train": {k: v for k, v in to_dict(t).items() if k not in HARDWARE_ONLY},
+    }
+    stale = run_inputs_differ(run_root / "checkpoints", inputs)
+    if stale:
+        raise ConfigError(
+            f"train: {run_root / 'checkpoints'} holds a run of other inputs or settings (differs: {', '.join(stale)}); "
+            "Ray Train would resume it. Use another run_dir, or delete that folder to train from scratch"
+        )
+    ensure_ray()
     (run_root / "train_log").mkdir(parents=True, exist_ok=True)
     # only images of the current corpus's train split: the cache may hold ids a re-ingest dropped
     # Shuffled globally each epoch without an all-to-all: the latent files are read in a new random
     # order every epoch (a new seed per execution), and each worker mixes rows in a local buffer.
     shuffle = ray.data.FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
     data = ray.data.read_parquet(str(cache / "latents"), shuffle=shuffle)
-    train_ids = training_ids(cfg, info["train_ids"])
     data = data.filter(expr=col("id").is_in(train_ids))
     if t.repeats > 1:
         # kohya's repeats are for small corpora: the filtered latents are held once in the object

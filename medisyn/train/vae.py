@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from medisyn.config import RunConfig
 from medisyn.configtools import to_dict
-from medisyn.records import atomic_write_text, read_corpus, shard_files
+from medisyn.records import atomic_write_text, read_corpus, run_inputs_differ, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,14 @@ def run(cfg: RunConfig) -> dict:
         fit = json.loads(record.read_text())
         print(f"vae: {out} already fitted for this corpus and settings (val MSE {fit['val_mse']:.4f})")
         return fit
+    storage = cfg.run_path.resolve() / "vae_fit"
+    stale = run_inputs_differ(storage, fingerprint)
+    if stale:  # a fit of another corpus or other settings: this demo artifact is refitted, not resumed
+        import shutil
+
+        log.info("vae: %s holds a fit of other inputs (%s); starting a new one", storage, ", ".join(stale))
+        shutil.rmtree(storage)
+        run_inputs_differ(storage, fingerprint)
     ensure_ray()
     res = cfg.train.resolution
     data = ray.data.read_parquet([str(p) for p in shard_files(corpus)], columns=["image", "split"])
