@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "phantoms" and args.out and "=" in args.out:
+        # `phantoms --config F run_dir=X`: argparse hands the first key=value to the optional OUT
+        # folder; every stage takes the same `--config FILE [key=value ...]`, so it is an override
+        args.overrides, args.out = [args.out, *args.overrides], None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

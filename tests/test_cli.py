@@ -62,6 +62,15 @@ def test_config_prints_resolved_values(capsys):
     assert "epochs: 7" in capsys.readouterr().out
 
 
+def test_phantoms_takes_overrides_like_every_stage(tmp_path, capsys):
+    """`jobs/phantoms.py --config F run_dir=X` once wrote the repositories into a folder named
+    'run_dir=X'; the phantoms belong in X's phantoms folder, where ingest looks for them."""
+    run_dir = tmp_path / "run"
+    assert main(["phantoms", "--config", str(DEMO), f"run_dir={run_dir}", "phantoms.seed=4"]) == 0
+    assert json.loads((run_dir / "phantoms/phantoms.json").read_text())["seed"] == 4
+    assert not list(Path.cwd().glob("run_dir=*")) and (run_dir / "phantoms/repositories.yaml").is_file()
+
+
 def test_phantoms_command_is_idempotent(tmp_path, capsys):
     out = tmp_path / "ph"
     assert main(["phantoms", str(out), "--seed", "3", "--scale", "small"]) == 0
