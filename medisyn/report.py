@@ -374,6 +374,59 @@ def synthetic_section(cfg: RunConfig, figs: Path) -> str:
     return "\n".join(parts)
 
 
+PACKAGES = ("torch", "torchvision", "ray", "diffusers", "transformers", "open_clip_torch", "faiss-cpu", "numpy",
+            "scipy", "scikit-learn", "pydicom", "openslide-python", "pyarrow")  # fmt: skip
+
+
+def git_commit() -> str:
+    """The commit of the code that wrote the report (a checkout), with a mark when it has edits."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def provenance_section(cfg: RunConfig) -> str:
+    """What made this run: the resolved config, the seeds, package versions and the git commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import yaml
+
+    from medisyn.config import to_dict
+
+    versions = []
+    for name in ("medisyn", *PACKAGES):
+        try:
+            versions.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    seeds = {
+        "seed (splits, samples, trials)": cfg.seed,
+        "model.seed": cfg.model.seed,
+        "phantoms.seed": cfg.phantoms.seed,
+        "audit-utility seeds": f"{cfg.seed} … {cfg.seed + cfg.audit_utility.seeds - 1}",
+    }
+    return "\n".join(
+        [
+            "<h2>Provenance</h2>",
+            f"<p>Code: git commit <code>{html.escape(git_commit())}</code>. Seeds: "
+            + "; ".join(f"{html.escape(k)} {html.escape(str(v))}" for k, v in seeds.items())
+            + ".</p>",
+            f"<p>Packages: {html.escape(', '.join(versions))}.</p>",
+            "<details><summary>Resolved config</summary><pre>"
+            + html.escape(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            + "</pre></details>",
+        ]
+    )
+
+
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MediSyn report: {run}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
@@ -399,7 +452,8 @@ def run(cfg: RunConfig) -> Path:
         + synthetic_section(cfg, figs)
         + fidelity_section(cfg, figs)
         + memorization_section(cfg, figs)
-        + utility_section(cfg, figs),
+        + utility_section(cfg, figs)
+        + provenance_section(cfg),
     )
     out = cfg.run_path / "report.html"
     out.write_text(page)

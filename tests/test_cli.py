@@ -138,3 +138,12 @@ def test_demo_pipeline_end_to_end(tmp_path):
         t["n_test"] for t in utility["tasks"].values()
     )
     assert "Utility audit" in page and (run_dir / "report/utility_dermoscopy-roc.png").exists()
+
+
+def test_the_report_records_config_seeds_versions_and_commit(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["report", "--config", str(DEMO), f"run_dir={run_dir}", "seed=7"]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert "<h2>Provenance</h2>" in page and "seed (splits, samples, trials) 7" in page
+    assert "torch 2.14.1" in page and "ray 2.60" in page and "audit-utility seeds 7 … 8" in page
+    assert "git commit <code>" in page and f"run_dir: {run_dir}" in page
