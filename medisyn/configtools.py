@@ -205,6 +205,18 @@ def load_yaml_file(path: Path, what: str) -> Any:
         raise ConfigError(f"{what} {str(path)!r} is not valid YAML ({yaml_problem(exc)})") from None
 
 
+def named_file(name_or_path: str, folder: Path, what: str, also: str = "") -> Path:
+    """``folder/<name>.yaml`` for a bare name, else the path itself; a missing file is a
+    ConfigError that lists the shipped names (and ``also``, other accepted names)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join([*sorted(p.stem for p in folder.glob("*.yaml")), *([also] if also else [])])
+        raise ConfigError(f"{what}: no file {str(path)!r}; known: {known}, or a path")
+    return path
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing or malformed file is a ConfigError naming it."""
     p = Path(path)

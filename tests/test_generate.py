@@ -60,7 +60,7 @@ def test_csv_sets_and_their_errors(tmp_path):
     bad.write_text("prompt,count\nA prompt.,many\n")
     with pytest.raises(ConfigError, match=r"bad.csv row 2 \('A prompt.'\): count 'many' is not an integer"):
         load_prompt_set(str(bad))
-    with pytest.raises(ConfigError, match="known sets: memorization, utility"):
+    with pytest.raises(ConfigError, match="known: memorization, utility, fid"):
         load_prompt_set("nonexistent")
 
 

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import yaml
 
-from medisyn.configtools import ConfigError
+from medisyn.configtools import ConfigError, load_yaml_file, named_file
 from medisyn.records import IMAGE_TYPES, SPECIALTIES
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "utility"
@@ -71,16 +70,8 @@ class Arm:
 
 def load_tasks(tasks_file: str, names: tuple[str, ...] = ()) -> list[Task]:
     """The tasks of a file (by name under ``jobs/configs/utility/`` or a path), checked whole."""
-    path = Path(tasks_file)
-    if not path.suffix:
-        path = TASK_DIR / f"{tasks_file}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in TASK_DIR.glob("*.yaml")))
-        raise ConfigError(f"audit_utility.tasks_file: no file {str(path)!r}; known: {known}, or a path")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    path = named_file(tasks_file, TASK_DIR, "audit_utility.tasks_file")
+    data = load_yaml_file(path, "audit_utility.tasks_file") or {}
     raw = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{path}: expected a mapping with a non-empty list under 'tasks'")

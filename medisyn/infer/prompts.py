@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from medisyn.configtools import ConfigError
+from medisyn.configtools import ConfigError, named_file
 from medisyn.records import IMAGE_TYPES, SPECIALTIES
 
 PROMPT_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "prompts"
@@ -102,12 +102,7 @@ def _entry(raw, where: str) -> PromptEntry:
 
 def load_prompt_set(name_or_path: str) -> PromptSet:
     """A set by name (``jobs/configs/prompts/<name>.yaml``) or by path (YAML or CSV)."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PROMPT_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PROMPT_DIR.glob("*.yaml")))
-        raise ConfigError(f"prompt set {name_or_path!r}: no file {str(path)!r}; known sets: {known}, fid, or a path")
+    path = named_file(name_or_path, PROMPT_DIR, f"prompt set {name_or_path!r}", also="fid")
     if path.suffix.lower() == ".csv":
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
         if "prompt" not in table.columns or "count" not in table.columns:
