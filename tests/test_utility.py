@@ -192,7 +192,9 @@ def test_fit_learns_keeps_the_best_epoch_and_resumes_exactly():
     assert equal.steps == 9 and equal.epoch == 2
 
 
-def test_weights_from_a_file_and_the_offline_imagenet_fallback(tmp_path):
+def test_weights_from_a_file_and_the_offline_imagenet_fallback(tmp_path, monkeypatch):
+    import urllib.error
+
     import torch
     import torchvision
 
@@ -210,8 +212,15 @@ def test_weights_from_a_file_and_the_offline_imagenet_fallback(tmp_path):
     assert resolve_weights("resnet18", "none") == ("none", "random initialisation")
     with pytest.raises(ConfigError, match="not none, imagenet or an existing file"):
         resolve_weights("resnet18", str(tmp_path / "missing.pt"))
-    what, note = resolve_weights("resnet18", "imagenet")  # no internet here: labelled random init
-    assert what == "none" and "ImageNet weights unavailable" in note
+    tried = []
+
+    def offline(url, *args, **kwargs):  # as on CI: no hub, and never a real download from a test
+        tried.append(url)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    what, note = resolve_weights("resnet18", "imagenet")  # unreachable: labelled random init
+    assert what == "none" and "ImageNet weights unavailable" in note and tried
 
 
 # --- the Tune audit on the phantom corpus ---
