@@ -12,6 +12,7 @@ is the same on every machine. Files whose name starts with ``.`` are temporary w
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import time
@@ -154,16 +155,18 @@ def read_corpus(
     columns: list[str] | None = None,
     split: str | None = None,
     ids: set[str] | list[str] | None = None,
+    where: pc.Expression | None = None,
 ) -> pa.Table:
-    """Rows of the corpus folder, optionally one split and/or the given image ids, in shard order.
+    """Rows of the corpus folder, optionally one split, the given image ids and/or rows matching
+    a pyarrow expression (``where``), in shard order.
 
     Read columns only what you need: ``image`` is the only large one.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    filter = None
+    filter = where
     if split is not None:
-        filter = pc.field("split") == split
+        filter = pc.field("split") == split if filter is None else filter & (pc.field("split") == split)
     if ids is not None:
         by_id = pc.field("id").isin(sorted(ids))
         filter = by_id if filter is None else filter & by_id
@@ -205,10 +208,50 @@ def conditioning_size(sizes: dict[str, list[int]], image_type: str, default: int
     return int(size[0]), int(size[1])
 
 
+def corpus_index(corpus: str | Path) -> dict[str, tuple[str, int]]:
+    """``{id: (shard path, row)}``: where each corpus image lives, from the id columns only."""
+    out = {}
+    for shard in shard_files(corpus):
+        for row, image_id in enumerate(pq.read_table(shard, columns=["id"]).column("id").to_pylist()):
+            out[image_id] = (str(shard), row)
+    return out
+
+
+def read_rows(shard: str | Path, rows: list[int]) -> dict[str, bytes]:
+    """``{id: image bytes}`` of the given rows of a corpus shard, reading only the row groups
+    that hold them (a shard's other images are never read)."""
+    pf = pq.ParquetFile(shard)
+    starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    group_of = {r: int(np.searchsorted(starts, r, side="right")) - 1 for r in rows}
+    groups = sorted(set(group_of.values()))
+    first, at = {}, 0  # each selected group's first row in the table read below
+    for g in groups:
+        first[g], at = at, at + int(starts[g + 1] - starts[g])
+    table = pf.read_row_groups(groups, columns=["id", "image"])
+    picked = table.take([first[group_of[r]] + r - int(starts[group_of[r]]) for r in rows])
+    return dict(zip(picked.column("id").to_pylist(), picked.column("image").to_pylist(), strict=True))
+
+
 def read_images(corpus: str | Path, ids: set[str] | list[str]) -> dict[str, bytes]:
-    """``{id: image bytes}`` for the given ids, reading only the matching rows of each shard."""
-    table = read_corpus(corpus, columns=["id", "image"], ids=ids)
-    return dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+    """``{id: image bytes}`` for the given ids: each shard's id column is scanned, and only the
+    row groups holding wanted ids have their images read (a filter on ``id`` would read them all)."""
+    wanted, out = set(ids), {}
+    for shard in shard_files(corpus):
+        shard_ids = pq.read_table(shard, columns=["id"]).column("id").to_pylist()
+        rows = [row for row, image_id in enumerate(shard_ids) if image_id in wanted]
+        if rows:
+            out.update(read_rows(shard, rows))
+    return out
+
+
+def decode_rgb(data: bytes, size: tuple[int, int] | None = None, resample: str = "LANCZOS") -> np.ndarray:
+    """Stored image bytes -> uint8 RGB array, resized to ``size`` (width, height) when given."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    if size and im.size != tuple(size):
+        im = im.resize(tuple(size), getattr(Image.Resampling, resample))
+    return np.asarray(im)
 
 
 def read_manifest(set_dir: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -53,7 +53,7 @@ def test_sharded_search_equals_unsharded_and_brute_force():
 def test_read_rows_reads_only_the_row_groups_it_needs(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    from medisyn.audit.memorization import read_rows
+    from medisyn.records import read_rows
 
     path = tmp_path / "s.parquet"
     pq.write_table(pa.table({"id": [f"i{i}" for i in range(23)], "image": [bytes([i]) for i in range(23)]}), path,
@@ -186,8 +186,8 @@ def test_a_copy_outside_the_embeddings_top1_is_found_by_the_pixels(planted, tmp_
     import pyarrow.parquet as pq
 
     from medisyn.audit.embeddings import EMBEDDING_SCHEMA, embeddings_dir, read_embeddings
-    from medisyn.audit.memorization import corpus_index, find_matches
-    from medisyn.records import read_corpus
+    from medisyn.audit.memorization import find_matches
+    from medisyn.records import corpus_index, read_corpus
 
     cfg, _, plants = planted
     image_id, (source, _) = next(iter(plants.items()))

@@ -25,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 
+from medisyn.audit.stats import strata
 from medisyn.configtools import ConfigError, load_yaml_file, named_file
 from medisyn.records import IMAGE_TYPES, SPECIALTIES
 
@@ -130,11 +131,6 @@ def allocate(total: int, weights) -> np.ndarray:
     for i in np.argsort(-(raw - counts), kind="stable")[: total - counts.sum()]:
         counts[i] += 1
     return counts
-
-
-def strata(y: np.ndarray) -> np.ndarray:
-    """A stratum per row: the class (one-hot rows) or the label combination (multi-label)."""
-    return np.unique(np.asarray(y, dtype=bool), axis=0, return_inverse=True)[1].reshape(-1)
 
 
 def _matched_draw(pool: np.ndarray, pool_strata: np.ndarray, n: int, rng) -> np.ndarray:

@@ -75,7 +75,8 @@ def embed(cfg: RunConfig, name: str, ids: list[str], source, batch_rows: int = 4
     folder = embeddings_dir(cfg, name)
     folder.mkdir(parents=True, exist_ok=True)
     remove_partial_writes(folder)
-    todo = sorted(set(ids) - stored_ids(folder))
+    have = stored_ids(folder)
+    todo = sorted(set(ids) - have)
     if todo:
         ensure_ray()
         m = cfg.audit_memorization
@@ -97,7 +98,8 @@ def embed(cfg: RunConfig, name: str, ids: list[str], source, batch_rows: int = 4
                 schema=EMBEDDING_SCHEMA,
             )
             atomic_write_table(table, folder / f"part-{uuid.uuid4().hex}.parquet")
-    missing = set(ids) - stored_ids(folder)
+            have.update(table.column("id").to_pylist())
+    missing = set(ids) - have
     if missing:
         raise RuntimeError(f"audit-memorization: {len(missing)} images of {name} could not be embedded")
     return folder

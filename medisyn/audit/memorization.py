@@ -52,8 +52,11 @@ from medisyn.records import (
     atomic_write_bytes,
     atomic_write_table,
     atomic_write_text,
+    corpus_index,
+    decode_rgb,
     read_corpus,
     read_manifest,
+    read_rows,
     read_shards,
     shard_files,
 )
@@ -61,39 +64,6 @@ from medisyn.records import (
 log = logging.getLogger(__name__)
 
 SERIES_TYPES = ("computed tomography", "magnetic resonance imaging")  # image types whose images are slices
-
-
-def _pixels(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data)).convert("RGB")
-    if size and im.size != size:
-        im = im.resize(size, Image.Resampling.LANCZOS)
-    return np.asarray(im)
-
-
-def corpus_index(corpus: Path) -> dict[str, tuple[str, int]]:
-    """``{id: (shard path, row)}``: where each corpus image lives, from the id columns only."""
-    out = {}
-    for shard in shard_files(corpus):
-        for row, image_id in enumerate(pq.read_table(shard, columns=["id"]).column("id").to_pylist()):
-            out[image_id] = (str(shard), row)
-    return out
-
-
-def read_rows(shard: str, rows: list[int]) -> dict[str, bytes]:
-    """``{id: image bytes}`` of the given rows of a corpus shard, reading only the row groups
-    that hold them (a shard's other images are never read)."""
-    pf = pq.ParquetFile(shard)
-    starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-    group_of = {r: int(np.searchsorted(starts, r, side="right")) - 1 for r in rows}
-    groups = sorted(set(group_of.values()))
-    first, at = {}, 0  # each selected group's first row in the table read below
-    for g in groups:
-        first[g], at = at, at + int(starts[g + 1] - starts[g])
-    table = pf.read_row_groups(groups, columns=["id", "image"])
-    picked = table.take([first[group_of[r]] + r - int(starts[group_of[r]]) for r in rows])
-    return dict(zip(picked.column("id").to_pylist(), picked.column("image").to_pylist(), strict=True))
 
 
 def search_group(
@@ -129,11 +99,11 @@ def shard_distances(shard: str, work: list[tuple[int, str, int, str]], grid: int
 
     @functools.lru_cache(maxsize=64)
     def query(path: str) -> np.ndarray:
-        return _pixels(Path(path).read_bytes())
+        return decode_rgb(Path(path).read_bytes())
 
     @functools.lru_cache(maxsize=256)
     def train(image_id: str, size: tuple[int, int]) -> np.ndarray:
-        return _pixels(images[image_id], size)
+        return decode_rgb(images[image_id], size)
 
     out = []
     for pair, image_id, _, path in sorted(work, key=lambda w: w[3]):  # by query: its pixels stay cached
@@ -173,11 +143,13 @@ def find_matches(cfg: RunConfig, jobs: list[dict], index: dict, chunk: int = 102
     m = cfg.audit_memorization
     real_dir = str(embeddings_dir(cfg, "real"))
     search = ray.remote(num_cpus=1)(search_group)
-    futures = []
+    futures, shared = [], {}  # a group's train ids go to the object store once, whichever kinds query it
     for job in jobs:
         if not job["queries"] or not job["train_ids"]:
             continue
-        ids_ref = ray.put(job["train_ids"])
+        if id(job["train_ids"]) not in shared:
+            shared[id(job["train_ids"])] = ray.put(job["train_ids"])
+        ids_ref = shared[id(job["train_ids"])]
         for start in range(0, len(job["queries"]), chunk):
             rows = job["queries"][start : start + chunk]
             ref = search.remote(

@@ -128,20 +128,25 @@ def _aurocs(counts: np.ndarray, y: np.ndarray, scores: np.ndarray) -> np.ndarray
     return out
 
 
+def strata(y) -> np.ndarray:
+    """A stratum per row: the class (one-hot rows) or the label combination (multi-label), shared
+    by the arms' class matching and the stratified bootstrap."""
+    return np.unique(indicator(y), axis=0, return_inverse=True)[1].reshape(-1)
+
+
 def resample_indices(y, n_resamples: int, seed: int = 0, stratified: bool = False) -> np.ndarray:
     """[R, n] bootstrap draws of test-case indices from ``np.random.default_rng(seed)``.
 
     Stratified: each resample keeps every stratum's size (a multi-class task's classes, a
     multi-label task's label combinations), so no resample misses a class the test set has."""
-    y = indicator(y)  # class indices and one-hot rows give the same strata, so the same draws
     n = len(y)
     rng = np.random.default_rng(seed)
     if not stratified:
         return rng.integers(0, n, size=(n_resamples, n))
-    strata = np.unique(y, axis=0, return_inverse=True)[1].reshape(-1)
+    groups = strata(y)  # class indices and one-hot rows give the same strata, so the same draws
     out = np.empty((n_resamples, n), dtype=np.int64)
-    for k in range(strata.max() + 1):
-        members = np.flatnonzero(strata == k)
+    for k in range(groups.max() + 1):
+        members = np.flatnonzero(groups == k)
         out[:, members] = members[rng.integers(0, len(members), size=(n_resamples, len(members)))]
     return out
 

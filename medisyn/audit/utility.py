@@ -35,7 +35,15 @@ import pyarrow.compute as pc
 from medisyn.audit.arms import ARMS, COMPARISONS, Arm, Task, arm_label, draw_arms, load_tasks
 from medisyn.audit.classifier import FitSettings, FitState, planned_steps, resolve_weights
 from medisyn.config import RunConfig
-from medisyn.records import atomic_write_bytes, atomic_write_table, atomic_write_text, read_manifest
+from medisyn.records import (
+    atomic_write_bytes,
+    atomic_write_table,
+    atomic_write_text,
+    decode_rgb,
+    read_corpus,
+    read_images,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +87,7 @@ def task_rows(corpus: Path, task: Task) -> dict[str, dict]:
     where = (pc.field("specialty") == task.specialty) & (pc.field("image_type") == task.image_type)
     if task.sources:
         where = where & pc.field("source").isin(list(task.sources))
-    from medisyn.records import read_shards
-
-    try:
-        table = read_shards(corpus, ["id", "labels", "split"], where)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no corpus shards in {corpus}; run `medisyn ingest` first") from None
+    table = read_corpus(corpus, ["id", "labels", "split"], where=where)
     out = {s: {"ids": [], "y": []} for s in ("train", "val", "test")}
     for row in table.to_pylist():
         y = task.truth(row["labels"] or [])
@@ -121,26 +124,17 @@ def synthetic_rows(set_dir: Path, task: Task) -> dict:
     }
 
 
-def _decode(data: bytes, size: int) -> np.ndarray:
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data)).convert("RGB")
-    return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
 def write_inputs(corpus: str, real_ids: list[str], set_dir: str, files: list[str], size: int, out: dict) -> None:
     """Ray task: decode and resize a task's images once, in the plan's order, to two .npy files."""
     from tqdm import tqdm
 
-    from medisyn.records import read_images
-
-    images = read_images(corpus, set(real_ids))
+    images = read_images(corpus, set(real_ids))  # only the row groups that hold them
     real = np.zeros((len(real_ids), size, size, 3), dtype=np.uint8)
     for i, image_id in enumerate(tqdm(real_ids, desc="utility inputs (real)", mininterval=10)):
-        real[i] = _decode(images[image_id], size)
+        real[i] = decode_rgb(images[image_id], (size, size), "BILINEAR")
     synth = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     for i, name in enumerate(files):
-        synth[i] = _decode((Path(set_dir) / name).read_bytes(), size)
+        synth[i] = decode_rgb((Path(set_dir) / name).read_bytes(), (size, size), "BILINEAR")
     for arr, path in ((real, out["real"]), (synth, out["synthetic"])):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
@@ -256,7 +250,7 @@ def utility_trial(config: dict, plans: dict[str, TaskPlan]) -> None:
     real = np.load(plan.real_path, mmap_mode="r")
     synth = np.load(plan.synthetic_path, mmap_mode="r")
     a = plan.arms[(arm, k)]
-    x = np.concatenate([real[a.real], synth[a.synthetic]]) if len(a.synthetic) else np.asarray(real[a.real])
+    x = np.concatenate([real[a.real], synth[a.synthetic]])
     y = np.concatenate([plan.real_y[a.real], plan.synth_y[a.synthetic]])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = replace(plan.settings, seed=plan.draw_seeds[k], steps=plan.equal_steps, device=device)
@@ -407,8 +401,9 @@ def task_statistics(plan: TaskPlan, preds: dict, seeds: int, resamples: int, see
     y = plan.real_y[plan.test]
     arms = {}
     for arm in ARMS:
-        aucs = [float(np.nanmean(per_class_auroc(y, preds[(arm, k)][0]))) for k in range(seeds)]
-        per_class = np.nanmean([per_class_auroc(y, preds[(arm, k)][0]) for k in range(seeds)], axis=0)
+        by_seed = np.array([per_class_auroc(y, preds[(arm, k)][0]) for k in range(seeds)])  # [seeds, C]
+        aucs = [float(np.nanmean(row)) for row in by_seed]
+        per_class = np.nanmean(by_seed, axis=0)
         arms[arm] = {
             "auroc": aucs,
             "mean": float(np.mean(aucs)),

@@ -187,17 +187,15 @@ def check_producer(out: Path, want: dict) -> None:
         )
 
 
-def generate_set(cfg: RunConfig, pset: PromptSet) -> dict:
+def generate_set(cfg: RunConfig, pset: PromptSet, model: Path, want: dict) -> dict:
+    """One set's missing images and its manifest; ``want`` is its producer, already checked."""
     import ray
 
     from medisyn.raytools import ensure_ray, gpus_available
 
     g = cfg.generate
-    model = model_dir(cfg)
-    checkpoint = checkpoint_name(model)
+    checkpoint = want["checkpoint"]
     out = cfg.run_path / "synthetic" / pset.name
-    want = producer(cfg, pset, model)
-    check_producer(out, want)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(want, indent=2), out / "set.json")
     warn_truncation(model, [e.prompt for e in pset.entries])
@@ -275,6 +273,7 @@ def run(cfg: RunConfig) -> list[dict]:
         named = ", ".join(map(repr, repeated))
         raise ConfigError(f"generate.sets: more than one set is named {named}; set names must differ")
     model = model_dir(cfg)
-    for s in sets:  # and every set's folder free for it (or made by the same settings)
-        check_producer(cfg.run_path / "synthetic" / s.name, producer(cfg, s, model))
-    return [generate_set(cfg, s) for s in sets]
+    wants = [producer(cfg, s, model) for s in sets]
+    for s, want in zip(sets, wants, strict=True):  # and every set's folder free for it (or made by the same settings)
+        check_producer(cfg.run_path / "synthetic" / s.name, want)
+    return [generate_set(cfg, s, model, want) for s, want in zip(sets, wants, strict=True)]
