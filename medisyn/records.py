@@ -16,13 +16,14 @@ import io
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from medisyn import storage
+from medisyn.storage import path as store_path
 
 # The paper's six specialties and ten image types (DESIGN §2); every image type belongs to one
 # specialty, except endoscopy (surgery and gastroenterology).
@@ -79,31 +80,24 @@ MANIFEST_SCHEMA = pa.schema(
 
 
 # --- atomic writes: a killed task or a retried actor never leaves a half-written file ---
+# (they go through medisyn.storage, so they work the same on a local disk and an object store)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    storage.write_bytes(data, path)
 
 
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    tmp = _tmp_name(Path(path))
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def atomic_write_text(text: str, path: str | Path) -> None:
+    storage.write_bytes(text.encode(), path)
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    atomic_write_bytes(text.encode(), path)
+def atomic_write_table(table: pa.Table, path: str | Path) -> None:
+    storage.write_table(table, path)
 
 
-def atomic_write_table(table: pa.Table, path: Path) -> None:
-    tmp = _tmp_name(Path(path))
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def remove_partial_writes(folder: Path) -> int:
+def remove_partial_writes(folder: str | Path) -> int:
     """Delete temporary files a killed writer left in ``folder``; returns how many."""
-    stale = list(Path(folder).glob(".*.tmp"))
+    stale = list(store_path(folder).glob(".*.tmp"))
     for f in stale:
         f.unlink(missing_ok=True)
     return len(stale)
@@ -121,7 +115,7 @@ def shard_files(folder: str | Path) -> list[Path]:
     A folder with a ``_shards.json`` holds exactly the shards it lists: a stage writes its new
     shards beside the old ones and publishes them by rewriting that list, atomically, only when
     the run has succeeded, so a failed or refused run leaves the previous result in force."""
-    folder = Path(folder)
+    folder = store_path(folder)
     if (folder / SHARD_LIST).is_file():
         return [folder / name for name in sorted(json.loads((folder / SHARD_LIST).read_text())["shards"])]
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
@@ -129,7 +123,7 @@ def shard_files(folder: str | Path) -> list[Path]:
 
 def publish_shards(folder: str | Path, names: list[str]) -> None:
     """Make ``names`` the folder's current shards (see :func:`shard_files`), then delete the rest."""
-    folder = Path(folder)
+    folder = store_path(folder)
     atomic_write_text(json.dumps({"shards": sorted(names)}, indent=0), folder / SHARD_LIST)
     for f in folder.glob("*.parquet"):
         if f.name not in names:
@@ -146,7 +140,7 @@ def read_shards(folder: str | Path, columns: list[str] | None = None, filter=Non
     files = shard_files(folder)
     if not files:
         raise FileNotFoundError(f"no parquet shards in {folder}")
-    tables = [pq.read_table(f, columns=columns, filters=filter) for f in files]
+    tables = [storage.read_table(f, columns=columns, filters=filter) for f in files]
     return pa.concat_tables(tables)
 
 
@@ -212,15 +206,15 @@ def corpus_index(corpus: str | Path) -> dict[str, tuple[str, int]]:
     """``{id: (shard path, row)}``: where each corpus image lives, from the id columns only."""
     out = {}
     for shard in shard_files(corpus):
-        for row, image_id in enumerate(pq.read_table(shard, columns=["id"]).column("id").to_pylist()):
-            out[image_id] = (str(shard), row)
+        for row, image_id in enumerate(storage.read_table(shard, columns=["id"]).column("id").to_pylist()):
+            out[image_id] = (storage.uri(shard), row)
     return out
 
 
 def read_rows(shard: str | Path, rows: list[int]) -> dict[str, bytes]:
     """``{id: image bytes}`` of the given rows of a corpus shard, reading only the row groups
     that hold them (a shard's other images are never read)."""
-    pf = pq.ParquetFile(shard)
+    pf = storage.parquet_file(shard)
     starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
     group_of = {r: int(np.searchsorted(starts, r, side="right")) - 1 for r in rows}
     groups = sorted(set(group_of.values()))
@@ -237,7 +231,7 @@ def read_images(corpus: str | Path, ids: set[str] | list[str]) -> dict[str, byte
     row groups holding wanted ids have their images read (a filter on ``id`` would read them all)."""
     wanted, out = set(ids), {}
     for shard in shard_files(corpus):
-        shard_ids = pq.read_table(shard, columns=["id"]).column("id").to_pylist()
+        shard_ids = storage.read_table(shard, columns=["id"]).column("id").to_pylist()
         rows = [row for row, image_id in enumerate(shard_ids) if image_id in wanted]
         if rows:
             out.update(read_rows(shard, rows))
@@ -256,10 +250,10 @@ def decode_rgb(data: bytes, size: tuple[int, int] | None = None, resample: str =
 
 def read_manifest(set_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
     """A synthetic set's ``manifest.parquet`` (:data:`MANIFEST_SCHEMA`)."""
-    path = Path(set_dir) / "manifest.parquet"
+    path = store_path(set_dir) / "manifest.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"no manifest at {path}; run `medisyn generate` for this set first")
-    return pq.read_table(path, columns=columns)
+    return storage.read_table(path, columns=columns)
 
 
 # --- one run of a stage per run directory ---
@@ -273,10 +267,16 @@ class StageBusy(RuntimeError):
 def stage_lock(run_dir: str | Path, stage: str):
     """Hold ``<run_dir>/.locks/<stage>.lock`` (an exclusive ``flock``) while a stage runs, so two
     runs of one stage on one run directory never both do the work: the second stops at once
-    with :class:`StageBusy` naming the holder. The kernel drops the lock if the holder dies."""
+    with :class:`StageBusy` naming the holder. The kernel drops the lock if the holder dies.
+
+    An object store has no locks: there this holds nothing, and two runs of one stage are kept
+    apart by whoever submits them (one job submission id per stage and run)."""
     import fcntl
 
-    folder = Path(run_dir) / ".locks"
+    if storage.is_remote(run_dir):
+        yield
+        return
+    folder = Path(store_path(run_dir).path) / ".locks"
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / f"{stage}.lock", "a+")  # noqa: SIM115 - held for the block's duration
     try:
@@ -301,14 +301,22 @@ def sweep_partial_writes(root: str | Path, before: float) -> int:
     """Delete ``.*.tmp`` files under ``root`` last written before ``before`` (a stage's start):
     what killed writers of earlier runs left. Called when a stage completes; returns how many."""
     n = 0
-    for f in Path(root).rglob(".*.tmp"):
+    for f in store_path(root).rglob(".*.tmp"):
         try:
-            if f.is_file() and f.stat().st_mtime < before:
+            if f.is_file() and _mtime(f) < before:
                 f.unlink()
                 n += 1
         except FileNotFoundError:
             pass  # another writer renamed it meanwhile
     return n
+
+
+def _mtime(p) -> float:
+    """Last-modified time in seconds on any filesystem (object stores report it as a date)."""
+    if not storage.is_remote(p):
+        return p.stat().st_mtime
+    modified = p.fs.modified(p.path)
+    return modified.timestamp()
 
 
 # --- what a resumable training run was started from ---
@@ -322,14 +330,15 @@ def run_inputs_differ(folder: str | Path, inputs: dict) -> list[str]:
 
     Ray Train resumes whatever snapshot its storage folder holds: without this check a run
     over another corpus or other settings would silently continue (or return) the old one."""
-    record = Path(folder) / RUN_INPUTS
+    folder = store_path(folder)
+    record = folder / RUN_INPUTS
     if record.is_file():
         have = json.loads(record.read_text())
         differ = sorted(k for k in set(have) | set(inputs) if have.get(k) != inputs.get(k))
         if differ:
             return differ
-    elif Path(folder).is_dir() and any(Path(folder).iterdir()):
+    elif folder.is_dir() and any(folder.iterdir()):
         return ["(a run started before its inputs were recorded)"]
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), record)
     return []

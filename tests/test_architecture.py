@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module's layer is that of the longest prefix that matches its dotted name.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("records", ("medisyn.records", "medisyn.configtools", "medisyn.stages", "medisyn.presets")),
+    ("records", ("medisyn.records", "medisyn.storage", "medisyn.configtools", "medisyn.stages", "medisyn.presets")),
     ("configs", ("medisyn.config", "medisyn.*.config")),
     ("shared", ("medisyn.models", "medisyn.raytools", "medisyn.figures")),
     ("phantoms", ("medisyn.phantoms",)),

@@ -1,0 +1,189 @@
+"""Where a run's files live: a local or NFS folder, or an object store URI, behind one API.
+
+Every stage reads and writes the run directory through :func:`path` (a ``UPath`` from
+universal_pathlib over fsspec: ``/``, ``exists``, ``read_text``, ``open``, ``glob`` and
+``iterdir`` work the same on ``/data/run`` and ``s3://bucket/run``) and the few functions
+below for what pathlib has no word for: parquet on any filesystem, writes that appear whole
+or not at all, and a node-local copy of a folder for libraries that only read local disks
+(``from_pretrained``). Ray Data and Ray Train get :func:`uri` and resolve the same URI with
+pyarrow's filesystems. Credentials and endpoints come from the standard environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, …), read the same way by fsspec and pyarrow.
+
+Local paths are made absolute, never a URI turned into a local path: a relative path would
+name a different folder on every node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from upath import UPath
+
+LOCAL_PROTOCOLS = ("", "file", "local")
+
+
+def path(x: str | os.PathLike) -> UPath:
+    """A run location: ``s3://…`` (any fsspec URI) as given, a local path made absolute."""
+    if isinstance(x, UPath) and (x.protocol not in LOCAL_PROTOCOLS or x.is_absolute()):
+        return x
+    s = os.fspath(x) if not isinstance(x, str) else x
+    if "://" in s and not s.startswith("file://"):
+        return UPath(s)
+    return UPath(os.path.abspath(s.removeprefix("file://")))
+
+
+def is_remote(p: str | os.PathLike) -> bool:
+    return path(p).protocol not in LOCAL_PROTOCOLS
+
+
+def uri(p: str | os.PathLike) -> str:
+    """The string Ray Data, Ray Train and pyarrow resolve: ``s3://bucket/key`` or ``/abs/path``."""
+    p = path(p)
+    return str(p) if is_remote(p) else p.path
+
+
+def _tmp(p: UPath) -> UPath:
+    return p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+
+
+def replace(src: UPath, dst: UPath) -> None:
+    """Move ``src`` over ``dst``: a rename on a local disk; a server-side copy then delete on an
+    object store, where the new object appears whole."""
+    src, dst = path(src), path(dst)
+    if is_remote(dst):
+        dst.fs.mv(src.path, dst.path)
+    else:
+        os.replace(src.path, dst.path)
+
+
+def write_bytes(data: bytes, p: str | os.PathLike) -> None:
+    """Write a file that is either whole or absent (a killed writer leaves only a ``.*.tmp``)."""
+    p = path(p)
+    if is_remote(p):
+        p.fs.pipe_file(p.path, data)  # one PUT: the object appears whole or not at all
+        return
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(p)
+    tmp.write_bytes(data)
+    os.replace(tmp.path, p.path)
+
+
+def read_table(p: str | os.PathLike, **kwargs) -> pa.Table:
+    p = path(p)
+    if is_remote(p):
+        return pq.read_table(p.path, filesystem=p.fs, **kwargs)
+    return pq.read_table(p.path, **kwargs)
+
+
+def parquet_file(p: str | os.PathLike) -> pq.ParquetFile:
+    p = path(p)
+    return pq.ParquetFile(p.path, filesystem=p.fs) if is_remote(p) else pq.ParquetFile(p.path)
+
+
+def write_table(table: pa.Table, p: str | os.PathLike, **kwargs) -> None:
+    """Write a parquet file that is either whole or absent."""
+    with parquet_writer(p, table.schema, **kwargs) as writer:
+        writer.write_table(table)
+
+
+@contextlib.contextmanager
+def parquet_writer(p: str | os.PathLike, schema: pa.Schema, **kwargs):
+    """A ``pq.ParquetWriter`` whose file appears under ``p`` only when the block ends without an
+    error: it streams to a temporary name first, so row groups never pile up in memory."""
+    p = path(p)
+    if not is_remote(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(p)
+    try:
+        if is_remote(p):
+            with p.fs.open(tmp.path, "wb") as f, pq.ParquetWriter(f, schema, **kwargs) as writer:
+                yield writer
+        else:
+            with pq.ParquetWriter(tmp.path, schema, **kwargs) as writer:
+                yield writer
+    except BaseException:
+        with contextlib.suppress(Exception):
+            tmp.unlink()
+        raise
+    replace(tmp, p)
+
+
+def parquet_is_whole(p: str | os.PathLike) -> bool:
+    """True when ``p`` is a parquet file whose footer reads (a truncated file has none)."""
+    try:
+        parquet_file(p).metadata  # noqa: B018 - reading the footer is the check
+        return True
+    except (OSError, pa.ArrowException, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def local_dir(p: str | os.PathLike):
+    """A local folder with the contents of ``p``, for libraries that read only local disks
+    (``from_pretrained``, ``torch.load``): the folder itself when it is local, else a
+    temporary download removed after the block."""
+    p = path(p)
+    if not is_remote(p):
+        yield Path(p.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="medisyn-") as tmp:
+        local = Path(tmp) / p.name
+        p.fs.get(p.path.rstrip("/") + "/", str(local), recursive=True)
+        yield local
+
+
+@contextlib.contextmanager
+def cached_dir(p: str | os.PathLike):
+    """Like :func:`local_dir`, but a remote folder is downloaded once per node (keyed by its URI)
+    and kept, for read-only inputs that many tasks on a node load, such as a model."""
+    p = path(p)
+    if not is_remote(p):
+        yield Path(p.path)
+        return
+    root = Path(os.environ.get("MEDISYN_CACHE", Path(tempfile.gettempdir()) / "medisyn-cache"))
+    local = root / hashlib.sha256(uri(p).encode()).hexdigest()[:16] / p.name
+    if not (local.parent / ".complete").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=root.mkdir(parents=True, exist_ok=True) or root))
+        p.fs.get(p.path.rstrip("/") + "/", str(tmp / p.name), recursive=True)
+        (tmp / ".complete").touch()
+        try:
+            os.replace(tmp, local.parent)
+        except OSError:  # another task on this node finished the same download first
+            shutil.rmtree(tmp, ignore_errors=True)
+    yield local
+
+
+def upload_dir(local: str | os.PathLike, p: str | os.PathLike) -> None:
+    """Copy a local folder to ``p`` (replacing what is there); the last file copied is the one
+    readers check, so put a marker file in ``local`` if a half-copied folder matters."""
+    p = path(p)
+    local = Path(local)
+    if is_remote(p):
+        if p.exists():
+            p.fs.rm(p.path, recursive=True)
+        p.fs.put(str(local).rstrip("/") + "/", p.path, recursive=True)
+        return
+    if Path(p.path).resolve() == local.resolve():
+        return
+    tmp = _tmp(p)
+    shutil.copytree(local, tmp.path)
+    if p.exists():
+        shutil.rmtree(p.path)
+    os.replace(tmp.path, p.path)
+
+
+def remove_tree(p: str | os.PathLike) -> None:
+    p = path(p)
+    if is_remote(p):
+        if p.exists():
+            p.fs.rm(p.path, recursive=True)
+    else:
+        shutil.rmtree(p.path, ignore_errors=True)
