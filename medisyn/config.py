@@ -20,6 +20,7 @@ from medisyn.ingest.config import IngestConfig
 from medisyn.presets import get_preset, preset_names
 from medisyn.reader.config import ReaderConfig
 from medisyn.select.config import SelectConfig
+from medisyn.storage import path as store_path
 from medisyn.train.config import CacheConfig, TrainConfig, VaeFitConfig
 
 __all__ = ["ConfigError", "ModelConfig", "PhantomsConfig", "RunConfig", "load_config", "to_dict"]
@@ -49,7 +50,7 @@ class PhantomsConfig:
     RANGES: ClassVar[dict[str, str]] = {"seed": ">=0"}
 
     enabled: bool = False  # generate phantom repositories before ingest
-    out: str = "phantoms"  # folder under run_dir
+    out: str = "phantoms"  # folder under run_dir, or an absolute path (required when run_dir is a URI)
     seed: int = 0
     scale: Literal["small", "medium"] = "small"
 
@@ -101,8 +102,9 @@ class RunConfig:
             )
 
     @property
-    def run_path(self) -> Path:
-        return Path(self.run_dir)
+    def run_path(self):
+        """The run directory as a ``UPath``: a local absolute path or an ``s3://`` URI (storage.py)."""
+        return store_path(self.run_dir)
 
     def resolve(self, path: str) -> Path:
         """A config path with ``{run_dir}`` filled in."""

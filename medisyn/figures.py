@@ -27,3 +27,15 @@ def contact_sheet(samples: list[tuple[bytes, str]], per_row: int = 4, tile: int 
             im = Image.open(io.BytesIO(data)).convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS)
             sheet.paste(im, (c * tile, y + label_h))
     return sheet
+
+
+def save_png(figure, path, **kwargs) -> None:
+    """Write a matplotlib figure or a PIL image as PNG to ``path`` on any filesystem (storage.py)."""
+    from medisyn.records import atomic_write_bytes
+
+    buf = io.BytesIO()
+    if isinstance(figure, Image.Image):
+        figure.save(buf, format="PNG", **kwargs)
+    else:
+        figure.savefig(buf, format="png", **kwargs)
+    atomic_write_bytes(buf.getvalue(), path)

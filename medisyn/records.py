@@ -75,6 +75,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("steps", pa.int64()),
         ("scheduler", pa.string()),
         ("original_size", pa.list_(pa.int32())),  # (height, width) the image was conditioned on
+        ("bytes", pa.int64()),  # the file's size as written: a rerun remakes a file that differs
+        ("sha256", pa.string()),  # of the file's bytes, as written
     ]
 )
 

@@ -18,12 +18,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from medisyn.config import RunConfig  # noqa: E402
-from medisyn.figures import contact_sheet  # noqa: E402
-from medisyn.records import read_corpus, read_manifest  # noqa: E402
+from medisyn.figures import contact_sheet, save_png  # noqa: E402
+from medisyn.records import atomic_write_bytes, read_corpus, read_manifest  # noqa: E402
 from medisyn.stages import STAGES  # noqa: E402
+from medisyn.storage import path as store_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 PAPER_PAIRS = {  # DESIGN §2: the paper's pairs per specialty (train, val, test)
@@ -78,7 +78,7 @@ def split_chart(summary: dict, path: Path) -> None:
         ax.invert_yaxis()
     axes[0].legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -107,7 +107,7 @@ def ingest_section(cfg: RunConfig, figs: Path) -> str:
     ]
     for spec, samples in corpus_samples(cfg.run_path / "corpus").items():
         name = f"corpus_{spec}.png"
-        contact_sheet(samples).save(figs / name)
+        save_png(contact_sheet(samples), figs / name)
         parts.append(f'<h3>{html.escape(spec)}: training images by caption</h3><img src="report/{name}" alt="{spec}">')
     parts += [
         "<h3>Pairs by image type</h3>",
@@ -131,7 +131,7 @@ def ingest_section(cfg: RunConfig, figs: Path) -> str:
 
 def vae_section(cfg: RunConfig, figs: Path) -> str:
     """The fitted VAE (demo runs): val reconstruction error against the mean-colour baseline."""
-    record = Path(cfg.model.vae) / "fit.json" if cfg.model.vae else None
+    record = store_path(cfg.model.vae) / "fit.json" if cfg.model.vae else None
     if not cfg.vae_fit.enabled or record is None or not record.exists():
         return ""
     fit = json.loads(record.read_text())
@@ -144,7 +144,7 @@ def vae_section(cfg: RunConfig, figs: Path) -> str:
     ]
     sheet = record.parent / "reconstructions.png"
     if sheet.exists():
-        Image.open(sheet).save(figs / "vae_reconstructions.png")
+        atomic_write_bytes(sheet.read_bytes(), figs / "vae_reconstructions.png")
         parts.append('<img src="report/vae_reconstructions.png" alt="val images and their reconstructions">')
     return "\n".join(parts)
 
@@ -178,7 +178,7 @@ def fidelity_section(cfg: RunConfig, figs: Path) -> str:
             ax.legend(fontsize=7, loc="lower right")
             fig.tight_layout()
             fname = f"fidelity_{name}_{target}.png"
-            fig.savefig(figs / fname, dpi=110)
+            save_png(fig, figs / fname, dpi=110)
             plt.close(fig)
             parts.append(
                 f"<h3>{html.escape(name)} by {target}: {s[target]['share']:.0%} of {s[target]['n']:,} images shown "
@@ -245,7 +245,7 @@ def memorization_section(cfg: RunConfig, figs: Path) -> str:
     ]
     for name, alt in (("histograms.png", "distance histograms"), ("gallery.png", "flagged and closest pairs")):
         if (folder / name).exists():
-            Image.open(folder / name).save(figs / f"memorization_{name}")
+            atomic_write_bytes((folder / name).read_bytes(), figs / f"memorization_{name}")
             parts.append(f'<img src="report/memorization_{name}" alt="{alt}">')
     return "\n".join(parts)
 
@@ -301,7 +301,7 @@ def utility_section(cfg: RunConfig, figs: Path) -> str:
             "<th>paper (its data)</th><th>per class, DeLong 95% CI (seed 0)</th></tr>" + "".join(diffs) + "</table>",
         ]
         if (folder / t["roc"]).exists():
-            Image.open(folder / t["roc"]).save(figs / f"utility_{t['roc']}")
+            atomic_write_bytes((folder / t["roc"]).read_bytes(), figs / f"utility_{t['roc']}")
             parts.append(f'<img src="report/utility_{t["roc"]}" alt="{html.escape(name)} ROC curves">')
     return "\n".join(parts)
 
@@ -316,7 +316,7 @@ def training_section(cfg: RunConfig, figs: Path) -> str:
     ax.set_xlabel("epoch")
     ax.set_ylabel("MSE on predicted noise (rank 0)")
     fig.tight_layout()
-    fig.savefig(figs / "train_loss.png", dpi=110)
+    save_png(fig, figs / "train_loss.png", dpi=110)
     plt.close(fig)
     last = epochs[-1]
     parts = [
@@ -343,7 +343,7 @@ def training_section(cfg: RunConfig, figs: Path) -> str:
             f"<h3>Checkpoint selection: FID over {sel['num_images']:,} images</h3>",
             f"<p>Feature extractor: {html.escape(sel['feature_extractor'])}.</p>",
             f"<table>{head}{rows}</table>",
-            f"<p>Exported: <code>{html.escape(Path(sel['exported']).name)}/</code> — loads with "
+            f"<p>Exported: <code>{html.escape(sel['exported'].rstrip('/').rsplit('/', 1)[-1])}/</code> — loads with "
             "<code>StableDiffusionXLPipeline.from_pretrained</code>.</p>",
         ]
     return "\n".join(parts)
@@ -365,7 +365,7 @@ def synthetic_section(cfg: RunConfig, figs: Path) -> str:
         m = read_manifest(d, columns=["prompt", "steps", "guidance_scale", "checkpoint"]).to_pylist()
         name = f"synthetic_{d.name}.png"
         if (d / "contact_sheet.png").exists():
-            Image.open(d / "contact_sheet.png").save(figs / name)
+            atomic_write_bytes((d / "contact_sheet.png").read_bytes(), figs / name)
         parts.append(
             f"<h3>{html.escape(d.name)}: {len(m):,} images, {len({r['prompt'] for r in m})} prompts, "
             f"{m[0]['steps']} Euler steps, guidance {m[0]['guidance_scale']}, checkpoint "
@@ -438,7 +438,7 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:100%;border:1px s
 </body></html>"""
 
 
-def run(cfg: RunConfig) -> Path:
+def run(cfg: RunConfig):
     figs = cfg.run_path / "report"
     figs.mkdir(parents=True, exist_ok=True)
     todo = ", ".join(s.name for s in STAGES if not s.built) or "nothing"
@@ -456,6 +456,6 @@ def run(cfg: RunConfig) -> Path:
         + provenance_section(cfg),
     )
     out = cfg.run_path / "report.html"
-    out.write_text(page)
+    atomic_write_bytes(page.encode(), out)
     print(f"report: {out}")
     return out

@@ -161,15 +161,21 @@ def cached_dir(p: str | os.PathLike):
     yield local
 
 
-def upload_dir(local: str | os.PathLike, p: str | os.PathLike) -> None:
-    """Copy a local folder to ``p`` (replacing what is there); the last file copied is the one
-    readers check, so put a marker file in ``local`` if a half-copied folder matters."""
+def upload_dir(local: str | os.PathLike, p: str | os.PathLike, last: str = "") -> None:
+    """Copy a local folder to ``p``, replacing what is there. On an object store, where a folder
+    cannot be renamed into place, the file named ``last`` (the record readers check) is copied
+    after all the others, so a folder with that file is whole."""
     p = path(p)
     local = Path(local)
     if is_remote(p):
         if p.exists():
             p.fs.rm(p.path, recursive=True)
-        p.fs.put(str(local).rstrip("/") + "/", p.path, recursive=True)
+        files = sorted(f for f in local.rglob("*") if f.is_file())
+        files = [f for f in files if f.relative_to(local).as_posix() != last] + [
+            f for f in files if f.relative_to(local).as_posix() == last
+        ]
+        for f in files:
+            p.fs.put_file(str(f), f"{p.path}/{f.relative_to(local).as_posix()}")
         return
     if Path(p.path).resolve() == local.resolve():
         return
@@ -187,3 +193,45 @@ def remove_tree(p: str | os.PathLike) -> None:
             p.fs.rm(p.path, recursive=True)
     else:
         shutil.rmtree(p.path, ignore_errors=True)
+
+
+def sizes(folder: str | os.PathLike) -> dict[str, int]:
+    """``{file name: bytes}`` of a folder's files from one listing (not one request per file)."""
+    p = path(folder)
+    if not is_remote(p):
+        try:
+            return {e.name: e.stat().st_size for e in os.scandir(p.path) if e.is_file()}
+        except FileNotFoundError:
+            return {}
+    try:
+        entries = p.fs.ls(p.path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return {}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e["type"] == "file"}
+
+
+def stat_ns(p: str | os.PathLike) -> tuple[int, int]:
+    """(size in bytes, last-modified time in ns) on any filesystem."""
+    p = path(p)
+    if not is_remote(p):
+        st = os.stat(p.path)
+        return st.st_size, st.st_mtime_ns
+    info = p.fs.info(p.path)
+    return int(info["size"]), int(p.fs.modified(p.path).timestamp() * 1e9)
+
+
+def cached_file(p: str | os.PathLike) -> Path:
+    """A local path with the bytes of file ``p``: ``p`` itself when local, else a copy downloaded
+    once per node (keyed by URI; the writer never changes a file under one name), for readers
+    that need a real file (``np.load(mmap_mode="r")``)."""
+    p = path(p)
+    if not is_remote(p):
+        return Path(p.path)
+    root = Path(os.environ.get("MEDISYN_CACHE", Path(tempfile.gettempdir()) / "medisyn-cache"))
+    local = root / hashlib.sha256(uri(p).encode()).hexdigest()[:16] / p.name
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+        p.fs.get_file(p.path, str(tmp))
+        os.replace(tmp, local)
+    return local

@@ -12,15 +12,16 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from upath import UPath
 
+from medisyn import storage
 from medisyn.config import RunConfig
 from medisyn.records import atomic_write_table, remove_partial_writes
+from medisyn.storage import path as store_path
 
 EMBEDDING_SCHEMA = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32()))])
 
@@ -50,20 +51,20 @@ class Embedder:
         return {"id": batch["id"], "embedding": list(e.float().cpu().numpy())}
 
 
-def embeddings_dir(cfg: RunConfig, name: str) -> Path:
+def embeddings_dir(cfg: RunConfig, name: str) -> UPath:
     return cfg.run_path / "audit" / "memorization" / "embeddings" / name
 
 
-def parts(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).glob("part-*.parquet") if not p.name.startswith("."))
+def parts(folder: UPath) -> list[UPath]:
+    return sorted(p for p in store_path(folder).glob("part-*.parquet") if not p.name.startswith("."))
 
 
-def stored_ids(folder: Path) -> set[str]:
+def stored_ids(folder: UPath) -> set[str]:
     """Ids with an embedding in ``folder`` (reads the id column only)."""
-    return {i for p in parts(folder) for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()}
+    return {i for p in parts(folder) for i in storage.read_table(p, columns=["id"]).column("id").to_pylist()}
 
 
-def embed(cfg: RunConfig, name: str, ids: list[str], source, batch_rows: int = 4096) -> Path:
+def embed(cfg: RunConfig, name: str, ids: list[str], source, batch_rows: int = 4096) -> UPath:
     """Embed the ``ids`` no part of ``embeddings/<name>/`` holds yet; returns the folder.
 
     ``source(todo)`` builds the Ray Dataset (``id``, ``image`` bytes) of the ids to embed, so
@@ -105,8 +106,8 @@ def embed(cfg: RunConfig, name: str, ids: list[str], source, batch_rows: int = 4
     return folder
 
 
-def _read(part: Path, ids: set[str] | None) -> pa.Table:
-    table = pq.read_table(part)
+def _read(part: UPath, ids: set[str] | None) -> pa.Table:
+    table = storage.read_table(part)
     if ids is not None:
         table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(ids), pa.string())))
     return table
@@ -119,7 +120,7 @@ def _matrix(table: pa.Table) -> np.ndarray:
     return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1).astype(np.float32, copy=False)
 
 
-def read_embeddings(folder: Path, ids) -> dict[str, np.ndarray]:
+def read_embeddings(folder: UPath, ids) -> dict[str, np.ndarray]:
     """``{id: embedding}`` for the given ids only (the parts are read one at a time)."""
     wanted, out = set(ids), {}
     for part in parts(folder):
@@ -128,7 +129,7 @@ def read_embeddings(folder: Path, ids) -> dict[str, np.ndarray]:
     return out
 
 
-def embedding_shards(folder: Path, ids: set[str]) -> Iterator[tuple[list[str], np.ndarray]]:
+def embedding_shards(folder: UPath, ids: set[str]) -> Iterator[tuple[list[str], np.ndarray]]:
     """The embeddings of ``ids`` one part at a time: (ids, [n, d]) — a search's shards of keys."""
     for part in parts(folder):
         table = _read(part, ids)
@@ -136,28 +137,28 @@ def embedding_shards(folder: Path, ids: set[str]) -> Iterator[tuple[list[str], n
             yield table.column("id").to_pylist(), _matrix(table)
 
 
-def corpus_source(corpus: Path):
+def corpus_source(corpus: UPath):
     """Ray Dataset of corpus images by id (read from the shards by Ray Data)."""
 
     def build(todo: list[str]):
         import ray
-        from ray.data.expressions import col
 
+        from medisyn.raytools import keep_ids
         from medisyn.records import shard_files
 
-        ds = ray.data.read_parquet([str(f) for f in shard_files(corpus)], columns=["id", "image"])
-        return ds.filter(expr=col("id").is_in(todo))
+        ds = ray.data.read_parquet([storage.uri(f) for f in shard_files(corpus)], columns=["id", "image"])
+        return keep_ids(ds, todo)
 
     return build
 
 
-def files_source(folder: Path):
+def files_source(folder: UPath):
     """Ray Dataset of a synthetic set's ``<id>.png`` files by id."""
 
     def build(todo: list[str]):
         import ray
 
-        ds = ray.data.read_binary_files([str(folder / f"{i}.png") for i in todo], include_paths=True)
-        return ds.map(lambda r: {"id": Path(r["path"]).stem, "image": r["bytes"]})
+        ds = ray.data.read_binary_files([storage.uri(folder / f"{i}.png") for i in todo], include_paths=True)
+        return ds.map(lambda r: {"id": r["path"].rsplit("/", 1)[-1].removesuffix(".png"), "image": r["bytes"]})
 
     return build

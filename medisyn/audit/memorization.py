@@ -30,12 +30,12 @@ import io
 import json
 import logging
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
+from upath import UPath
 
 from medisyn.audit.embeddings import (
     corpus_source,
@@ -48,6 +48,7 @@ from medisyn.audit.embeddings import (
 from medisyn.audit.neighbours import patch_distance, topk_search
 from medisyn.audit.stats import closer_than_control, tail_summary
 from medisyn.config import RunConfig
+from medisyn.figures import save_png
 from medisyn.records import (
     atomic_write_bytes,
     atomic_write_table,
@@ -60,6 +61,8 @@ from medisyn.records import (
     read_shards,
     shard_files,
 )
+from medisyn.storage import path as store_path
+from medisyn.storage import uri
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +74,12 @@ def search_group(
 ) -> list[list[str]]:
     """Ray task: each query's top-k train ids by embedding within one group, the train side
     streamed part by part (and ``shard`` rows at a time) from the embeddings store."""
-    wanted = read_embeddings(Path(query_dir), query_ids)
+    wanted = read_embeddings(store_path(query_dir), query_ids)
     q = np.stack([wanted[i] for i in query_ids])
     seen: list[str] = []
 
     def key_shards():
-        for ids, keys in embedding_shards(Path(real_dir), set(train_ids)):
+        for ids, keys in embedding_shards(store_path(real_dir), set(train_ids)):
             for start in range(0, len(ids), shard):
                 offset = len(seen)
                 seen.extend(ids[start : start + shard])
@@ -99,7 +102,7 @@ def shard_distances(shard: str, work: list[tuple[int, str, int, str]], grid: int
 
     @functools.lru_cache(maxsize=64)
     def query(path: str) -> np.ndarray:
-        return decode_rgb(Path(path).read_bytes())
+        return decode_rgb(store_path(path).read_bytes())
 
     @functools.lru_cache(maxsize=256)
     def train(image_id: str, size: tuple[int, int]) -> np.ndarray:
@@ -112,13 +115,13 @@ def shard_distances(shard: str, work: list[tuple[int, str, int, str]], grid: int
     return out
 
 
-def stage_query_images(index: dict, ids: list[str], folder: Path) -> dict[str, str]:
+def stage_query_images(index: dict, ids: list[str], folder: UPath) -> dict[str, str]:
     """Copy corpus images that serve as queries (the controls) to files, one read per shard."""
     import ray
 
     def copy(shard: str, wanted: list[tuple[str, int]], folder: str) -> None:
         for image_id, data in read_rows(shard, [row for _, row in wanted]).items():
-            atomic_write_bytes(data, Path(folder) / f"{image_id}.img")
+            atomic_write_bytes(data, store_path(folder) / f"{image_id}.img")
 
     folder.mkdir(parents=True, exist_ok=True)
     todo = defaultdict(list)
@@ -126,8 +129,8 @@ def stage_query_images(index: dict, ids: list[str], folder: Path) -> dict[str, s
         if not (folder / f"{image_id}.img").exists():
             shard, row = index[image_id]
             todo[shard].append((image_id, row))
-    ray.get([ray.remote(num_cpus=1)(copy).remote(shard, wanted, str(folder)) for shard, wanted in todo.items()])
-    return {i: str(folder / f"{i}.img") for i in ids}
+    ray.get([ray.remote(num_cpus=1)(copy).remote(shard, wanted, uri(folder)) for shard, wanted in todo.items()])
+    return {i: uri(folder / f"{i}.img") for i in ids}
 
 
 def find_matches(cfg: RunConfig, jobs: list[dict], index: dict, chunk: int = 1024) -> list[dict]:
@@ -141,7 +144,7 @@ def find_matches(cfg: RunConfig, jobs: list[dict], index: dict, chunk: int = 102
     import ray
 
     m = cfg.audit_memorization
-    real_dir = str(embeddings_dir(cfg, "real"))
+    real_dir = uri(embeddings_dir(cfg, "real"))
     search = ray.remote(num_cpus=1)(search_group)
     futures, shared = [], {}  # a group's train ids go to the object store once, whichever kinds query it
     for job in jobs:
@@ -155,7 +158,7 @@ def find_matches(cfg: RunConfig, jobs: list[dict], index: dict, chunk: int = 102
             ref = search.remote(
                 real_dir,
                 ids_ref,
-                str(job["query_dir"]),
+                uri(job["query_dir"]),
                 [r["id"] for r in rows],
                 m.k,
                 job["leave_one_out"],
@@ -194,7 +197,7 @@ def find_matches(cfg: RunConfig, jobs: list[dict], index: dict, chunk: int = 102
     return out
 
 
-def near_duplicate_counts(run_path: Path) -> dict[str, int]:
+def near_duplicate_counts(run_path: UPath) -> dict[str, int]:
     """``{source_ref: n}``: how many copies ingest dropped as duplicates of each kept image."""
     counts: Counter = Counter()
     try:
@@ -223,7 +226,7 @@ def run(cfg: RunConfig) -> dict:
         for r in rows:
             per_prompt[r["prompt"]] += 1
             if per_prompt[r["prompt"]] <= m.images_per_prompt:
-                kept.append({**r, "path": str(folder / r["file"])})
+                kept.append({**r, "path": uri(folder / r["file"])})
         sets[name] = kept
     columns = ["id", "specialty", "image_type", "split", "source_ref"]
     has_series = "series" in pq.read_schema(shard_files(corpus)[0]).names if shard_files(corpus) else False
@@ -330,7 +333,7 @@ def summarize(pairs: list[dict], threshold: float) -> dict:
     return {"threshold": threshold, "by_kind": by_kind}
 
 
-def histograms(pairs: list[dict], threshold: float, path: Path) -> None:
+def histograms(pairs: list[dict], threshold: float, path: UPath) -> None:
     """Distance histograms per specialty: synthetic sets against the two controls, the threshold drawn."""
     import matplotlib
 
@@ -349,11 +352,11 @@ def histograms(pairs: list[dict], threshold: float, path: Path) -> None:
         ax.set_xlabel("patch distance", fontsize=8)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
     plt.close(fig)
 
 
-def gallery(cfg: RunConfig, pairs: list[dict], sets: dict, path: Path, index: dict, closest: int = 8) -> None:
+def gallery(cfg: RunConfig, pairs: list[dict], sets: dict, path: UPath, index: dict, closest: int = 8) -> None:
     """Every flagged synthetic pair, then the closest unflagged ones: synthetic | train match."""
     from PIL import Image, ImageDraw
 
@@ -369,9 +372,9 @@ def gallery(cfg: RunConfig, pairs: list[dict], sets: dict, path: Path, index: di
         real |= read_rows(shard, [row])
     for n, p in enumerate(shown):
         y = n * (tile + 4)
-        for col, data in enumerate((Path(paths[p["id"]]).read_bytes(), real[p["match_id"]])):
+        for col, data in enumerate((store_path(paths[p["id"]]).read_bytes(), real[p["match_id"]])):
             im = Image.open(io.BytesIO(data)).convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS)
             sheet.paste(im, (col * tile, y))
         label = f"{'FLAGGED' if p['flagged'] else 'closest'}\nd = {p['distance']:.3f}\n{p['specialty']}"
         draw.text((2 * tile + 8, y + 8), label, fill="red" if p["flagged"] else "black")
-    sheet.save(path)
+    save_png(sheet, path)

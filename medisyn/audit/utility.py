@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from medisyn import storage
 from medisyn.audit.arms import ARMS, COMPARISONS, Arm, Task, arm_label, draw_arms, load_tasks
 from medisyn.audit.classifier import FitSettings, FitState, planned_steps, resolve_weights
 from medisyn.config import RunConfig
@@ -134,12 +134,11 @@ def write_inputs(corpus: str, real_ids: list[str], set_dir: str, files: list[str
         real[i] = decode_rgb(images[image_id], (size, size), "BILINEAR")
     synth = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     for i, name in enumerate(files):
-        synth[i] = decode_rgb((Path(set_dir) / name).read_bytes(), (size, size), "BILINEAR")
+        synth[i] = decode_rgb((storage.path(set_dir) / name).read_bytes(), (size, size), "BILINEAR")
     for arr, path in ((real, out["real"]), (synth, out["synthetic"])):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, arr)
-        atomic_write_bytes(buf.getvalue(), Path(path))
+        atomic_write_bytes(buf.getvalue(), path)
 
 
 def plan_task(cfg: RunConfig, task: Task, weights: str) -> tuple[TaskPlan, dict]:
@@ -172,10 +171,10 @@ def plan_task(cfg: RunConfig, task: Task, weights: str) -> tuple[TaskPlan, dict]
     digest = hashlib.sha256(
         json.dumps([real_ids, [synth["ids"][i] for i in used_synth], u.image_size]).encode()
     ).hexdigest()[:16]
-    inputs = cfg.run_path.resolve() / "audit" / "utility" / "inputs"
+    inputs = cfg.run_path / "audit" / "utility" / "inputs"
     paths = {
-        "real": str(inputs / f"{task.name}-{digest}-real.npy"),
-        "synthetic": str(inputs / f"{task.name}-{digest}-synthetic.npy"),
+        "real": storage.uri(inputs / f"{task.name}-{digest}-real.npy"),
+        "synthetic": storage.uri(inputs / f"{task.name}-{digest}-synthetic.npy"),
     }
     settings = FitSettings(
         arch=u.arch,
@@ -200,17 +199,17 @@ def plan_task(cfg: RunConfig, task: Task, weights: str) -> tuple[TaskPlan, dict]
         draw_seeds=draw_seeds,
         settings=settings,
         equal_steps=equal,
-        predictions_dir=str(cfg.run_path.resolve() / "audit" / "utility" / "predictions" / task.name),
+        predictions_dir=storage.uri(cfg.run_path / "audit" / "utility" / "predictions" / task.name),
         checkpoint=u.checkpoint,
         cpus=u.cpus_per_trial,
         fault=os.environ.get(FAULT_ENV, ""),
     )
     todo = None
-    if not all(Path(p).is_file() for p in paths.values()):
+    if not all(storage.path(p).is_file() for p in paths.values()):
         todo = {
-            "corpus": str(cfg.run_path / "corpus"),
+            "corpus": storage.uri(cfg.run_path / "corpus"),
             "real_ids": real_ids,
-            "set_dir": str(cfg.run_path / "synthetic" / task.synthetic_set),
+            "set_dir": storage.uri(cfg.run_path / "synthetic" / task.synthetic_set),
             "files": [synth["files"][i] for i in used_synth],
             "size": u.image_size,
             "out": paths,
@@ -247,8 +246,8 @@ def utility_trial(config: dict, plans: dict[str, TaskPlan]) -> None:
     plan = plans[config["task"]]
     arm, k = config["arm"], int(config["seed"])
     torch.set_num_threads(max(1, int(plan.cpus)))
-    real = np.load(plan.real_path, mmap_mode="r")
-    synth = np.load(plan.synthetic_path, mmap_mode="r")
+    real = np.load(storage.cached_file(plan.real_path), mmap_mode="r")  # a node-local copy on object storage
+    synth = np.load(storage.cached_file(plan.synthetic_path), mmap_mode="r")
     a = plan.arms[(arm, k)]
     x = np.concatenate([real[a.real], synth[a.synthetic]])
     y = np.concatenate([plan.real_y[a.real], plan.synth_y[a.synthetic]])
@@ -306,9 +305,7 @@ def _write_predictions(plan: TaskPlan, arm: str, k: int, state: FitState, resume
         "history": state.history,
     }
     table = table.replace_schema_metadata({"medisyn": json.dumps(meta)})
-    out = Path(plan.predictions_dir) / f"{arm}-seed{k}.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_table(table, out)
+    atomic_write_table(table, storage.path(plan.predictions_dir) / f"{arm}-seed{k}.parquet")
 
 
 # --- the stage ---
@@ -337,8 +334,8 @@ def run_trials(cfg: RunConfig, plans: dict[str, TaskPlan], experiment: str) -> N
     if gpus_available():
         resources["gpu"] = u.gpus_per_trial
     trainable = tune.with_resources(tune.with_parameters(utility_trial, plans=plans), resources)
-    storage = str(cfg.run_path.resolve() / "audit" / "utility" / "tune")
-    path = os.path.join(storage, experiment)
+    tune_root = storage.uri(cfg.run_path / "audit" / "utility" / "tune")
+    path = f"{tune_root}/{experiment}"
     if tune.Tuner.can_restore(path):
         log.info("audit-utility: resuming %s (finished trials are kept)", path)
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
@@ -352,12 +349,14 @@ def run_trials(cfg: RunConfig, plans: dict[str, TaskPlan], experiment: str) -> N
             },
             run_config=tune.RunConfig(
                 name=experiment,
-                storage_path=storage,
+                storage_path=tune_root,
                 failure_config=tune.FailureConfig(max_failures=u.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=1,
             ),
         )
+    import pyarrow.fs as pafs
+
     results = tuner.fit()
     failed = [r for r in results if r.error is not None]
     if failed:
@@ -367,19 +366,19 @@ def run_trials(cfg: RunConfig, plans: dict[str, TaskPlan], experiment: str) -> N
             f"finished trials are kept (first error: {failed[0].error})"
         )
     for r in results:  # finished trials never run again: their checkpoints are dead weight
-        for ckpt in Path(r.path).glob("checkpoint_*"):
-            shutil.rmtree(ckpt, ignore_errors=True)
+        for info in r.filesystem.get_file_info(pafs.FileSelector(r.path, allow_not_found=True)):
+            if info.base_name.startswith("checkpoint_") and info.type == pafs.FileType.Directory:
+                r.filesystem.delete_dir(info.path)
 
 
 def load_predictions(plan: TaskPlan, seeds: int) -> dict:
     """{(arm, seed): (scores [n, C], meta)} from the trials' files, in the plan's test order."""
-    import pyarrow.parquet as pq
 
     out = {}
     for arm in ARMS:
         for k in range(seeds):
-            path = Path(plan.predictions_dir) / f"{arm}-seed{k}.parquet"
-            table = pq.read_table(path)
+            path = storage.path(plan.predictions_dir) / f"{arm}-seed{k}.parquet"
+            table = storage.read_table(path)
             if table.column("id").to_pylist() != list(plan.test_ids):
                 raise ValueError(f"{path}: test ids differ from the plan's; rerun audit-utility")
             meta = json.loads(table.schema.metadata[b"medisyn"])
@@ -444,7 +443,7 @@ def task_statistics(plan: TaskPlan, preds: dict, seeds: int, resamples: int, see
     return {"arms": arms, "comparisons": comparisons, "n_test": len(y), "n_val": len(plan.val)}
 
 
-def roc_figure(plan: TaskPlan, preds: dict, labels: dict[str, str], out: Path) -> None:
+def roc_figure(plan: TaskPlan, preds: dict, labels: dict[str, str], out) -> None:
     """ROC curves per class (per label), one line per arm (seed 0): the paper's Figure 5."""
     import matplotlib
 

@@ -6,25 +6,30 @@ with SDXL's Euler scheduler, guidance 7 and 50 steps by default. The uncondition
 the encoding of "" (``negative_prompt=""``), as in training.
 
 Resumable by construction: an image's id and seed are a pure function of (set, prompt,
-index); its file is ``<id>.png``, written through a temporary name and a rename, so a retried
-task or a restarted actor can never leave a half-written or duplicate image; a re-run
-generates only the ids whose file is missing, and the manifest is rebuilt from the set's
-expansion, so it lists each requested image exactly once. When nodes join the cluster, Ray
-Data grows the pool up to ``max_actors``.
+index); its file is ``<id>.png``, written whole or not at all (a rename locally, one PUT on
+an object store), so a retried task or a restarted actor can never leave a half-written or
+duplicate image. Each written file's size and SHA-256 come back to the driver and are logged
+under ``.written/`` as the run goes; a re-run counts a file as done only when its size matches
+that record (or, unrecorded, when it decodes), and makes again any that is missing, truncated
+or corrupt. The manifest is rebuilt from the set's expansion, so it lists each requested image
+exactly once. When nodes join the cluster, Ray Data grows the pool up to ``max_actors``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
+import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from upath import UPath
 
+from medisyn import storage
 from medisyn.config import ConfigError, RunConfig
 from medisyn.infer.prompts import PromptEntry, PromptSet, cap_counts, expand, load_prompt_set, match_to_corpus
 from medisyn.infer.sampling import generate_images, load_sampler
@@ -40,6 +45,7 @@ from medisyn.records import (
 )
 
 log = logging.getLogger(__name__)
+WRITTEN_LOG_ROWS = 256  # images per record part the driver writes as they arrive
 
 
 @dataclass(frozen=True)
@@ -73,10 +79,11 @@ class ImageGenerator:
     """
 
     def __init__(self, cfg: RunConfig, job: SetJob):
-        self.pipe = load_sampler(job.model_dir)
-        self.out, self.checkpoint, self.settings = Path(job.out), job.checkpoint, cfg.generate
-        (self.out / ".actors").mkdir(exist_ok=True)  # one marker per actor: shows the pool's size afterwards
-        (self.out / ".actors" / f"{os.uname().nodename}-{os.getpid()}").touch()
+        with storage.cached_dir(job.model_dir) as local:  # downloaded once per node from an object store
+            self.pipe = load_sampler(local)
+        self.out, self.checkpoint, self.settings = storage.path(job.out), job.checkpoint, cfg.generate
+        # one marker per actor: shows the pool's size afterwards
+        atomic_write_bytes(b"", self.out / ".actors" / f"{os.uname().nodename}-{os.getpid()}")
 
     def __call__(self, batch: dict) -> dict:
         g = self.settings
@@ -90,9 +97,13 @@ class ImageGenerator:
             guidance_scale=g.guidance_scale,
             original_sizes=[(int(h), int(w)) for h, w in batch["original_size"]],
         )
+        sizes, digests = [], []
         for image_id, seed, prompt, pixels in zip(batch["id"], batch["seed"], prompts, images, strict=True):
-            atomic_write_bytes(png_bytes(pixels, prompt, int(seed), self.checkpoint), self.out / f"{image_id}.png")
-        return {"id": batch["id"], "written": np.ones(len(prompts), dtype=np.int64)}
+            data = png_bytes(pixels, prompt, int(seed), self.checkpoint)
+            atomic_write_bytes(data, self.out / f"{image_id}.png")
+            sizes.append(len(data))
+            digests.append(hashlib.sha256(data).hexdigest())
+        return {"id": batch["id"], "bytes": np.asarray(sizes, dtype=np.int64), "sha256": np.asarray(digests)}
 
 
 def resolve_set(cfg: RunConfig, name: str) -> PromptSet:
@@ -110,8 +121,8 @@ def resolve_set(cfg: RunConfig, name: str) -> PromptSet:
     return cap_counts(pset, cfg.generate.max_per_prompt)
 
 
-def model_dir(cfg: RunConfig) -> Path:
-    path = Path(cfg.generate.checkpoint) if cfg.generate.checkpoint else cfg.run_path / "model"
+def model_dir(cfg: RunConfig) -> UPath:
+    path = storage.path(cfg.generate.checkpoint) if cfg.generate.checkpoint else cfg.run_path / "model"
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"generate: no exported pipeline at {path} (model_index.json); run `medisyn select` "
@@ -120,7 +131,7 @@ def model_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def conditioning_sizes(cfg: RunConfig, model: Path) -> dict[str, list[int]]:
+def conditioning_sizes(cfg: RunConfig, model: UPath) -> dict[str, list[int]]:
     """``{image_type: [h, w]}`` to condition on: the config's one size, or the model's record."""
     if cfg.generate.original_size:
         return {"*": list(cfg.generate.original_size)}
@@ -135,32 +146,33 @@ def conditioning_sizes(cfg: RunConfig, model: Path) -> dict[str, list[int]]:
     return meta.get("original_sizes", {})
 
 
-def warn_truncation(model: Path, prompts: list[str]) -> int:
+def warn_truncation(model: UPath, prompts: list[str]) -> int:
     """CLIP tokenizers drop tokens past 77 without a word: say so, once per prompt."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model / "tokenizer")
+    with storage.local_dir(model / "tokenizer") as local:  # the tokenizer only, never the weights
+        tok = AutoTokenizer.from_pretrained(local)
     long = [p for p in prompts if len(tok(p).input_ids) > tok.model_max_length]
     for p in long:
         log.warning("generate: prompt longer than %d tokens is truncated: %r", tok.model_max_length, p[:80])
     return len(long)
 
 
-def checkpoint_name(model: Path) -> str:
+def checkpoint_name(model: UPath) -> str:
     if (model / "medisyn.json").exists():
         return json.loads((model / "medisyn.json").read_text())["checkpoint"]
     return model.name
 
 
-def producer(cfg: RunConfig, pset: PromptSet, model: Path) -> dict:
+def producer(cfg: RunConfig, pset: PromptSet, model: UPath) -> dict:
     """What makes a set's images: the prompt set's source, the model (path, checkpoint, and the
     U-Net weights file's size and time) and every generation setting that changes pixels."""
     g = cfg.generate
     weights = sorted((model / "unet").glob("*.safetensors")) or sorted((model / "unet").glob("*.bin"))
-    stat = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
+    stat = [[w.name, *storage.stat_ns(w)] for w in weights]
     return {
         "prompt_set": pset.source or pset.name,
-        "model": str(model.resolve()),
+        "model": storage.uri(model),
         "checkpoint": checkpoint_name(model),
         "unet_weights": stat,
         "scheduler": g.scheduler,
@@ -171,7 +183,7 @@ def producer(cfg: RunConfig, pset: PromptSet, model: Path) -> dict:
     }
 
 
-def check_producer(out: Path, want: dict) -> None:
+def check_producer(out: UPath, want: dict) -> None:
     """A set folder holds the images of one producer: a rerun with anything else refuses, naming
     what differs, instead of mixing old images with a manifest that claims the new settings."""
     record = out / "set.json"
@@ -187,7 +199,60 @@ def check_producer(out: Path, want: dict) -> None:
         )
 
 
-def generate_set(cfg: RunConfig, pset: PromptSet, model: Path, want: dict) -> dict:
+def _decodes(data: bytes) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to decode means the file is not whole
+        return False
+
+
+WRITTEN = ".written"  # parquet parts of (id, bytes, sha256), logged by the driver as images arrive
+
+
+def _written(out: UPath) -> dict[str, tuple[int, str]]:
+    """``{id: (bytes, sha256)}`` of the images this set's writers recorded, in any earlier run."""
+    records: dict[str, tuple[int, str]] = {}
+    if (out / "manifest.parquet").is_file():
+        m = storage.read_table(out / "manifest.parquet")
+        if "sha256" in m.column_names:
+            for i, n, h in zip(*(m.column(c).to_pylist() for c in ("id", "bytes", "sha256")), strict=True):
+                if h:
+                    records[i] = (n, h)
+    for part in sorted((out / WRITTEN).glob("*.parquet")):
+        t = storage.read_table(part)
+        for i, n, h in zip(*(t.column(c).to_pylist() for c in ("id", "bytes", "sha256")), strict=True):
+            records[i] = (n, h)
+    return records
+
+
+def whole_images(out: UPath, jobs: list, records: dict[str, tuple[int, str]]) -> dict[str, tuple[int, str]]:
+    """The jobs' images already in ``out`` and whole: the size a writer recorded, or (unrecorded)
+    a file that decodes. Any other file named by a job's id is deleted, logged and made again."""
+    present = storage.sizes(out)
+    whole = {}
+    for j in jobs:
+        size = present.get(f"{j.id}.png")
+        if size is None:
+            continue
+        if j.id in records:
+            ok = records[j.id][0] == size
+            rec = records[j.id]
+        else:
+            data = (out / f"{j.id}.png").read_bytes()
+            ok, rec = _decodes(data), (len(data), hashlib.sha256(data).hexdigest())
+        if ok:
+            whole[j.id] = rec
+        else:
+            log.warning("generate %s: %s.png is not whole (%d bytes on disk); making it again", out.name, j.id, size)
+            (out / f"{j.id}.png").unlink(missing_ok=True)
+    return whole
+
+
+def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> dict:
     """One set's missing images and its manifest; ``want`` is its producer, already checked."""
     import ray
 
@@ -203,7 +268,8 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: Path, want: dict) -> di
     remove_partial_writes(out)  # writes a killed actor did not finish
     jobs = expand(pset)
     size_of = {j.id: conditioning_size(sizes, j.image_type, g.resolution) for j in jobs}
-    todo = [j for j in jobs if not (out / f"{j.id}.png").is_file()]
+    done = whole_images(out, jobs, _written(out))
+    todo = [j for j in jobs if j.id not in done]
     log.info(
         "generate %s: %d images requested, %d present, %d to make",
         pset.name,
@@ -225,9 +291,14 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: Path, want: dict) -> di
             compute=ray.data.ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors),
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else g.cpus_per_actor,
-            fn_constructor_args=(cfg, SetJob(str(model), str(out), checkpoint)),
+            fn_constructor_args=(cfg, SetJob(storage.uri(model), storage.uri(out), checkpoint)),
         )
-        made = sum(int(r["written"]) for r in ds.iter_rows())
+        made = 0
+        for batch in ds.iter_batches(batch_size=WRITTEN_LOG_ROWS, batch_format="pyarrow"):
+            atomic_write_table(batch, out / WRITTEN / f"{uuid.uuid4().hex}.parquet")  # survives a stopped job
+            ids, sizes, digests = (batch.column(c).to_pylist() for c in ("id", "bytes", "sha256"))
+            done.update(zip(ids, zip(sizes, digests, strict=True), strict=True))
+            made += batch.num_rows
         log.info("generate %s: made %d images", pset.name, made)
     rows = [
         {
@@ -239,29 +310,39 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: Path, want: dict) -> di
             "steps": g.steps,
             "scheduler": g.scheduler,
             "original_size": list(size_of[j.id]),
+            "bytes": done[j.id][0] if j.id in done else None,
+            "sha256": done[j.id][1] if j.id in done else None,
         }
         for j in jobs
     ]
-    missing = [r["file"] for r in rows if not (out / r["file"]).is_file()]
+    missing = [r["file"] for r in rows if r["sha256"] is None]
     if missing:
         raise RuntimeError(f"generate {pset.name}: {len(missing)} images missing after the run; re-run to finish them")
     atomic_write_table(pa.Table.from_pylist(rows, MANIFEST_SCHEMA), out / "manifest.parquet")
+    storage.remove_tree(out / WRITTEN)  # now in the manifest
     sheet = contact_sheet_for(out, rows)
     print(f"generate {pset.name}: {len(rows)} images in {out} (manifest.parquet, {sheet.name})")
     return {"set": pset.name, "images": len(rows), "made": len(todo), "dir": out}
 
 
-def contact_sheet_for(out: Path, rows: list[dict], per_prompt: int = 4) -> Path:
-    """A few images per prompt, captioned: the picture the report shows."""
+def contact_sheet_for(out: UPath, rows: list[dict], per_prompt: int = 4) -> UPath:
+    """A few images per prompt, captioned: the picture the report shows (a file that no longer
+    decodes is left out with a warning, never a traceback)."""
     from medisyn.figures import contact_sheet
 
     picked, seen = [], {}
     for r in rows:
         if seen.get(r["prompt"], 0) < per_prompt:
+            data = (out / r["file"]).read_bytes()
+            if not _decodes(data):
+                log.warning("generate %s: %s does not decode; left out of the contact sheet", out.name, r["file"])
+                continue
             seen[r["prompt"]] = seen.get(r["prompt"], 0) + 1
-            picked.append(((out / r["file"]).read_bytes(), r["prompt"]))
+            picked.append((data, r["prompt"]))
     path = out / "contact_sheet.png"
-    contact_sheet(picked, per_row=per_prompt).save(path)
+    buf = io.BytesIO()
+    contact_sheet(picked, per_row=per_prompt).save(buf, format="PNG")
+    atomic_write_bytes(buf.getvalue(), path)
     return path
 
 

@@ -7,13 +7,24 @@ import logging
 import shutil
 from pathlib import Path
 
-from medisyn.config import RunConfig
+from medisyn.config import ConfigError, RunConfig
+from medisyn.storage import is_remote
 
 log = logging.getLogger(__name__)
 
 
 def phantoms_dir(cfg: RunConfig) -> Path:
-    return cfg.run_path / cfg.phantoms.out
+    """Phantoms are source repositories, read by ingest as a user's own files would be: on a
+    local or shared disk, so with a ``run_dir`` on object storage ``phantoms.out`` must be an
+    absolute path."""
+    if Path(cfg.phantoms.out).is_absolute():
+        return Path(cfg.phantoms.out)
+    if is_remote(cfg.run_dir):
+        raise ConfigError(
+            f"phantoms.out: {cfg.phantoms.out!r} would be under {cfg.run_dir}, but source repositories are read "
+            "from a disk; give an absolute local or shared path"
+        )
+    return Path(cfg.run_path.path) / cfg.phantoms.out
 
 
 def ensure_phantoms(out: Path, seed: int, scale: str, defects: bool = True) -> dict:

@@ -20,11 +20,13 @@ import hashlib
 import io
 import json
 import logging
-import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from upath import UPath
 
+from medisyn import storage
 from medisyn.config import RunConfig
 from medisyn.configtools import to_dict
 from medisyn.records import (
@@ -43,7 +45,10 @@ log = logging.getLogger(__name__)
 REAL_COLUMNS = ["id", "caption", "specialty", "image_type"]
 
 
-def unet_dir(checkpoint: Path, weights: str) -> Path:
+EXPORT_RECORD = "medisyn.json"  # written last into an exported model folder
+
+
+def unet_dir(checkpoint: UPath, weights: str) -> UPath:
     """The checkpoint's trained U-Net (``raw``) or its exponential moving average (``ema``)."""
     path = checkpoint / ("unet_ema" if weights == "ema" else "unet")
     if not path.is_dir():
@@ -132,7 +137,7 @@ def _resolution(cfg: RunConfig) -> int:
     return cfg.select.resolution or cfg.train.resolution
 
 
-def features_file(cfg: RunConfig, rows) -> Path:
+def features_file(cfg: RunConfig, rows) -> UPath:
     """Where this sample's real statistics are cached: named by what determines them."""
     s = cfg.select
     key = json.dumps([[r["id"] for r in rows], s.feature_extractor, s.inception_weights, _resolution(cfg)])
@@ -154,7 +159,7 @@ def extract_real(cfg: RunConfig, rows: tuple[dict, ...], out: str) -> str:
     )
     buf = io.BytesIO()
     np.savez(buf, **state)
-    atomic_write_bytes(buf.getvalue(), Path(out))
+    atomic_write_bytes(buf.getvalue(), out)
     return out
 
 
@@ -169,9 +174,10 @@ def score_checkpoint(cfg: RunConfig, checkpoint: str, rows, real_file: str, size
     s = cfg.select
     device, dtype = sampling_device()
     pipe = load_pipeline(cfg.model)
-    pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir(Path(checkpoint), s.weights))
+    with storage.local_dir(unet_dir(storage.path(checkpoint), s.weights)) as d:
+        pipe.unet = UNet2DConditionModel.from_pretrained(d)
     pipe = pipe.to(device, dtype)
-    with np.load(real_file) as z:
+    with np.load(io.BytesIO(storage.path(real_file).read_bytes())) as z:
         real = {k: z[k] for k in z.files}
     out = pipeline_fid(
         pipe,
@@ -187,14 +193,16 @@ def score_checkpoint(cfg: RunConfig, checkpoint: str, rows, real_file: str, size
         sizes=sizes,
     )
     return {
-        "checkpoint": Path(checkpoint).name,
+        "checkpoint": storage.path(checkpoint).name,
         "fid": out["all"],
         "fid_by_specialty": {k: v for k, v in out.items() if k != "all"},
     }
 
 
-def export_pipeline(cfg: RunConfig, checkpoint: Path, out: Path, sizes: dict[str, list[int]]) -> Path:
-    """Base text encoders, tokenizers, VAE and scheduler + the fine-tuned U-Net, diffusers layout."""
+def export_pipeline(cfg: RunConfig, checkpoint: UPath, out: UPath, sizes: dict[str, list[int]]) -> UPath:
+    """Base text encoders, tokenizers, VAE and scheduler + the fine-tuned U-Net, diffusers layout.
+
+    Saved on this node, then put in place with ``medisyn.json`` last: a folder holding it is whole."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -202,26 +210,22 @@ def export_pipeline(cfg: RunConfig, checkpoint: Path, out: Path, sizes: dict[str
 
     pipe = load_pipeline(cfg.model)
     # bf16 as the checkpoint stores it (~5 GB at SDXL size); from_pretrained loads it in any dtype
-    pipe.unet = UNet2DConditionModel.from_pretrained(
-        unet_dir(checkpoint, cfg.select.weights), torch_dtype=torch.bfloat16
-    )
-    tmp = out.with_name(out.name + ".partial")
-    save_pipeline(pipe, tmp)
-    atomic_write_text(
-        json.dumps(
-            {
-                "checkpoint": checkpoint.name,
-                "weights": cfg.select.weights,
-                "unconditional": "encoding of the empty caption",
-                # SDXL original_size to condition each image type on (train split medians)
-                "original_sizes": sizes,
-            }
-        ),
-        tmp / "medisyn.json",
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with storage.local_dir(unet_dir(checkpoint, cfg.select.weights)) as d:
+        pipe.unet = UNet2DConditionModel.from_pretrained(d, torch_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pipeline(pipe, Path(tmp))
+        (Path(tmp) / EXPORT_RECORD).write_text(
+            json.dumps(
+                {
+                    "checkpoint": checkpoint.name,
+                    "weights": cfg.select.weights,
+                    "unconditional": "encoding of the empty caption",
+                    # SDXL original_size to condition each image type on (train split medians)
+                    "original_sizes": sizes,
+                }
+            )
+        )
+        storage.upload_dir(tmp, out, last=EXPORT_RECORD)
     return out
 
 
@@ -248,7 +252,7 @@ def run(cfg: RunConfig) -> dict:
         "original_sizes": sizes,
     }
     done_file = cfg.run_path / "selection.json"
-    if done_file.exists() and (cfg.run_path / "model" / "model_index.json").exists():
+    if done_file.exists() and (cfg.run_path / "model" / EXPORT_RECORD).exists():
         done = json.loads(done_file.read_text())
         if done.get("fingerprint") == fingerprint:
             print(f"select: {done['best']} already selected for these checkpoints and settings ({done_file})")
@@ -262,9 +266,9 @@ def run(cfg: RunConfig) -> dict:
     real_file.parent.mkdir(parents=True, exist_ok=True)
     cfg_ref, rows_ref = ray.put(cfg), ray.put(rows)
     if not real_file.exists():  # the real side, once for every checkpoint (and every later re-run)
-        ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(extract_real).remote(cfg_ref, rows_ref, str(real_file)))
+        ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(extract_real).remote(cfg_ref, rows_ref, storage.uri(real_file)))
     task = ray.remote(num_gpus=gpus, num_cpus=1)(score_checkpoint)
-    scores = ray.get([task.remote(cfg_ref, str(c), rows_ref, str(real_file), sizes) for c in ckpts])
+    scores = ray.get([task.remote(cfg_ref, storage.uri(c), rows_ref, storage.uri(real_file), sizes) for c in ckpts])
     best = min(scores, key=lambda s: (np.nan_to_num(s["fid"], nan=np.inf), s["checkpoint"]))
     model_dir = export_pipeline(cfg, cfg.run_path / "checkpoints" / best["checkpoint"], cfg.run_path / "model", sizes)
     selection = {

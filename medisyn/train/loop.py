@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from medisyn import storage
+
 CHECKPOINT_STATE = "training_state.pt"
 
 
@@ -167,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    captions, embeds, pooled = load_text(Path(job.text_cache))
+    captions, embeds, pooled = load_text(storage.path(job.text_cache))
     index = {c: i for i, c in enumerate(captions)}
     table_dtype = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float32  # the caption table
     embeds, pooled = (
@@ -211,8 +213,8 @@ def train_loop_per_worker(config: dict) -> None:
     scaling = job.scaling_factor
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16")
     shard = ray.train.get_dataset_shard("train")
-    log_dir = Path(job.log_dir)
-    storage = ctx.get_storage()
+    log_dir = storage.path(job.log_dir)
+    train_storage = ctx.get_storage()
     for epoch in range(start_epoch, t.epochs):
         started, seen, losses, dropped, first_ids = time.perf_counter(), 0, [], [], []
         micro, fingerprint = 0, rng_fingerprint(generator)
@@ -294,7 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
             "first_ids": first_ids,
             "rng_at_start": fingerprint,
         }
-        (log_dir / f"epoch-{epoch:03d}-rank-{rank}.json").write_text(json.dumps(log))
+        storage.write_bytes(json.dumps(log).encode(), log_dir / f"epoch-{epoch:03d}-rank-{rank}.json")
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 _save(unet, optimizer, epoch, step, ema, Path(tmp))
@@ -305,4 +307,4 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and epoch >= 2:
             # every rank has reported epoch-1 (report is a barrier), so two back is never the resume point
             keep = {f"epoch-{e:03d}" for e in range(epoch - 1, t.epochs)}
-            prune_resume_state(storage.storage_filesystem, storage.experiment_fs_path, keep)
+            prune_resume_state(train_storage.storage_filesystem, train_storage.experiment_fs_path, keep)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medisyn.config import ConfigError, RunConfig, to_dict
 from medisyn.records import run_inputs_differ
+from medisyn.storage import uri
 from medisyn.train.cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def run(cfg: RunConfig):
         t.effective_batch,
         t.epochs,
     )
-    run_root = cfg.run_path.resolve()
+    run_root = cfg.run_path
     train_ids = training_ids(cfg, info["train_ids"])
     inputs = {  # what the checkpoints depend on; epochs is not among them: a longer run continues
         "cache": cache.name,
@@ -99,7 +100,7 @@ def run(cfg: RunConfig):
     # Shuffled globally each epoch without an all-to-all: the latent files are read in a new random
     # order every epoch (a new seed per execution), and each worker mixes rows in a local buffer.
     shuffle = ray.data.FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
-    data = ray.data.read_parquet(str(cache / "latents"), shuffle=shuffle)
+    data = ray.data.read_parquet(uri(cache / "latents"), shuffle=shuffle)
     data = data.filter(expr=col("id").is_in(train_ids))
     if t.repeats > 1:
         # kohya's repeats are for small corpora: the filtered latents are held once in the object
@@ -109,9 +110,9 @@ def run(cfg: RunConfig):
         data = data.materialize()
         data = data.union(*([data] * (t.repeats - 1)))
     job = TrainJob(
-        text_cache=str((cache / "text.parquet").resolve()),
+        text_cache=uri(cache / "text.parquet"),
         scaling_factor=float(info["scaling_factor"]),
-        log_dir=str(run_root / "train_log"),
+        log_dir=uri(run_root / "train_log"),
         batches_per_epoch=t.repeats * -(-len(train_ids) // (t.num_workers * t.per_worker_batch)),
     )
     trainer = TorchTrainer(
@@ -122,7 +123,7 @@ def run(cfg: RunConfig):
         ),
         run_config=ray.train.RunConfig(
             name="checkpoints",
-            storage_path=str(run_root),
+            storage_path=uri(run_root),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         ),
         datasets={"train": data},
@@ -132,7 +133,7 @@ def run(cfg: RunConfig):
 
     from medisyn.train.loop import prune_resume_state
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(str(run_root / "checkpoints"))
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri(run_root / "checkpoints"))
     done = checkpoints(cfg)
     if done:  # the finished run keeps optimizer and fp32 state only where it would resume: the last epoch
         prune_resume_state(fs, path, keep={done[-1].name})

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medisyn import storage
 from medisyn.config import RunConfig
 from medisyn.configtools import to_dict
-from medisyn.records import atomic_write_text, read_corpus, run_inputs_differ, shard_files
+from medisyn.records import read_corpus, run_inputs_differ, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def check_fitted_vae(cfg: RunConfig) -> None:
     """Stop before encoding or training on a fitted VAE that is missing or no better than the baseline."""
     if not cfg.vae_fit.enabled:
         return
-    record = Path(cfg.model.vae) / FIT_RECORD
+    record = storage.path(cfg.model.vae) / FIT_RECORD
     if not record.exists():
         raise FileNotFoundError(f"model.vae: no fitted VAE at {cfg.model.vae} ({FIT_RECORD}); run `medisyn vae` first")
     fit = json.loads(record.read_text())
@@ -215,7 +216,7 @@ def run(cfg: RunConfig) -> dict:
     if not f.enabled:
         print("vae: vae_fit.enabled is false; the model's own VAE is used")
         return {"fitted": False}
-    out = Path(cfg.model.vae)
+    out = storage.path(cfg.model.vae)
     corpus = cfg.run_path / "corpus"
     train_ids = sorted(read_corpus(corpus, columns=["id"], split="train").column("id").to_pylist())
     fingerprint = {
@@ -230,17 +231,15 @@ def run(cfg: RunConfig) -> dict:
         fit = json.loads(record.read_text())
         print(f"vae: {out} already fitted for this corpus and settings (val MSE {fit['val_mse']:.4f})")
         return fit
-    storage = cfg.run_path.resolve() / "vae_fit"
-    stale = run_inputs_differ(storage, fingerprint)
+    fit_root = cfg.run_path / "vae_fit"
+    stale = run_inputs_differ(fit_root, fingerprint)
     if stale:  # a fit of another corpus or other settings: this demo artifact is refitted, not resumed
-        import shutil
-
-        log.info("vae: %s holds a fit of other inputs (%s); starting a new one", storage, ", ".join(stale))
-        shutil.rmtree(storage)
-        run_inputs_differ(storage, fingerprint)
+        log.info("vae: %s holds a fit of other inputs (%s); starting a new one", fit_root, ", ".join(stale))
+        storage.remove_tree(fit_root)
+        run_inputs_differ(fit_root, fingerprint)
     ensure_ray()
     res = cfg.train.resolution
-    data = ray.data.read_parquet([str(p) for p in shard_files(corpus)], columns=["image", "split"])
+    data = ray.data.read_parquet([storage.uri(p) for p in shard_files(corpus)], columns=["image", "split"])
     data = data.filter(expr=ray.data.expressions.col("split") == "train")
     data = data.map_batches(decode_batch, fn_kwargs={"resolution": res}, batch_size=64).materialize()  # decode once
     trainer = TorchTrainer(
@@ -251,7 +250,7 @@ def run(cfg: RunConfig) -> dict:
         ),
         run_config=ray.train.RunConfig(
             name="vae_fit",
-            storage_path=str(cfg.run_path.resolve()),
+            storage_path=storage.uri(cfg.run_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": data},
@@ -264,8 +263,6 @@ def run(cfg: RunConfig) -> dict:
     scaling = latent_scaling_factor(vae, train_px)
     vae.register_to_config(scaling_factor=scaling)
     val_mse, baseline = reconstruction_errors(vae, val_px)
-    tmp = out.with_name(out.name + ".partial")
-    vae.save_pretrained(tmp)
     fit = {
         "val_mse": val_mse,
         "baseline_mse": baseline,
@@ -276,13 +273,11 @@ def run(cfg: RunConfig) -> dict:
         "train_mse_last_epoch": result.metrics.get("train_mse"),
         "fingerprint": fingerprint,
     }
-    atomic_write_text(json.dumps(fit, indent=2), tmp / FIT_RECORD)
-    _reconstruction_sheet(vae, val_px[:8], tmp / "reconstructions.png")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with tempfile.TemporaryDirectory() as tmp:  # saved locally, then put in place with the record last
+        vae.save_pretrained(tmp)
+        (Path(tmp) / FIT_RECORD).write_text(json.dumps(fit, indent=2))
+        _reconstruction_sheet(vae, val_px[:8], Path(tmp) / "reconstructions.png")
+        storage.upload_dir(tmp, out, last=FIT_RECORD)
     verdict = "beats" if fit["beats_baseline"] else "does NOT beat"
     print(
         f"vae: fitted in {out}; val MSE {val_mse:.4f} {verdict} the mean-colour baseline {baseline:.4f}; "
