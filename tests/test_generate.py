@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,35 @@ def test_match_to_corpus_keeps_task_totals():
     derm = {e.prompt: e.count for e in m.entries if e.task == "dermoscopy"}
     assert derm == {"Dermoscopy image showing melanoma.": 750, "Dermoscopy image showing melanocytic nevi.": 250}
     assert sum(e.count for e in m.entries if e.task == "chest-xray") == 1000  # no match: unchanged
+
+
+def test_match_to_corpus_reproduces_the_corpus_multi_finding_share():
+    """A chest X-ray corpus where ~30% of images show several findings: the utility prompts carry
+    those captions (the paper's "… showing {diseases}") in the same share, with their labels."""
+    from medisyn.ingest.listing import join_phrases
+
+    s = load_prompt_set("utility")
+    findings = ["lung opacity", "pleural effusion", "cardiomegaly", "edema"]
+    rng = np.random.default_rng(0)
+    caps = []
+    for _ in range(2000):
+        k = 1 if rng.random() < 0.7 else int(rng.integers(2, 4))
+        chosen = [findings[i] for i in sorted(rng.choice(4, k, replace=False))]
+        caps.append(f"Frontal (AP) chest X-ray image showing {join_phrases(chosen)}.")
+    caps += ["Frontal (AP) chest X-ray image showing atelectasis and pneumonia."] * 50  # none of the task's classes
+    caps += ["Dermoscopy image showing melanoma."] * 10
+    corpus_multi = np.mean([" and " in c for c in caps[:2000]])
+    m = match_to_corpus(s, caps)
+    cxr = [e for e in m.entries if e.task == "chest-xray"]
+    assert sum(e.count for e in cxr) == 1000  # the task keeps its total
+    multi = sum(e.count for e in cxr if len(e.labels) > 1) / 1000
+    assert 0.27 < corpus_multi < 0.33 and abs(multi - corpus_multi) < 0.01
+    by_prompt = {e.prompt: e for e in cxr}
+    both = by_prompt["Frontal (AP) chest X-ray image showing lung opacity, pleural effusion and edema."]
+    assert both.labels == ("lung opacity", "pleural effusion", "edema") and both.image_type == "X-ray"
+    assert not any("atelectasis" in e.prompt for e in cxr)
+    derm = {e.prompt: e.count for e in m.entries if e.task == "dermoscopy"}
+    assert derm == {"Dermoscopy image showing melanoma.": 1000}
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +187,21 @@ def test_generate_counts_manifest_metadata_and_resume(ray_cluster, tiny_model, t
         assert np.abs(px.astype(int) - resumed[name].astype(int)).max() <= 1, name
     (third,) = run(_cfg(tmp_path / "b", tiny_model, set_file))  # nothing left to do
     assert third["made"] == 0 and len(pq.read_table(b / "manifest.parquet")) == 8
+
+    # a finished set whose file was truncated afterwards (its size no longer matches the record),
+    # and one whose bytes were damaged without a record: both are made again, nothing else
+    recorded = pq.read_table(b / "manifest.parquet").to_pandas().set_index("file")
+    cut, broken = sorted(uninterrupted)[:2]
+    data = (b / cut).read_bytes()
+    (b / cut).write_bytes(data[: len(data) // 2])
+    assert recorded.loc[cut, "bytes"] == len(data) and recorded.loc[cut, "sha256"] == hashlib.sha256(data).hexdigest()
+    (fourth,) = run(_cfg(tmp_path / "b", tiny_model, set_file))
+    assert fourth["made"] == 1 and np.abs(_pixels(b)[cut].astype(int) - resumed[cut].astype(int)).max() <= 1
+    (b / "manifest.parquet").unlink()  # no record left: what is there must decode
+    (b / broken).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 200)
+    (fifth,) = run(_cfg(tmp_path / "b", tiny_model, set_file))
+    assert fifth["made"] == 1 and np.abs(_pixels(b)[broken].astype(int) - resumed[broken].astype(int)).max() <= 1
+    assert not (b / ".written").exists()  # the write log is folded into the manifest
 
 
 def test_generate_validates_every_set_before_any_image(tmp_path, tiny_model):
