@@ -6,6 +6,7 @@ a 2-CPU local cluster the first time and reuses it (starting one costs ~3 s, a T
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -26,6 +27,25 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs CUDA")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def no_ray_deprecations(monkeypatch):
+    """Fail a test in which Ray logged a deprecation (Ray Data logs some, e.g. `concurrency=`,
+    instead of warning): our calls use the pinned Ray's current API. Ray reconfigures its
+    loggers' handlers when a dataset first runs, so the record is caught in ``Logger.handle``."""
+    messages: list[str] = []
+    handle = logging.Logger.handle
+
+    def spy(self, record):
+        if self.name.startswith("ray") and "deprecated" in record.getMessage().lower():
+            messages.append(record.getMessage())
+        return handle(self, record)
+
+    monkeypatch.setattr(logging.Logger, "handle", spy)
+    yield
+    if messages:
+        pytest.fail(f"Ray deprecation logged: {messages[0]}")
 
 
 @pytest.fixture(scope="session")
