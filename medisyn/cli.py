@@ -91,14 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved, validated config and exit")
     _config_args(show)
     bench = sub.add_parser(
-        "bench", help="throughput benchmarks (ingest, train, generate, select, audit, bootstrap, classifier)"
+        "bench", help="throughput benchmarks (ingest, dedup, train, generate, select, audit, bootstrap, classifier)"
     )
-    bench.add_argument("what", choices=["ingest", "train", "generate", "select", "audit", "bootstrap", "classifier"])
+    bench.add_argument(
+        "what", choices=["ingest", "dedup", "train", "generate", "select", "audit", "bootstrap", "classifier"]
+    )
     bench.add_argument(
         "--images",
         type=int,
         default=0,
-        help="source images per kind (ingest: 256), per checkpoint (select), real (audit)",
+        help="source images per kind (ingest: 256), hashes (dedup: 200,000), per checkpoint (select), real (audit)",
     )
     bench.add_argument("--checkpoints", type=int, default=3, help="checkpoints each arm scores (select)")
     bench.add_argument(
@@ -156,6 +158,10 @@ def _dispatch(args, cfg: RunConfig) -> int:
             from medisyn.ingest.bench import run as bench_ingest
 
             bench_ingest(cfg, images=args.images or 256)
+        elif args.what == "dedup":
+            from medisyn.ingest.dedup_bench import run as bench_dedup
+
+            bench_dedup(args.images or 200_000, k=cfg.ingest.near_duplicate_bits, rms=cfg.ingest.near_duplicate_rms)
         elif args.what == "train":
             from medisyn.train.bench import run as bench_train
 

@@ -2,7 +2,8 @@
 
     listing (driver: labels joined, ids hashed)
       → Ray Data map: read + transform + encode, one task per unit of files → staging shards
-      → duplicates found per repository from the small hash columns (driver)
+      → duplicates found across all repositories: exact from the pixel hashes (driver),
+        near by one Ray task per image type (pHash + thumbnail columns; only drops return)
       → Ray Data map: staging shard minus duplicates → corpus shard + rejects shard
       → summary.json and a printed table
 
@@ -17,13 +18,12 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+from upath import UPath
 
 from medisyn.config import ConfigError, RunConfig
-from medisyn.ingest.dedup import find_duplicates
+from medisyn.ingest.dedup import find_exact_duplicates, near_duplicates_in_files
 from medisyn.ingest.listing import list_repository, load_repositories
 from medisyn.ingest.summary import summarize, write_summary
 from medisyn.ingest.units import FinalizeJob, Item, Unit, UnitSettings, unit_id
@@ -36,12 +36,13 @@ from medisyn.records import (
     publish_shards,
     shard_files,
 )
+from medisyn.storage import parquet_file, parquet_is_whole, read_table, uri
 
 log = logging.getLogger(__name__)
 STAGING_FORMAT = 4  # bump when the staging shard layout changes, so old shards are not reused
 
 
-def ingest_dirs(cfg: RunConfig) -> dict[str, Path]:
+def ingest_dirs(cfg: RunConfig) -> dict[str, UPath]:
     root = cfg.run_path
     return {
         "corpus": root / "corpus",
@@ -75,12 +76,12 @@ def _settings(repo, cfg: RunConfig) -> UnitSettings:
     )
 
 
-def plan_units(repo, items: list[Item], cfg: RunConfig, staging: Path) -> list[Unit]:
+def plan_units(repo, items: list[Item], cfg: RunConfig, staging: UPath) -> list[Unit]:
     """Chunks of ``files_per_task`` files (one slide per unit), each with a content-derived id."""
     per = 1 if repo.kind == "wsi" else cfg.ingest.files_per_task
     settings = _settings(repo, cfg)
     chunks = [items[start : start + per] for start in range(0, len(items), per)]
-    return [Unit(unit_id(repo.name, chunk, settings), str(staging), settings, tuple(chunk)) for chunk in chunks]
+    return [Unit(unit_id(repo.name, chunk, settings), uri(staging), settings, tuple(chunk)) for chunk in chunks]
 
 
 def _ray_map(key: str, rows: list, fn, max_tasks: int = 0) -> list[dict]:
@@ -95,24 +96,63 @@ def _ray_map(key: str, rows: list, fn, max_tasks: int = 0) -> list[dict]:
     return ds.map(fn, num_cpus=1, compute=compute).take_all()
 
 
-def _dedup(units: list[Unit], staging: Path, max_distance: int, max_rms: float) -> dict[str, dict[str, list[str]]]:
-    """``{unit id: {ref: [reason, kept ref]}}`` from the hash columns of each repository's shards."""
-    by_repo: dict[str, list[str]] = {}
+def _dedup(
+    units: list[Unit], staging: UPath, max_distance: int, max_rms: float, repo_order: list[str]
+) -> dict[str, dict[str, list[str]]]:
+    """``{unit id: {ref: [reason, kept ref]}}`` across all repositories (they overlap: ISIC 2019
+    holds HAM10000), so one image never reaches two splits. Keep order: ``repo_order`` (the
+    config's), then ``source_ref``. Exact duplicates from the pixel-hash column here; near ones by
+    one Ray task per image type, which reads the thumbnails itself and returns only the drops."""
+    import ray
+
+    from medisyn import storage
+
+    rank = {name: i for i, name in enumerate(repo_order)}
+    files = {u.id: storage.uri(staging / f"{u.id}.parquet") for u in units}
+    unit_of: dict[str, str] = {}
+    refs, ids, ranks = [], [], []
     for u in units:
-        by_repo.setdefault(u.items[0].repo, []).append(u.id)
-    dropped_by_unit: dict[str, dict[str, list[str]]] = {u.id: {} for u in units}
-    for uids in by_repo.values():
-        cols = {"source_ref": [], "id": [], "phash": [], "thumb": []}
-        unit_of = {}
-        for uid in uids:
-            t = pq.read_table(staging / f"{uid}.parquet", columns=list(cols))
-            for k in cols:
-                cols[k].extend(t.column(k).to_pylist())
-            unit_of.update({r: uid for r in t.column("source_ref").to_pylist()})
-        found = find_duplicates(cols["source_ref"], cols["id"], cols["phash"], max_distance, cols["thumb"], max_rms)
-        for ref, (reason, kept) in found.items():
-            dropped_by_unit[unit_of[ref]][ref] = [reason, kept]
-    return dropped_by_unit
+        t = storage.read_table(files[u.id], columns=["source_ref", "id"])
+        unit_refs = t.column("source_ref").to_pylist()
+        unit_of.update(dict.fromkeys(unit_refs, u.id))
+        refs += unit_refs
+        ids += t.column("id").to_pylist()
+        ranks += [rank[u.items[0].repo]] * len(unit_refs)
+    dropped: dict[str, dict[str, list[str]]] = {u.id: {} for u in units}
+    for ref, (reason, kept) in find_exact_duplicates(refs, ids, ranks).items():
+        dropped[unit_of[ref]][ref] = [reason, kept]
+    if max_distance < 0:
+        return dropped
+    groups: dict[str, list[Unit]] = {}
+    for u in units:
+        groups.setdefault(u.settings.image_type, []).append(u)
+    task = ray.remote(num_cpus=1)(near_duplicates_in_files)
+    pending = [
+        task.remote(
+            [files[u.id] for u in group],
+            [rank[u.items[0].repo] for u in group],
+            [ref for u in group for ref in dropped[u.id]],
+            max_distance,
+            max_rms,
+        )
+        for group in groups.values()
+    ]
+    for found in ray.get(pending):
+        for ref, kept in found.items():
+            dropped[unit_of[ref]][ref] = ["near duplicate", kept]
+    return dropped
+
+
+def _staged(staging: UPath, uid: str) -> bool:
+    """A unit counts as done only when its marker is there and its shards read back whole; a
+    truncated or corrupt one is processed again (and said so), never trusted."""
+    if not (staging / f"{uid}.json").exists():
+        return False
+    broken = [n for n in (f"{uid}.parquet", f"{uid}.rejects.parquet") if not parquet_is_whole(staging / n)]
+    if broken:
+        log.warning("ingest: staging %s is not whole; processing its unit again", ", ".join(broken))
+        (staging / f"{uid}.json").unlink()
+    return not broken
 
 
 def run(cfg: RunConfig) -> dict:
@@ -136,13 +176,19 @@ def run(cfg: RunConfig) -> dict:
         d["private"] / "source_map.parquet",
     )
 
-    todo = [u for u in units if not (d["staging"] / f"{u.id}.json").exists()]
+    todo = [u for u in units if not _staged(d["staging"], u.id)]
     log.info("ingest: %d units, %d already done, %d to process", len(units), len(units) - len(todo), len(todo))
     ensure_ray()
     _ray_map("unit", todo, process_unit, cfg.ingest.max_tasks)
     unit_counts = [json.loads((d["staging"] / f"{u.id}.json").read_text()) for u in units]
 
-    dropped = _dedup(units, d["staging"], cfg.ingest.near_duplicate_bits, cfg.ingest.near_duplicate_rms)
+    dropped = _dedup(
+        units,
+        d["staging"],
+        cfg.ingest.near_duplicate_bits,
+        cfg.ingest.near_duplicate_rms,
+        [repo.name for repo, _ in repos],
+    )
     state_file = d["ingest"] / "finalized.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     # a corpus shard is final for a given set of duplicates to drop; rewrite it when that set changes
@@ -150,16 +196,16 @@ def run(cfg: RunConfig) -> dict:
     jobs = [
         FinalizeJob(
             uid,
-            str(d["staging"]),
-            str(d["corpus"]),
-            str(d["rejects"]),
+            uri(d["staging"]),
+            uri(d["corpus"]),
+            uri(d["rejects"]),
             {ref: tuple(v) for ref, v in dropped[uid].items()},
         )
         for uid, fp in fingerprints.items()
         if not (
             state.get(uid) == fp
-            and (d["corpus"] / f"{uid}.parquet").exists()
-            and (d["rejects"] / f"{uid}.parquet").exists()
+            and parquet_is_whole(d["corpus"] / f"{uid}.parquet")
+            and parquet_is_whole(d["rejects"] / f"{uid}.parquet")
         )
     ]
     log.info("ingest: %d shards to finalize", len(jobs))
@@ -167,11 +213,11 @@ def run(cfg: RunConfig) -> dict:
     atomic_write_text(json.dumps(fingerprints, indent=0), state_file)
 
     current = sorted(f"{u.id}.parquet" for u in units)
-    accepted = sum(pq.ParquetFile(d["corpus"] / name).metadata.num_rows for name in current)
+    accepted = sum(parquet_file(d["corpus"] / name).metadata.num_rows for name in current)
     if accepted == 0:  # an all-rejecting run never replaces a corpus: the previous one stays in force
         reasons = Counter(r["reason"] for r in listing_rejects)
         for name in current:
-            reasons.update(pq.read_table(d["rejects"] / name, columns=["reason"]).column("reason").to_pylist())
+            reasons.update(read_table(d["rejects"] / name, columns=["reason"]).column("reason").to_pylist())
         top = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3))
         kept = len(shard_files(d["corpus"])) if (d["corpus"] / SHARD_LIST).is_file() else 0
         raise ConfigError(  # the CLI prints it as one line: the input, not the code, is at fault
