@@ -11,6 +11,7 @@ audit come from ``embedder`` presets through open_clip.
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -141,6 +142,16 @@ def build_unet(preset: str) -> UNet2DConditionModel:
     return UNet2DConditionModel(**get_preset(preset, "diffusion")["build"]["unet"])
 
 
+def _build_text_encoders(spec: dict, seed: int) -> tuple:
+    """A build preset's tokenizers and text encoders, made first after the seed: built alone (the
+    caption cache) or in a pipeline, a preset and a seed give the same encoder weights."""
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
+    text_encoder = _text_encoder(spec["text_encoder"], tokenizer, CLIPTextModel)
+    text_encoder_2 = _text_encoder(spec["text_encoder_2"], tokenizer_2, CLIPTextModelWithProjection)
+    return tokenizer, tokenizer_2, text_encoder, text_encoder_2
+
+
 def build_pipeline(preset: str = "tiny", seed: int = 0) -> StableDiffusionXLPipeline:
     """A ``build`` preset as a full SDXL pipeline with seeded random weights, offline.
 
@@ -151,10 +162,7 @@ def build_pipeline(preset: str = "tiny", seed: int = 0) -> StableDiffusionXLPipe
     if spec is None:
         raise ValueError(f"preset {preset!r} loads pretrained weights; it has no configs to build from")
     _check_shapes(preset, spec["unet"], spec["text_encoder"], spec["text_encoder_2"])
-    torch.manual_seed(seed)
-    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
-    text_encoder = _text_encoder(spec["text_encoder"], tokenizer, CLIPTextModel)
-    text_encoder_2 = _text_encoder(spec["text_encoder_2"], tokenizer_2, CLIPTextModelWithProjection)
+    tokenizer, tokenizer_2, text_encoder, text_encoder_2 = _build_text_encoders(spec, seed)
     unet = UNet2DConditionModel(**spec["unet"])
     pipe = StableDiffusionXLPipeline(
         vae=AutoencoderKL(**spec["vae"]),
@@ -216,6 +224,42 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None) -> S
     return pipe
 
 
+TEXT_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+
+
+def load_text_encoders(cfg: ModelConfig) -> tuple:
+    """``(tokenizer, tokenizer_2, text_encoder, text_encoder_2)`` alone: all that encoding captions
+    needs, without the U-Net and VAE (SDXL: 2.65 B of its 3.5 B parameters); the same weights and
+    classes load_pipeline gives (a base's ``model_index.json`` names the classes)."""
+    if _builds(cfg):
+        spec = get_preset(cfg.preset, "diffusion")["build"]
+        _check_shapes(cfg.preset, spec["unet"], spec["text_encoder"], spec["text_encoder_2"])
+        return _build_text_encoders(spec, cfg.seed)
+    import transformers
+
+    base = _pretrained(cfg)[0]
+    index = StableDiffusionXLPipeline.load_config(base)
+    parts = tuple(getattr(transformers, index[name][1]).from_pretrained(base, subfolder=name) for name in TEXT_PARTS)
+    check_tokenizer(parts[0], name=f"{base}/tokenizer")
+    check_tokenizer(parts[1], name=f"{base}/tokenizer_2")
+    return parts
+
+
+def encode_captions(encoders: tuple, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's prompt encoding, as ``StableDiffusionXLPipeline.encode_prompt`` computes it without
+    guidance: both encoders' penultimate hidden states, concatenated, and encoder 2's pooled
+    projection. ``encoders`` is what :func:`load_text_encoders` returns."""
+    tokenizer, tokenizer_2, text_encoder, text_encoder_2 = encoders
+    states = []
+    for tokenize, encoder in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
+        ids = tokenize(
+            captions, padding="max_length", max_length=tokenize.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), out.text_embeds
+
+
 def load_vae(cfg: ModelConfig) -> AutoencoderKL:
     """The frozen VAE alone (cache actors need nothing else); the same weights load_pipeline gives."""
     if _builds(cfg):
@@ -224,6 +268,20 @@ def load_vae(cfg: ModelConfig) -> AutoencoderKL:
         return build_pipeline(cfg.preset, cfg.seed).vae
     base, vae = _pretrained(cfg)
     return AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(base, subfolder="vae")
+
+
+def vae_scaling_factor(cfg: ModelConfig) -> float:
+    """The latent scaling factor of the VAE :func:`load_vae` gives, from its config alone (no
+    weights: a build preset's VAE is made after its U-Net, so building it builds the pipeline)."""
+    default = inspect.signature(AutoencoderKL.__init__).parameters["scaling_factor"].default
+    if _builds(cfg) and not cfg.vae:
+        return float(get_preset(cfg.preset, "diffusion")["build"]["vae"].get("scaling_factor", default))
+    if _builds(cfg):
+        config = AutoencoderKL.load_config(_source(cfg.vae, "", "vae"))
+    else:
+        base, vae = _pretrained(cfg)
+        config = AutoencoderKL.load_config(vae) if vae else AutoencoderKL.load_config(base, subfolder="vae")
+    return float(config.get("scaling_factor", default))
 
 
 def load_unet(cfg: ModelConfig) -> UNet2DConditionModel:

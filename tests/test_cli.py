@@ -119,9 +119,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     fit = json.loads((run_dir / "vae/fit.json").read_text())
     assert fit["beats_baseline"] and "VAE fitted to the corpus" in page
     cache = json.loads(next((run_dir / "cache").glob("tiny-r64-*/cache.json")).read_text())
-    once = -(-(len(cache["train_ids"]) // 2) // 16)  # one pass: 2 workers, 16 per worker, equal shards
+    once = -(-(cache["train_count"] // 2) // 16)  # one pass: 2 workers, 16 per worker, equal shards
     log = json.loads((run_dir / "train_log/epoch-001-rank-0.json").read_text())
-    assert log["micro_steps"] == -(-(2 * len(cache["train_ids"]) // 2) // 16) >= 2 * once - 1  # train.repeats=2
+    assert log["micro_steps"] == -(-(2 * cache["train_count"] // 2) // 16) >= 2 * once - 1  # train.repeats=2
     fidelity = json.loads((run_dir / "audit/fidelity.json").read_text())
     assert fidelity["real_test"]["specialty"]["share"] > 0.9  # the classifier is sound on real images
     assert fidelity["sets"]["memorization"]["specialty"]["n"] == 40 and "Prompt fidelity" in page

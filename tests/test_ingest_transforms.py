@@ -145,3 +145,62 @@ def test_images_8_and_16_bit(tmp_path):
     (tmp_path / "bad.png").write_bytes((tmp_path / "c.png").read_bytes()[:100])
     with pytest.raises(Rejected, match="unreadable or truncated image"):
         read_image(tmp_path / "bad.png")
+
+
+def _repo(**kw):
+    from medisyn.ingest.config import RepositoryConfig
+
+    base = dict(
+        name="brain-mri-jpg",
+        kind="image",
+        path="r",
+        glob="*.png",
+        labels_csv="labels.csv",
+        path_column="path",
+        label_columns=("label",),
+        patient_column="patient",
+        template="Brain MRI image showing {label}.",
+        specialty="radiology",
+        image_type="magnetic resonance imaging",
+        classes={"glioma": "glioma"},
+    )
+    return RepositoryConfig(**{**base, **kw})
+
+
+def test_8_bit_mri_and_mammography_images_are_percentile_clipped(tmp_path):
+    """The paper clips MRI and mammograms at the 0.5th-99.5th percentile: an 8-bit PNG/JPEG export
+    of a low-contrast MR slice is stretched as its DICOM original would be; chest X-rays are not."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    low = rng.integers(100, 140, (64, 64)).astype(np.uint8)  # 40 grey levels of 256
+    low[0, :3] = (0, 255, 250)  # outliers the clip ignores
+    Image.fromarray(low).save(tmp_path / "mri.png")
+    mri, mammo = _repo(), _repo(name="mammo", image_type="X-ray", template="Mammogram image showing {label}.")
+    chest = _repo(name="cxr", image_type="X-ray", template="Frontal (AP) chest X-ray image showing {label}.")
+    assert mri.intensity == mammo.intensity == "percentile" and chest.intensity == "auto"
+    assert _repo(intensity="none").intensity == "none"  # an explicit choice stays
+
+    img, _ = read_image(tmp_path / "mri.png", intensity=mri.intensity)
+    np.testing.assert_array_equal(img, percentile_clip(low))
+    inner = img[1:, :]
+    assert inner.min() == 0 and inner.max() == 255 and inner.std() > 4 * low[1:, :].std()
+    np.testing.assert_array_equal(read_image(tmp_path / "mri.png", intensity=chest.intensity)[0], low)
+
+    Image.fromarray(np.repeat(low[..., None], 3, axis=2)).save(tmp_path / "mri.jpg", quality=95)
+    as_rgb, _ = read_image(tmp_path / "mri.jpg", intensity=mri.intensity)  # grey saved as RGB: clipped as grey
+    assert as_rgb.shape == (64, 64) and as_rgb[1:, :].std() > 4 * low[1:, :].std()
+    colour = rng.integers(100, 140, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "colour.png", intensity=mri.intensity)[0], colour)
+
+
+def test_8_bit_mr_dicom_is_percentile_clipped(tmp_path):
+    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")
+    low = (100 + ds.pixel_array.astype(np.int64) * 40 // int(ds.pixel_array.max())).astype(np.uint8)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = low.tobytes()
+    ds.save_as(tmp_path / "mr8.dcm")
+    ((img, _),) = read_dicom(tmp_path / "mr8.dcm")
+    np.testing.assert_array_equal(img, percentile_clip(low))
+    assert img.max() == 255 and img.std() > 4 * low.std()

@@ -87,6 +87,22 @@ def test_arm_invariants(task):
     assert np.array_equal(again["real_half"].real, half.real) and not np.array_equal(other["real_full"].real, full.real)
 
 
+def test_multi_finding_synthetic_images_are_matched_by_label_combination():
+    """A set prompted with the corpus's multi-finding captions (~30% of a chest X-ray corpus) is
+    drawn per label combination in (ii)'s shares, so (iii) keeps (ii)'s multi-finding share."""
+    combos = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 1, 0, 0], [0, 1, 1, 1]], bool)
+    train = combos[np.repeat(np.arange(6), [80, 80, 60, 60, 80, 40])]  # 30% show several findings
+    synth = combos[np.repeat(np.arange(6), 40)]
+    arms = draw_arms(ML, train, synth, 200, 100, 100, seed=3)
+    half, picked = arms["half_synth"].real, arms["half_synth"].synthetic
+    for c in combos:
+        want = 100 * np.mean((train[half] == c).all(axis=1))
+        assert abs(np.sum((synth[picked] == c).all(axis=1)) - want) < 1 + 1e-9
+    assert abs(np.mean(synth[picked].sum(axis=1) > 1) - 0.3) < 0.02
+    with pytest.raises(ConfigError, match=r"needs \d+ synthetic images of 'x \+ y \+ z'.*it has 2"):
+        draw_arms(ML, train, np.concatenate([synth[:200], combos[[5, 5]]]), 200, 100, 100, seed=3)
+
+
 def test_arm_sizes_the_data_cannot_meet_are_named():
     train = indicator(np.arange(40) % 4, 4)
     synth = indicator(np.array([0, 0, 1, 1, 2, 2, 3]), 4)

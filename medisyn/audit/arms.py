@@ -12,9 +12,11 @@ drawn per seed from the task's train rows (DESIGN §2, the paper's §4.6, plus a
   so (iii) − (iv) separates "synthetic images" from "more samples".
 
 "Class-matched" means each stratum keeps its share, by largest remainders: multi-class strata
-are the classes, multi-label strata the label combinations (the synthetic images, prompted one
-label each, are matched to (ii)'s label frequencies instead). Validation and test are every
-task row of the val and test splits, the same for every arm.
+are the classes, multi-label strata the label combinations. The synthetic images follow (ii):
+per class, or for a multi-label task whose set was prompted with the corpus's multi-finding
+captions (``match_to_corpus``) per label combination; a set of one-label prompts only is
+matched to (ii)'s label frequencies instead. Validation and test are every task row of the val
+and test splits, the same for every arm.
 """
 
 from __future__ import annotations
@@ -141,6 +143,43 @@ def _matched_draw(pool: np.ndarray, pool_strata: np.ndarray, n: int, rng) -> np.
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
+def _combination(y: np.ndarray) -> np.ndarray:
+    """Each row's label combination as one integer (bit c set: class c)."""
+    return y.astype(np.int64) @ (1 << np.arange(y.shape[1], dtype=np.int64))
+
+
+def _synthetic_draw(task: Task, half_y: np.ndarray, synth_y: np.ndarray, n: int, rng) -> np.ndarray:
+    """``n`` synthetic rows class-matched to (ii). A multi-label set with multi-finding images is
+    drawn per label combination in (ii)'s shares (combinations the set lacks give their share to
+    the others: a rare one may round to no prompt); otherwise one-label images per class, in
+    proportion to (ii)'s class (label) counts."""
+    single = synth_y.sum(axis=1) == 1
+    if task.multilabel and (~single).any():
+        have_k, half_k = _combination(synth_y), _combination(half_y)
+        combos = np.unique(half_k)
+        pools = [np.flatnonzero(have_k == k) for k in combos]
+        want = allocate(n, [np.sum(half_k == k) if len(p) else 0 for k, p in zip(combos, pools, strict=True)])
+        if want.sum() < n:
+            raise ConfigError(
+                f"audit-utility: task {task.name!r}: no image of set {task.synthetic_set!r} has a label combination "
+                "of the real train images; generate it with match_corpus: true"
+            )
+    else:
+        combos = 1 << np.arange(len(task.classes))
+        pools = [np.flatnonzero(synth_y[:, c] & single) for c in range(len(task.classes))]
+        want = allocate(n, half_y.sum(axis=0))
+    picked = []
+    for combo, pool, k in zip(combos, pools, want, strict=True):
+        if len(pool) < k:
+            names = " + ".join(c for i, c in enumerate(task.classes) if combo >> i & 1)
+            raise ConfigError(
+                f"audit-utility: task {task.name!r} needs {k} synthetic images of {names!r} from set "
+                f"{task.synthetic_set!r}; it has {len(pool)} (generate more, or lower audit_utility.synthetic)"
+            )
+        picked.append(rng.choice(pool, k, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
 def draw_arms(
     task: Task, train_y: np.ndarray, synth_y: np.ndarray, real_full: int, real_half: int, synthetic: int, seed: int
 ) -> dict[str, Arm]:
@@ -155,18 +194,7 @@ def draw_arms(
     rows = np.arange(len(train_y))
     full = _matched_draw(rows, strata(train_y), real_full, rng)
     half = _matched_draw(full, strata(train_y[full]), real_half, rng)
-    # synthetic images per class: in proportion to (ii)'s class counts (multi-label: label frequencies)
-    want = allocate(synthetic, train_y[half].sum(axis=0))
-    picked = []
-    for c, n in enumerate(want):
-        have = np.flatnonzero(synth_y[:, c] & (synth_y.sum(axis=1) == 1))
-        if len(have) < n:
-            raise ConfigError(
-                f"audit-utility: task {task.name!r} needs {n} synthetic images of {task.classes[c]!r} from set "
-                f"{task.synthetic_set!r}; it has {len(have)} (generate more, or lower audit_utility.synthetic)"
-            )
-        picked.append(rng.choice(have, n, replace=False))
-    synth = np.sort(np.concatenate(picked))
+    synth = _synthetic_draw(task, train_y[half], synth_y, synthetic, rng)
     return {
         "real_full": Arm(full),
         "real_half": Arm(half),

@@ -147,19 +147,55 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
     return PromptSet(name, parsed, bool(data.get("match_corpus", False)), str(path))
 
 
+def _template(group: list[PromptEntry]) -> tuple[str, str] | None:
+    """(text before, text after) the label shared by a task's one-label prompts, or None."""
+    parts = set()
+    for e in group:
+        if len(e.labels) != 1 or e.prompt.count(e.labels[0]) != 1:
+            return None
+        at = e.prompt.index(e.labels[0])
+        parts.add((e.prompt[:at], e.prompt[at + len(e.labels[0]) :]))
+    return parts.pop() if len(parts) == 1 else None
+
+
+def _multi_finding_entries(group: list[PromptEntry], captions) -> list[PromptEntry]:
+    """The corpus's multi-finding captions of a task's template ("… showing a, b and c.", as ingest
+    joins phrases) that name at least one of its labels, as prompts carrying their phrases as labels."""
+    template = _template(group)
+    if template is None:
+        return []
+    before, after = template
+    classes, known = {e.labels[0] for e in group}, {e.prompt for e in group}
+    out = []
+    for caption in sorted(set(captions) - known):
+        middle = caption[len(before) : len(caption) - len(after)]
+        if not (caption.startswith(before) and caption.endswith(after) and middle):
+            continue
+        phrases = tuple(re.split(r", | and ", middle))
+        if len(phrases) > 1 and all(phrases) and classes & set(phrases):
+            e = group[0]
+            out.append(PromptEntry(caption, 1, e.specialty, e.image_type, phrases, e.task))
+    return out
+
+
 def match_to_corpus(pset: PromptSet, train_captions: list[str]) -> PromptSet:
     """Rescale each task's counts to the class frequencies of the real train images.
 
     A prompt's weight is the number of train images with exactly that caption; each task keeps
-    its total. A task with no matching images keeps its counts."""
+    its total. Multi-label corpora (a chest X-ray shows several findings) add their multi-finding
+    captions of the task's template as prompts, weighted the same way, so the set reproduces the
+    corpus's label combinations, not single findings only. A task with no matching images keeps
+    its counts."""
     from collections import Counter
 
     freq = Counter(train_captions)
     out = []
     for task in dict.fromkeys(e.task for e in pset.entries):
         group = [e for e in pset.entries if e.task == task]
-        total, weights = sum(e.count for e in group), [freq.get(e.prompt, 0) for e in group]
-        if sum(weights) == 0:
+        total = sum(e.count for e in group)
+        group += _multi_finding_entries(group, freq)
+        weights = [freq.get(e.prompt, 0) for e in group]
+        if sum(weights) == 0:  # then no multi-finding caption was added either
             out += group
             continue
         raw = [total * w / sum(weights) for w in weights]

@@ -31,10 +31,22 @@ class RepositoryConfig:
     split_column: str = ""  # optional official split column (train/val/test); "" = patient hash split
     frames: Literal["all", "middle", "first"] = "all"  # multi-frame DICOM: which frames become images
     intensity: Literal["auto", "ct_window", "percentile", "minmax", "none"] = "auto"  # auto: CT window for CT,
-    #   percentile clip for MR/mammography/other >8-bit grey, 8-bit and colour kept as they are
+    #   percentile clip for MR/mammography (8-bit JPEG/PNG too) and other >8-bit grey, other 8-bit and colour
+    #   kept as they are; see clips_by_default
     encoding: str = "utf-8"  # of the label CSV (e.g. latin-1, cp1252 for tables exported on Windows)
 
+    @property
+    def clips_by_default(self) -> bool:
+        """MRI and mammography are percentile-clipped whatever their file format (the paper's 0.5-99.5th
+        percentile), so an 8-bit JPEG/PNG export is stretched like its DICOM original. Mammograms share
+        the image type X-ray with chest X-rays (kept as they are), so they are known by their caption
+        template or repository name."""
+        mammography = any("mammogra" in text.lower() for text in (self.template, self.name))
+        return self.image_type == "magnetic resonance imaging" or mammography
+
     def __post_init__(self):
+        if self.intensity == "auto" and self.clips_by_default:  # resolved here, so the unit ids change with it
+            object.__setattr__(self, "intensity", "percentile")
         if self.specialty not in SPECIALTIES:
             raise ConfigError(
                 f"repository {self.name!r}: unknown specialty {self.specialty!r}; "

@@ -33,10 +33,18 @@ def _check_size(path: Path) -> None:
 
 
 def _to_uint8(
-    arr: np.ndarray, policy: str, *, ct: bool, window: tuple[float, float], pct: tuple[float, float]
+    arr: np.ndarray,
+    policy: str,
+    *,
+    ct: bool,
+    window: tuple[float, float],
+    pct: tuple[float, float],
+    clip: bool = False,
 ) -> np.ndarray:
+    """``auto``: CT window for CT; percentile clip for MR and mammography (``clip``, 8-bit too) and
+    for any other grey image above 8 bits; other 8-bit images as they are."""
     if policy == "auto":
-        policy = "ct_window" if ct else ("none" if arr.dtype == np.uint8 else "percentile")
+        policy = "ct_window" if ct else ("none" if arr.dtype == np.uint8 and not clip else "percentile")
     if policy == "ct_window":
         return window_ct(arr, width=window[0], level=window[1])
     if policy == "percentile":
@@ -144,7 +152,7 @@ def read_dicom(
         arr = (arr >> 8).astype(np.uint8) if arr.dtype != np.uint8 else arr
     index = {"all": range(n_frames), "first": [0], "middle": [n_frames // 2]}[frames]
     modality = str(ds.get("Modality", "")).upper()
-    ct = modality == "CT"
+    ct, clip = modality == "CT", modality in ("MR", "MG")  # MR, mammography: clipped even when stored in 8 bits
     out = []
     for i in index:
         frame = arr[i]
@@ -153,7 +161,7 @@ def read_dicom(
                 frame = minmax_uint8(frame)
         else:
             values = apply_modality_lut(frame, ds) if ("RescaleSlope" in ds or "ModalityLUTSequence" in ds) else frame
-            frame = _to_uint8(np.asarray(values), intensity, ct=ct, window=window, pct=pct)
+            frame = _to_uint8(np.asarray(values), intensity, ct=ct, window=window, pct=pct, clip=clip)
             if photometric == "MONOCHROME1":
                 frame = 255 - frame
         if frame.size == 0 or min(frame.shape[:2]) < 8:
@@ -168,7 +176,11 @@ def read_dicom(
 def read_image(
     path: str | Path, *, intensity: str = "auto", pct: tuple[float, float] = (0.5, 99.5), max_pixels: int = 100_000_000
 ) -> tuple[np.ndarray, dict]:
-    """8- or 16-bit, grey or RGB(A)/palette photographs and scans, as uint8 grey or RGB."""
+    """8- or 16-bit, grey or RGB(A)/palette photographs and scans, as uint8 grey or RGB.
+
+    ``percentile``/``minmax`` rescale grey images of any depth (MRI and mammography repositories
+    default to ``percentile``); a grey scan saved as RGB (common for MRI JPEGs) is rescaled as grey.
+    """
     path = Path(path)
     _check_size(path)
     try:
@@ -189,11 +201,19 @@ def read_image(
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise Rejected(f"unreadable or truncated image ({type(exc).__name__})") from None
+    if arr.ndim == 3 and intensity in ("percentile", "minmax") and _grey_as_rgb(arr):
+        arr = arr.mean(axis=2, dtype=np.float32)  # channels equal up to JPEG rounding: one grey image
     if arr.ndim == 2 and (arr.dtype != np.uint8 or intensity in ("percentile", "minmax")):
         arr = _to_uint8(arr, intensity, ct=False, window=(700, 100), pct=pct)
     if min(arr.shape[:2]) < 8:
         raise Rejected(f"image too small ({arr.shape[0]}x{arr.shape[1]})")
     return np.ascontiguousarray(arr), {}
+
+
+def _grey_as_rgb(arr: np.ndarray, tolerance: int = 2) -> bool:
+    """True when an RGB image's channels agree within ``tolerance`` everywhere (grey content)."""
+    a = arr.astype(np.int16)
+    return bool(np.abs(a[..., 1:] - a[..., :1]).max() <= tolerance)
 
 
 # ----------------------------------------------------------------------------- whole-slide images

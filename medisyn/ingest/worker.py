@@ -1,9 +1,11 @@
 """The per-task work of ingest: a unit of files in, one staging shard out (then one corpus shard).
 
 Tasks receive typed units (:mod:`medisyn.ingest.units`) built on the driver. Every output file
-is written to a temporary name and renamed, so a killed task leaves nothing half-written; the
-``.json`` marker is written last. Errors are caught per file (never per block), so one bad
-file costs one reject row, not its neighbours.
+is written through :mod:`medisyn.storage` (a temporary name, then renamed), so a killed task
+leaves nothing half-written, on a local disk or an object store; the ``.json`` marker is
+written last. Shards are written and read a row group at a time, so a task's memory is
+bounded by ``ingest.row_group_rows``, not by the size of a slide. Errors are caught per file
+(never per block), so one bad file costs one reject row, not its neighbours.
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
-import uuid
-from pathlib import Path
 
 import imagehash
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
+from medisyn import storage
 from medisyn.ingest.readers import Rejected, iter_wsi_patches, read_dicom, read_image
 from medisyn.ingest.transforms import resize_center_crop_info
 from medisyn.ingest.units import FinalizeJob, Item, Unit, UnitSettings
@@ -99,12 +98,11 @@ def process_unit(row: dict) -> dict:
     """
     started = time.perf_counter()
     unit: Unit = row["unit"]
-    s, out, uid = unit.settings, Path(unit.dir), unit.id
+    s, out, uid = unit.settings, storage.path(unit.dir), unit.id
     rejects: list[dict] = []
     counts = {"unit": uid, "files": len(unit.items), "accepted": 0, "rejected": 0, "background": 0}
-    tmp = out / f".{uid}.{uuid.uuid4().hex}.tmp"
     buffer: list[dict] = []
-    with pq.ParquetWriter(tmp, STAGING_SCHEMA) as writer:
+    with storage.parquet_writer(out / f"{uid}.parquet", STAGING_SCHEMA) as writer:
         for item in unit.items:
             try:
                 for arr, suffix in _images(item, s):
@@ -134,7 +132,6 @@ def process_unit(row: dict) -> dict:
                 )
         if buffer:
             writer.write_table(pa.Table.from_pylist(buffer, STAGING_SCHEMA))
-    os.replace(tmp, out / f"{uid}.parquet")
     counts["rejected"] = len(rejects)
     counts["seconds"] = time.perf_counter() - started
     atomic_write_table(pa.Table.from_pylist(rejects, REJECT_SCHEMA), out / f"{uid}.rejects.parquet")
@@ -146,20 +143,27 @@ def finalize_unit(row: dict) -> dict:
     """Ray Data ``map`` function: a staging shard minus duplicates becomes a corpus shard.
 
     Row: ``{"job": FinalizeJob}``. Writes ``corpus/<id>.parquet`` and ``rejects/<id>.parquet``
-    (read rejects + duplicates).
+    (read rejects + duplicates). The staging shard is copied one row group at a time (one
+    slide's shard can hold 20,000 patches, ~8 GB), so the corpus shard keeps its row groups.
     """
     job: FinalizeJob = row["job"]
     uid, dropped = job.id, job.dropped
-    staged = pq.read_table(Path(job.staging) / f"{uid}.parquet")
-    refs = staged.column("source_ref").to_pylist()
-    keep = np.array([r not in dropped for r in refs], dtype=bool)
-    corpus = staged.filter(pa.array(keep)).select(CORPUS_SCHEMA.names)
-    atomic_write_table(corpus, Path(job.corpus) / f"{uid}.parquet")
-    rejects = pq.read_table(Path(job.staging) / f"{uid}.rejects.parquet").to_pylist()
+    staged = storage.parquet_file(storage.path(job.staging) / f"{uid}.parquet")
+    kept, duplicates = 0, []
+    with storage.parquet_writer(storage.path(job.corpus) / f"{uid}.parquet", CORPUS_SCHEMA) as writer:
+        for g in range(staged.num_row_groups):
+            # one thread: a row group's column chunks decoded in turn, so the peak does not depend on timing
+            group = staged.read_row_group(g, columns=CORPUS_SCHEMA.names, use_threads=False)
+            refs = group.column("source_ref").to_pylist()
+            keep = np.array([r not in dropped for r in refs], dtype=bool)
+            duplicates += [r for r in refs if r in dropped]
+            if keep.any():
+                writer.write_table(group.filter(pa.array(keep)).cast(CORPUS_SCHEMA))
+                kept += int(keep.sum())
+            del group  # before the next read: at most one row group is held
+    rejects = storage.read_table(storage.path(job.staging) / f"{uid}.rejects.parquet").to_pylist()
     rejects += [
-        {"source_ref": r, "stage": "dedup", "reason": f"{dropped[r][0]} of {dropped[r][1]}"}
-        for r in refs
-        if r in dropped
+        {"source_ref": r, "stage": "dedup", "reason": f"{dropped[r][0]} of {dropped[r][1]}"} for r in duplicates
     ]
-    atomic_write_table(pa.Table.from_pylist(rejects, REJECT_SCHEMA), Path(job.rejects) / f"{uid}.parquet")
-    return {"unit": uid, "corpus": corpus.num_rows, "duplicates": int((~keep).sum())}
+    atomic_write_table(pa.Table.from_pylist(rejects, REJECT_SCHEMA), storage.path(job.rejects) / f"{uid}.parquet")
+    return {"unit": uid, "corpus": kept, "duplicates": len(duplicates)}

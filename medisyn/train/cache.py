@@ -5,11 +5,15 @@
   corpus through an actor pool (one GPU per actor on GPU clusters) and writes parquet.
 - Text: for every *unique* caption (a million images share a few hundred templated
   captions) and for "", both text encoders' hidden states (concatenated, as SDXL's U-Net
-  reads them) and the pooled embedding of the second encoder.
+  reads them) and the pooled embedding of the second encoder. One Ray task loads the two
+  text encoders and tokenizers only (no U-Net, no VAE) on a worker, never on the driver.
 
 Keyed by model identity and training resolution (``cache/<identity>/``); latents are keyed by
-image id inside it, so a re-run encodes only images not yet cached, and a changed model or
-resolution writes a new cache beside the old one.
+image id inside it, so a re-run encodes only images not yet cached (the train split minus the
+cached ids, a broadcast anti-join: never a literal list of a million ids in the plan), and a
+changed model or resolution writes a new cache beside the old one. ``cache.json`` records the
+train ids' count and digest; the ids themselves are ``train_ids.parquet`` beside it. Every file
+goes through :mod:`medisyn.storage`, so the run directory may be an object-store URI.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import hashlib
 import io
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+from upath import UPath
 
+from medisyn import storage
 from medisyn.config import ModelConfig, RunConfig
 from medisyn.configtools import to_dict
 from medisyn.records import atomic_write_table, atomic_write_text, read_corpus, shard_files
@@ -34,7 +38,7 @@ log = logging.getLogger(__name__)
 def model_identity(model: ModelConfig, resolution: int) -> str:
     """Folder name of a cache: which networks and which training resolution it belongs to."""
     vae = model.vae
-    if vae and Path(vae).is_dir():  # a local VAE (a fitted one may be refit in place): key by its weights
+    if vae and storage.path(vae).is_dir():  # a VAE directory (a fitted one may be refit in place): key by its weights
         from medisyn.train.vae import vae_fingerprint
 
         vae = f"{vae}@{vae_fingerprint(vae)}"
@@ -45,8 +49,21 @@ def model_identity(model: ModelConfig, resolution: int) -> str:
     return f"{model.preset}-r{resolution}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def cache_dir(cfg: RunConfig) -> Path:
-    return cfg.run_path / "cache" / model_identity(cfg.model, cfg.train.resolution)
+def cache_dir(cfg: RunConfig) -> UPath:
+    return storage.path(cfg.run_dir) / "cache" / model_identity(cfg.model, cfg.train.resolution)
+
+
+TRAIN_IDS = "train_ids.parquet"  # beside cache.json: the train ids the cache was made for
+
+
+def ids_digest(ids) -> str:
+    """The digest of a set of image ids (order-free), as cache.json and the train stage record it."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+def read_train_ids(cache: str | UPath) -> list[str]:
+    """The train ids a cache was made for (``<cache>/train_ids.parquet``), sorted."""
+    return storage.read_table(storage.path(cache) / TRAIN_IDS, columns=["id"]).column("id").to_pylist()
 
 
 def load_image(data: bytes, resolution: int) -> np.ndarray:
@@ -77,13 +94,14 @@ class VaeEncoder:
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.vae = load_vae(cfg.model).to(self.device, self.dtype).eval()
         self.resolution = cfg.train.resolution
+        self.ingest_size = cfg.ingest.size  # the side corpus images (and their crop corners) have
 
     def __call__(self, batch: dict) -> dict:
         torch = self.torch
         x = np.stack([load_image(b, self.resolution) for b in batch["image"]])
         with torch.no_grad():
             dist = self.vae.encode(torch.from_numpy(x).to(self.device, self.dtype)).latent_dist
-        scale = self.resolution / 512.0
+        scale = self.resolution / self.ingest_size
         crops = np.stack([np.asarray(c, dtype=np.float32) for c in batch["crop_top_left"]]) * scale
         return {
             "id": batch["id"],
@@ -95,39 +113,58 @@ class VaeEncoder:
         }
 
 
-def _cached_ids(latents: Path) -> set[str]:
+def _cached_ids(latents: UPath) -> set[str]:
     """Ids already encoded; an unreadable (half-written) file is removed and its ids redone."""
     ids: set[str] = set()
     for f in shard_files(latents):
         try:
-            ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+            ids.update(storage.read_table(f, columns=["id"]).column("id").to_pylist())
         except Exception:
             log.warning("cache: removing unreadable latent shard %s", f.name)
             f.unlink()
     return ids
 
 
-def encode_text(cfg: RunConfig, captions: list[str], out: Path) -> int:
+def encode_text(cfg: RunConfig, captions: list[str], out: str | UPath) -> int:
     """Both encoders' states for "" (row 0) and every caption; only captions not yet cached are
-    encoded, the rest are kept as they are. Returns how many were encoded."""
+    encoded, the rest are kept as they are. Returns how many were encoded.
+
+    With Ray up (the stage starts it) the work is one Ray task on a worker (a GPU when
+    ``train.use_gpu`` and the cluster has one; a CPU otherwise, which the head node does not
+    offer), so the driver never loads an encoder; called without Ray, it runs here."""
+    import ray
+
+    captions = sorted(set(captions))
+    if not ray.is_initialized():
+        return _encode_text(cfg.model, captions, storage.uri(out))
+    from medisyn.raytools import gpus_available
+
+    task = ray.remote(_encode_text).options(num_cpus=1, num_gpus=1 if gpus_available(cfg.train.use_gpu) else 0)
+    return ray.get(task.remote(cfg.model, captions, storage.uri(out)))
+
+
+def _encode_text(model: ModelConfig, captions: list[str], out: str) -> int:
+    """The work of :func:`encode_text`, where it runs: the text encoders alone, fp32, 64 captions a batch."""
     import torch
 
-    from medisyn.models import load_pipeline
+    from medisyn.models import encode_captions, load_text_encoders
 
+    out = storage.path(out)
     old_caps, old_e, old_p = load_text(out) if out.exists() else ([], None, None)
     known = set(old_caps)
     new = [c for c in ([""] if "" not in known else []) + sorted(set(captions) - known - {""})]
     if not new:
         return 0
-    pipe = load_pipeline(cfg.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoders = load_text_encoders(model)
+    for module in encoders[2:]:
+        module.to(device).eval()
     embeds, pooled = [] if old_e is None else [old_e], [] if old_p is None else [old_p]
     with torch.no_grad():
         for start in range(0, len(new), 64):
-            e, _, p, _ = pipe.encode_prompt(
-                new[start : start + 64], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            embeds.append(e.to(torch.float16).numpy())
-            pooled.append(p.to(torch.float16).numpy())
+            e, p = encode_captions(encoders, new[start : start + 64])
+            embeds.append(e.to(torch.float16).cpu().numpy())
+            pooled.append(p.to(torch.float16).cpu().numpy())
     texts = old_caps + new
     e, p = np.concatenate(embeds), np.concatenate(pooled)
     check_distinct_encodings(texts, e, p)
@@ -156,9 +193,9 @@ def check_distinct_encodings(captions: list[str], embeds: np.ndarray, pooled: np
         )
 
 
-def load_text(path: Path):
+def load_text(path: str | UPath):
     """(captions, embeds [C, 77, D], pooled [C, P]) as float16 numpy; row 0 is the empty caption."""
-    t = pq.read_table(path)
+    t = storage.read_table(path)
     meta = t.schema.metadata
     es, ps = json.loads(meta[b"embeds_shape"]), json.loads(meta[b"pooled_shape"])
     embeds = np.stack([np.frombuffer(b, np.float16).reshape(es) for b in t.column("embeds").to_pylist()])
@@ -170,36 +207,38 @@ def run(cfg: RunConfig) -> dict:
     import ray
     from ray.data.expressions import col
 
-    from medisyn.raytools import ensure_ray, gpus_available
+    from medisyn.raytools import ensure_ray, gpus_available, keep_ids
     from medisyn.train.vae import check_fitted_vae
 
     check_fitted_vae(cfg)
-    corpus = cfg.run_path / "corpus"
+    corpus = storage.path(cfg.run_dir) / "corpus"
     train = read_corpus(corpus, columns=["id", "caption"], split="train")
     out = cache_dir(cfg)
     latents = out / "latents"
     latents.mkdir(parents=True, exist_ok=True)
     captions = train.column("caption").to_pylist()
     train_ids = sorted(set(train.column("id").to_pylist()))
+    ensure_ray()
     encoded = encode_text(cfg, captions, out / "text.parquet")
     done = _cached_ids(latents)
-    todo = sorted(set(train_ids) - done)
+    todo = len(set(train_ids) - done)
     log.info(
         "cache: %d train images, %d cached, %d to encode; %d unique captions (%d newly encoded)",
         train.num_rows,
         len(done),
-        len(todo),
+        todo,
         len(set(captions)),
         encoded,
     )
     if todo:
-        ensure_ray()
         use_gpu = gpus_available(cfg.train.use_gpu)
         ds = ray.data.read_parquet(
-            [str(f) for f in shard_files(corpus)],
+            [storage.uri(f) for f in shard_files(corpus)],
             columns=["id", "image", "caption", "split", "original_size", "crop_top_left"],
         )
-        ds = ds.filter(expr=col("id").is_in(todo))
+        ds = ds.filter(expr=col("split") == "train")
+        if done:  # what a previous run cached: an anti-join against the ids, put in the object store once
+            ds = keep_ids(ds, done, drop=True)
         ds = ds.map_batches(
             VaeEncoder,
             fn_constructor_args=(cfg,),
@@ -208,13 +247,15 @@ def run(cfg: RunConfig) -> dict:
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
-        ds.write_parquet(str(latents), max_rows_per_file=cfg.cache.rows_per_file)
-    from medisyn.models import load_vae
+        ds.write_parquet(storage.uri(latents), max_rows_per_file=cfg.cache.rows_per_file)
+    from medisyn.models import vae_scaling_factor
 
-    scaling = float(load_vae(cfg.model).config.scaling_factor)
+    scaling = vae_scaling_factor(cfg.model)  # from the VAE's config: the driver loads no network
+    atomic_write_table(pa.table({"id": pa.array(train_ids, pa.string())}), out / TRAIN_IDS)
     info = {
-        "images": len(done) + len(todo),
-        "train_ids": train_ids,
+        "images": len(train_ids),
+        "train_count": len(train_ids),
+        "train_ids_sha256": ids_digest(train_ids),  # the ids: read_train_ids (train_ids.parquet)
         "captions": len(set(captions)) + 1,
         "resolution": cfg.train.resolution,
         "model": to_dict(cfg.model),
@@ -222,4 +263,4 @@ def run(cfg: RunConfig) -> dict:
     }
     atomic_write_text(json.dumps(info), out / "cache.json")
     print(f"cache: {out}")
-    return {"dir": out, "latents_encoded": len(todo), "captions_encoded": encoded}
+    return {"dir": out, "latents_encoded": todo, "captions_encoded": encoded}

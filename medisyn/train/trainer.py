@@ -17,7 +17,7 @@ from pathlib import Path
 from medisyn.config import ConfigError, RunConfig, to_dict
 from medisyn.records import run_inputs_differ
 from medisyn.storage import uri
-from medisyn.train.cache import cache_dir
+from medisyn.train.cache import cache_dir, read_train_ids
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,9 @@ def training_ids(cfg: RunConfig, cached: list[str]) -> list[str]:
 
 def run(cfg: RunConfig):
     import ray.train
-    from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
 
-    from medisyn.raytools import ensure_ray
+    from medisyn.raytools import ensure_ray, keep_ids
     from medisyn.train.loop import TrainJob, train_loop_per_worker
     from medisyn.train.vae import check_fitted_vae
 
@@ -80,7 +79,7 @@ def run(cfg: RunConfig):
         t.epochs,
     )
     run_root = cfg.run_path
-    train_ids = training_ids(cfg, info["train_ids"])
+    train_ids = training_ids(cfg, read_train_ids(cache))
     inputs = {  # what the checkpoints depend on; epochs is not among them: a longer run continues
         "cache": cache.name,
         "train_ids": hashlib.sha256("\n".join(sorted(train_ids)).encode()).hexdigest()[:16],
@@ -101,7 +100,7 @@ def run(cfg: RunConfig):
     # order every epoch (a new seed per execution), and each worker mixes rows in a local buffer.
     shuffle = ray.data.FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
     data = ray.data.read_parquet(uri(cache / "latents"), shuffle=shuffle)
-    data = data.filter(expr=col("id").is_in(train_ids))
+    data = keep_ids(data, train_ids)  # a broadcast semi-join, not a literal list of a million ids
     if t.repeats > 1:
         # kohya's repeats are for small corpora: the filtered latents are held once in the object
         # store and repeated as one dataset, so an epoch is one execution, not one per pass (a
