@@ -181,6 +181,13 @@ def build_pipeline(preset: str = "tiny", seed: int = 0) -> StableDiffusionXLPipe
 def _source(value: str, default: str, what: str) -> str:
     """A hub id or an existing local directory; a path-like value that does not exist is an error."""
     src = value or default
+    if "://" in src:  # an object-store folder (s3://): a per-node local copy (storage.cached_copy)
+        from medisyn.storage import cached_copy
+
+        try:
+            return str(cached_copy(src))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model.{what}: {src!r} does not exist") from None
     looks_local = src.startswith((".", "/", "~")) or src.count("/") != 1
     if looks_local and not Path(src).expanduser().is_dir():
         raise FileNotFoundError(f"model.{what}: local directory {src!r} does not exist")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -140,25 +141,39 @@ def local_dir(p: str | os.PathLike):
         yield local
 
 
-@contextlib.contextmanager
-def cached_dir(p: str | os.PathLike):
-    """Like :func:`local_dir`, but a remote folder is downloaded once per node (keyed by its URI)
-    and kept, for read-only inputs that many tasks on a node load, such as a model."""
+def cached_copy(p: str | os.PathLike) -> Path:
+    """A local folder with the contents of ``p``: the folder itself when local; for a remote one a
+    copy downloaded once per node and kept, keyed by the URI and its files' sizes and ETags, so a
+    folder rewritten under the same name (a refit VAE, a new export) is downloaded again. For
+    read-only inputs that many tasks on a node load, such as a model."""
     p = path(p)
     if not is_remote(p):
-        yield Path(p.path)
-        return
+        return Path(p.path)
+    listing = sorted(
+        (name, info.get("size"), str(info.get("ETag") or info.get("LastModified") or ""))
+        for name, info in p.fs.find(p.path, detail=True, refresh=True).items()
+    )
+    if not listing:
+        raise FileNotFoundError(f"{uri(p)}: no such folder")
+    key = hashlib.sha256(json.dumps([uri(p), listing]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("MEDISYN_CACHE", Path(tempfile.gettempdir()) / "medisyn-cache"))
-    local = root / hashlib.sha256(uri(p).encode()).hexdigest()[:16] / p.name
+    local = root / key / p.name
     if not (local.parent / ".complete").exists():
-        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=root.mkdir(parents=True, exist_ok=True) or root))
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
         p.fs.get(p.path.rstrip("/") + "/", str(tmp / p.name), recursive=True)
         (tmp / ".complete").touch()
         try:
             os.replace(tmp, local.parent)
         except OSError:  # another task on this node finished the same download first
             shutil.rmtree(tmp, ignore_errors=True)
-    yield local
+    return local
+
+
+@contextlib.contextmanager
+def cached_dir(p: str | os.PathLike):
+    """:func:`cached_copy` as a context manager (the copy stays for the node's next reader)."""
+    yield cached_copy(p)
 
 
 def upload_dir(local: str | os.PathLike, p: str | os.PathLike, last: str = "") -> None:

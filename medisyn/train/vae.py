@@ -173,7 +173,7 @@ def vae_fingerprint(vae_dir: str | Path) -> str:
     never reads latents of the previous one."""
     h = hashlib.sha256()
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        path = Path(vae_dir) / name
+        path = storage.path(vae_dir) / name
         if path.exists():
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
