@@ -33,10 +33,10 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 from upath import UPath
 
+from medisyn import storage
 from medisyn.audit.embeddings import (
     corpus_source,
     embed,
@@ -229,7 +229,9 @@ def run(cfg: RunConfig) -> dict:
                 kept.append({**r, "path": uri(folder / r["file"])})
         sets[name] = kept
     columns = ["id", "specialty", "image_type", "split", "source_ref"]
-    has_series = "series" in pq.read_schema(shard_files(corpus)[0]).names if shard_files(corpus) else False
+    has_series = (
+        "series" in storage.parquet_file(shard_files(corpus)[0]).schema_arrow.names if shard_files(corpus) else False
+    )
     real = read_corpus(corpus, columns=columns + (["series"] if has_series else [])).to_pandas()
     train, test = real[real["split"] == "train"], real[real["split"] == "test"]
     rng = np.random.default_rng(cfg.seed)
