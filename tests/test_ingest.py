@@ -176,6 +176,18 @@ def test_rerun_resumes_without_duplicating(ingested):
     assert ids(after[victim]) == ids(before[victim])
     assert again["accounting"] == summary["accounting"]
 
+    # outputs cut short after a finished run: a staging shard (its marker says done) and a
+    # corpus shard (its fingerprint is current) are both redone, whole and equal, not trusted
+    staged, final = sorted(before)[1], sorted(before)[5]
+    for f in (run_dir / "ingest/staging" / staged, run_dir / "corpus" / final):
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    third = ingest(cfg)
+    after = {f.name: f.read_bytes() for f in (run_dir / "corpus").glob("*.parquet")}
+    assert set(after) == set(before) and third["accounting"] == summary["accounting"]
+    for name in (staged, final):
+        assert ids(after[name]) == ids(before[name])
+
 
 def _write_bad_repos(root: Path) -> Path:
     """Three tiny repositories of files that must all be rejected, and one good image."""
