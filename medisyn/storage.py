@@ -195,6 +195,7 @@ def upload_dir(local: str | os.PathLike, p: str | os.PathLike, last: str = "") -
     if Path(p.path).resolve() == local.resolve():
         return
     tmp = _tmp(p)
+    Path(p.path).parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(local, tmp.path)
     if p.exists():
         shutil.rmtree(p.path)
