@@ -1,7 +1,7 @@
 """The demo pipeline end to end, its run directory on object storage (an S3 server on 127.0.0.1).
 
 `make demo` in small: every built stage runs and the report is written. The phantom sources
-are written to a local disk, as a user's own repositories would be; every stage after them
+are on a local disk, as a user's own repositories would be; every stage after them
 reads and writes only ``s3://``. The outputs equal a local run's: the same corpus ids (a local
 ingest of the same sources), the same checkpoint names, the same manifest ids.
 """
@@ -35,16 +35,17 @@ FAST = [
     "audit_utility.synthetic=4",  # 2 images per prompt: 1 per class suffices
     "audit_utility.image_size=32",
     "audit_utility.seeds=1",
+    "audit_memorization.control_queries=20",
 ]
 
 
 @pytest.mark.slow
-def test_demo_pipeline_end_to_end_on_s3(s3_server, ray_cluster, tmp_path):
+@pytest.mark.timeout(1500)
+def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_path):
     from medisyn.infer.generate import resolve_set
     from medisyn.infer.prompts import expand
-    from medisyn.ingest.pipeline import run as ingest
 
-    sources = tmp_path / "sources"
+    local_run = ingested[0].run_dir  # the session's local ingest of the same phantom sources
     uri = "s3://medisyn-test/demo"
     env = {**os.environ, **s3_server}
     env.pop("RAY_ADDRESS", None)  # its own local cluster, whose workers get these variables
@@ -57,8 +58,8 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ray_cluster, tmp_path):
             "--config",
             str(DEMO),
             f"run_dir={uri}",
-            f"phantoms.out={sources}",
-            f"ingest.repositories_file={sources}/repositories.yaml",
+            "phantoms.enabled=false",
+            f"ingest.repositories_file={phantom_root}/repositories.yaml",
             *FAST,
         ],  # fmt: skip
         capture_output=True,
@@ -107,9 +108,8 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ray_cluster, tmp_path):
 
     # equal to a local run of the same sources and settings
     local = load_config(
-        DEMO, [f"run_dir={tmp_path / 'local'}", f"ingest.repositories_file={sources}/repositories.yaml", *FAST]
+        DEMO, [f"run_dir={local_run}", f"ingest.repositories_file={phantom_root}/repositories.yaml", *FAST]
     )
-    ingest(local)
     ids = read_corpus(run / "corpus", ["id"]).column("id").to_pylist()
     assert ids == read_corpus(local.run_path / "corpus", ["id"]).column("id").to_pylist()
     names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("epoch-"))
