@@ -141,6 +141,11 @@ def local_dir(p: str | os.PathLike):
         yield local
 
 
+def _cache_root() -> Path:
+    """Where per-node copies of remote inputs live (``MEDISYN_CACHE``, else the temp dir)."""
+    return Path(os.environ.get("MEDISYN_CACHE", Path(tempfile.gettempdir()) / "medisyn-cache"))
+
+
 def cached_copy(p: str | os.PathLike) -> Path:
     """A local folder with the contents of ``p``: the folder itself when local; for a remote one a
     copy downloaded once per node and kept, keyed by the URI and its files' sizes and ETags, so a
@@ -156,7 +161,7 @@ def cached_copy(p: str | os.PathLike) -> Path:
     if not listing:
         raise FileNotFoundError(f"{uri(p)}: no such folder")
     key = hashlib.sha256(json.dumps([uri(p), listing]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("MEDISYN_CACHE", Path(tempfile.gettempdir()) / "medisyn-cache"))
+    root = _cache_root()
     local = root / key / p.name
     if not (local.parent / ".complete").exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -243,7 +248,7 @@ def cached_file(p: str | os.PathLike) -> Path:
     p = path(p)
     if not is_remote(p):
         return Path(p.path)
-    root = Path(os.environ.get("MEDISYN_CACHE", Path(tempfile.gettempdir()) / "medisyn-cache"))
+    root = _cache_root()
     local = root / hashlib.sha256(uri(p).encode()).hexdigest()[:16] / p.name
     if not local.exists():
         local.parent.mkdir(parents=True, exist_ok=True)
