@@ -23,6 +23,8 @@ from medisyn.stages import STAGE_BY_NAME, STAGES, Stage, not_built_message
 
 log = logging.getLogger("medisyn")
 
+READER_ACTIONS = ("build", "serve", "add-reader", "analyze", "export")
+
 
 def _stage_fn(stage: Stage):
     """The stage's function, imported only now (the CLI is the one module that resolves targets)."""
@@ -84,9 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(ph)
 
     for stage in STAGES[1:]:
+        if stage.name == "reader":
+            continue
         _config_args(
             sub.add_parser(stage.name, help=stage.help + ("" if stage.built else f" [{not_built_message(stage)}]"))
         )
+    rd = sub.add_parser("reader", help=STAGE_BY_NAME["reader"].help)
+    rd.add_argument("action", nargs="?", default="build", help=f"one of {', '.join(READER_ACTIONS)} (default build)")
+    rd.add_argument("--study", help="add-reader: the study the reader reads (reader.studies_file's names)")
+    rd.add_argument("--name", default="", help="add-reader: the reader's name or pseudonym, shown in exports")
+    rd.add_argument("--admin", action="store_true", help="add-reader: an admin credential (progress, exports)")
+    rd.add_argument("--base-url", default="", help="add-reader: the address readers open (default http://host:port)")
+    _config_args(rd)
     _config_args(sub.add_parser("pipeline", help="every built stage in order"))
     show = sub.add_parser("config", help="print the resolved, validated config and exit")
     _config_args(show)
@@ -127,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         # `phantoms --config F run_dir=X`: argparse hands the first key=value to the optional OUT
         # folder; every stage takes the same `--config FILE [key=value ...]`, so it is an override
         args.overrides, args.out = [args.out, *args.overrides], None
+    if args.command == "reader" and "=" in args.action:  # `reader --config F k=v`: build, with overrides
+        args.overrides, args.action = [args.action, *args.overrides], "build"
+    if args.command == "reader" and args.action not in READER_ACTIONS:
+        print(f"medisyn: reader: unknown action {args.action!r}; expected one of {', '.join(READER_ACTIONS)}")
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -149,6 +165,8 @@ def _dispatch(args, cfg: RunConfig) -> int:
         from medisyn.phantoms.stage import run_cli
 
         run_cli(cfg, out=args.out, seed=args.seed, scale=args.scale, defects=not args.no_defects)
+    elif args.command == "reader" and args.action != "build":
+        return _reader(args, cfg)
     elif args.command == "config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     elif args.command == "pipeline":
@@ -188,6 +206,48 @@ def _dispatch(args, cfg: RunConfig) -> int:
             bench_generate(args.preset, args.batch, args.resolution, args.steps)
     else:
         run_stage(args.command, cfg)
+    return 0
+
+
+def _reader(args, cfg: RunConfig) -> int:
+    """The reader study's actions besides build (the pipeline's stage): they run on the study's
+    host, against its local SQLite file, never on a Ray cluster."""
+    from medisyn.reader import db
+    from medisyn.reader.study import reader_dir
+
+    folder = reader_dir(cfg)
+    if args.action == "serve":
+        from medisyn.reader.app import serve
+
+        serve(folder, cfg.reader.host, cfg.reader.port)
+    elif args.action == "add-reader":
+        if not args.admin and not args.study:
+            print("medisyn: reader add-reader: name the study with --study (or --admin)", file=sys.stderr)
+            return 2
+        conn = db.connect(folder)
+        try:
+            reader_id, token = db.add_reader(conn, args.study, args.name or ("admin" if args.admin else ""), args.admin)
+        except KeyError as exc:
+            print(f"medisyn: reader add-reader: {exc.args[0]}", file=sys.stderr)
+            return 2
+        finally:
+            conn.close()
+        if args.admin:
+            print(f"admin {reader_id}: token {token}  (send it as 'Authorization: Bearer <token>'; it is shown once)")
+        else:
+            base = (args.base_url or f"http://{cfg.reader.host}:{cfg.reader.port}").rstrip("/")
+            print(f"reader {reader_id} ({args.study}): {base}/#t={token}  (a secret link; it is shown once)")
+    elif args.action == "analyze":
+        from medisyn.reader.analysis import analyze, table_line
+
+        for name, summary in analyze(folder, cfg.reader.bootstrap_resamples, cfg.seed).items():
+            print(f"{name}: {table_line(summary)}")
+        print(f"reader: analysis in {folder / 'analysis.json'}, exports in {folder / 'exports'}")
+    else:
+        from medisyn.reader.analysis import export
+
+        for path in export(folder):
+            print(f"reader: wrote {path}")
     return 0
 
 

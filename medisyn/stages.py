@@ -66,7 +66,12 @@ STAGES = (
         "medisyn.audit.utility:run",
         job="audit_utility.py",
     ),
-    Stage("reader", "the blinded reader-study web app", issue=17),
+    Stage(
+        "reader",
+        "the blinded reader study: build (the pipeline's step), serve, add-reader, analyze, export",
+        "medisyn.reader.study:run",
+        job="reader.py",
+    ),
     Stage("report", "the HTML report of every stage", "medisyn.report:run", job="report.py"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}

@@ -176,3 +176,111 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+READER_STUDIES = {  # (source, specialty, image_type, classes, grey) as in jobs/configs/reader/demo.yaml
+    "cholecystectomy-phase": (
+        "cholec",
+        "surgery",
+        "endoscopy",
+        ("Calot's triangle dissection", "clipping and cutting", "cleaning and coagulation"),
+        False,
+    ),
+    "oct-condition": (
+        "oct",
+        "ophthalmology",
+        "optical coherence tomography",
+        ("normal findings", "drusen", "diabetic macular edema"),
+        True,
+    ),
+}
+
+
+def reader_run(run_dir, per_class: int = 4, size: int = 48, overrides: tuple[str, ...] = ()):
+    """A run directory the reader study can be built from, without Ray or a model: a corpus shard
+    (test images of both demo studies' classes, plus rows no study may use: other splits, other
+    sources, other classes, two labels) and a synthetic set ``reader`` (colour PNGs, as a model
+    makes them), written in the real formats. Returns the loaded config."""
+    import io
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from medisyn import storage
+    from medisyn.config import load_config
+    from medisyn.records import CORPUS_SCHEMA, MANIFEST_SCHEMA
+
+    rng = np.random.default_rng(0)
+    run_dir = Path(run_dir)
+
+    def png(grey: bool, s: int) -> bytes:
+        buf = io.BytesIO()
+        shape = (s, s) if grey else (s, s, 3)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows, manifest = [], []
+    out = run_dir / "synthetic" / "reader"
+    out.mkdir(parents=True, exist_ok=True)
+    for source, specialty, image_type, classes, grey in READER_STUDIES.values():
+        extra = [(("preparation",), "test", source), ((classes[0], classes[1]), "test", source)]
+        plan = [((c,), split, source) for c in classes for split in ("test",) * per_class + ("train",)]
+        plan += [((classes[0],), "test", "elsewhere")] + extra
+        for k, (labels, split, src) in enumerate(plan):
+            rows.append(
+                {
+                    "id": f"{source}{k:04d}".ljust(32, "0"),
+                    "image": png(grey, size * 2),
+                    "caption": f"{image_type} showing {' and '.join(labels)}.",
+                    "specialty": specialty,
+                    "image_type": image_type,
+                    "labels": list(labels),
+                    "patient_id": f"p{k}",
+                    "split": split,
+                    "source": src,
+                    "source_ref": f"{src}/{k:016x}",
+                    "series": f"{src}/{k:016x}",
+                    "original_size": [size * 2, size * 2],
+                    "crop_top_left": [0, 0],
+                }
+            )
+        for c in classes:
+            for i in range(per_class):
+                image_id = f"s{source}{c[:4]}{i}".replace(" ", "").replace("'", "")
+                (out / f"{image_id}.png").write_bytes(png(False, size))
+                manifest.append(
+                    {
+                        "id": image_id,
+                        "file": f"{image_id}.png",
+                        "prompt": f"{image_type} showing {c}.",
+                        "specialty": specialty,
+                        "image_type": image_type,
+                        "labels": [c],
+                        "seed": i,
+                        "index": i,
+                        "checkpoint": "epoch-000",
+                        "guidance_scale": 7.0,
+                        "steps": 20,
+                        "scheduler": "EulerDiscreteScheduler",
+                        "original_size": [size, size],
+                        "bytes": 0,
+                        "sha256": "",
+                    }
+                )
+    storage.write_table(pa.Table.from_pylist(rows, CORPUS_SCHEMA), run_dir / "corpus" / "c-0.parquet")
+    pq.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), out / "manifest.parquet")
+    return load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            "reader.studies_file=demo",
+            f"reader.images_per_study={per_class * 3}",
+            f"reader.image_size={size}",
+            "reader.repeat_fraction=0.25",
+            "reader.bootstrap_resamples=200",
+            *overrides,
+        ],
+    )
