@@ -14,8 +14,6 @@ Blinding rules, each tested (tests/test_reader_app.py):
   the database's own random names.
 """
 
-from __future__ import annotations
-
 import json
 import sqlite3
 from importlib import resources
