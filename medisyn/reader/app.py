@@ -107,6 +107,10 @@ def create_app(reader_dir: str | Path) -> FastAPI:
     def page() -> Response:
         return Response(_static("index.html"), media_type="text/html; charset=utf-8")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # browsers ask; an empty answer, not a 404 in the console
+
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
         if name not in STATIC:

@@ -155,6 +155,7 @@
     source.getContext("2d").drawImage(bitmap, 0, 0);
     state.position = position;
     state.item = item.item;
+    state.loaded = { answer: item.answer, confidence: item.confidence === null ? null : String(item.confidence) };
     for (const el of document.querySelectorAll('input[type="radio"]')) {
       el.checked = (el.name === "class" && el.value === item.answer) ||
         (el.name === "confidence" && item.confidence !== null && el.value === String(item.confidence));
@@ -174,6 +175,7 @@
     const res = await (await api("PUT", `/api/answers/${state.item}`,
       { answer, confidence: Number(confidence), active_ms: elapsed() })).json();
     state.answered = res.answered;
+    state.loaded = { answer, confidence };
     startTimer();
     updateProgress();
     say("Saved.");
@@ -188,7 +190,8 @@
     if (await save() && state.position < state.session.items - 1) await show(state.position + 1);
   }));
   $("prev").addEventListener("click", () => run(async () => {
-    if (chosen("class") && chosen("confidence")) await save();
+    const changed = chosen("class") !== state.loaded.answer || chosen("confidence") !== state.loaded.confidence;
+    if (changed && chosen("class") && chosen("confidence")) await save(); // a changed answer is kept
     if (state.position > 0) await show(state.position - 1);
   }));
   $("submit").addEventListener("click", () => run(async () => {
