@@ -57,7 +57,8 @@ def run_pipeline(cfg: RunConfig) -> None:
     """Every built stage in order; the stages still to come are named, not silently skipped."""
     todo = [s for s in STAGES if not s.built]
     for stage in STAGES:
-        if (stage.name == "phantoms" and not cfg.phantoms.enabled) or (stage.name == "vae" and not cfg.vae_fit.enabled):
+        off = {"phantoms": cfg.phantoms.enabled, "vae": cfg.vae_fit.enabled, "reader": cfg.reader.enabled}
+        if not off.get(stage.name, True):
             continue
         if stage.built:
             run_stage(stage.name, cfg)
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_parser(stage.name, help=stage.help + ("" if stage.built else f" [{not_built_message(stage)}]"))
         )
     rd = sub.add_parser("reader", help=STAGE_BY_NAME["reader"].help)
-    rd.add_argument("action", nargs="?", default="build", help=f"one of {', '.join(READER_ACTIONS)} (default build)")
+    rd.usage = f"medisyn reader [{'|'.join(READER_ACTIONS)}] [options] --config FILE [key=value ...]"
     rd.add_argument("--study", help="add-reader: the study the reader reads (reader.studies_file's names)")
     rd.add_argument("--name", default="", help="add-reader: the reader's name or pseudonym, shown in exports")
     rd.add_argument("--admin", action="store_true", help="add-reader: an admin credential (progress, exports)")
@@ -133,16 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    action = "build"  # `medisyn reader --config F` (the pipeline's and the job's form) builds
+    if argv[:1] == ["reader"] and len(argv) > 1 and not argv[1].startswith("-") and "=" not in argv[1]:
+        action = argv.pop(1)
+        if action not in READER_ACTIONS:
+            print(
+                f"medisyn: reader: unknown action {action!r}; expected one of {', '.join(READER_ACTIONS)}",
+                file=sys.stderr,
+            )
+            return 2
     args = build_parser().parse_args(argv)
+    args.action = action
     if args.command == "phantoms" and args.out and "=" in args.out:
         # `phantoms --config F run_dir=X`: argparse hands the first key=value to the optional OUT
         # folder; every stage takes the same `--config FILE [key=value ...]`, so it is an override
         args.overrides, args.out = [args.out, *args.overrides], None
-    if args.command == "reader" and "=" in args.action:  # `reader --config F k=v`: build, with overrides
-        args.overrides, args.action = [args.action, *args.overrides], "build"
-    if args.command == "reader" and args.action not in READER_ACTIONS:
-        print(f"medisyn: reader: unknown action {args.action!r}; expected one of {', '.join(READER_ACTIONS)}")
-        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -37,11 +37,40 @@ def test_help_lists_every_stage(capsys):
         assert name in out
 
 
-def test_unbuilt_stage_says_so(capsys):
-    unbuilt = next(s for s in STAGES if not s.built)
+def test_every_stage_is_built_and_an_unbuilt_one_would_say_so(monkeypatch):
+    import medisyn.cli as cli
+    from medisyn.config import load_config
+    from medisyn.stages import STAGE_BY_NAME, Stage
+
+    assert all(s.built for s in STAGES)
+    monkeypatch.setattr(cli, "STAGE_BY_NAME", {**STAGE_BY_NAME, "later": Stage("later", "to come", issue=99)})
     with pytest.raises(SystemExit) as exc:
-        main([unbuilt.name, "--config", str(DEMO)])
-    assert f"stage {unbuilt.name!r} is not built yet" in str(exc.value.code)
+        cli.run_stage("later", load_config(DEMO))
+    assert "stage 'later' is not built yet (issue #99)" in str(exc.value.code)
+
+
+def test_reader_actions_from_the_command_line(tmp_path, capsys):
+    from conftest import reader_run
+
+    reader_run(tmp_path)
+    base = ["--config", str(DEMO), f"run_dir={tmp_path}", "reader.images_per_study=12", "reader.real_splits=[test]"]
+    assert main(["reader", *base]) == 0  # build is the default action
+    assert main(["reader", "add-reader", *base]) == 2
+    assert "name the study with --study" in capsys.readouterr().err
+    assert main(["reader", "add-reader", "--study", "nope", *base]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+    args = ["reader", "add-reader", "--study", "oct-condition", "--name", "Dr A", "--base-url", "https://r.lab.org/"]
+    assert main([*args, *base]) == 0
+    line = capsys.readouterr().out
+    assert "reader 1 (oct-condition): https://r.lab.org/#t=" in line
+    assert main(["reader", "add-reader", "--admin", *base]) == 0
+    assert "admin 2: token " in capsys.readouterr().out
+    assert main(["reader", "analyze", *base]) == 0
+    assert "oct-condition: no submitted readers yet (0 reading)" in capsys.readouterr().out
+    assert main(["reader", "export", *base]) == 0
+    assert (tmp_path / "reader" / "exports" / "mrmc.csv").is_file()
+    assert main(["reader", "frobnicate", *base]) == 2
+    assert "unknown action 'frobnicate'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.py") if not p.name.startswith("_")))

@@ -82,6 +82,17 @@ def test_too_few_images_names_the_study_class_and_counts(tmp_path):
         run(cfg)
 
 
+def test_real_splits_option_draws_the_real_half_from_the_named_splits(tmp_path):
+    cfg = reader_run(tmp_path, overrides=("reader.images_per_study=6", "reader.real_splits=[train]"))
+    out = run(cfg)
+    conn = db.connect(out)
+    ids = [r["source_id"] for r in conn.execute("SELECT source_id FROM images WHERE origin = 'real'")]
+    corpus = pd.read_parquet(cfg.run_path / "corpus" / "c-0.parquet", columns=["id", "split"])
+    assert corpus[corpus["id"].isin(ids)]["split"].value_counts().to_dict() == {"train": 6}  # 1 per class
+    with pytest.raises(ConfigError, match="reader.real_splits"):
+        reader_run(tmp_path, overrides=("reader.real_splits=[holdout]",))
+
+
 def test_missing_synthetic_set_and_bad_study_files(tmp_path):
     cfg = reader_run(tmp_path, overrides=("reader.studies=[oct-condition]",))
     (cfg.run_path / "synthetic" / "reader" / "manifest.parquet").unlink()
@@ -239,3 +250,16 @@ def test_analyze_and_export_from_the_database(built):
     assert len(mrmc) == 12 and set(mrmc["modality"]) == {"real", "synthetic"} and mrmc["rating"].eq(1).all()
     assert export(out)[0] == out / "exports" / "answers.csv"
     assert np.isnan(oct_["fleiss_kappa"])  # one reader: no agreement between readers to measure
+
+
+def test_pipeline_builds_the_reader_study_unless_disabled(monkeypatch):
+    import medisyn.cli as cli
+    from medisyn.config import load_config
+
+    ran = []
+    monkeypatch.setattr(cli, "run_stage", lambda name, cfg: ran.append(name))
+    cli.run_pipeline(load_config("jobs/configs/demo.yaml"))
+    assert ran[-2:] == ["reader", "report"] and ran[0] == "phantoms"
+    ran.clear()
+    cli.run_pipeline(load_config("jobs/configs/demo-memorize.yaml"))
+    assert "reader" not in ran and ran[-1] == "report"

@@ -29,9 +29,11 @@ class ReaderConfig:
         "port": "1..65535",
         "bootstrap_resamples": ">=1",
     }
+    enabled: bool = True  # `medisyn pipeline` builds the studies (needs the studies' synthetic set)
     studies_file: str = "paper"  # jobs/configs/reader/<name>.yaml, or a path
     studies: tuple[str, ...] = ()  # which of the file's studies to build; () = all
     images_per_study: int = 102  # half real test images, half synthetic, balanced across classes
+    real_splits: tuple[str, ...] = ("test",)  # where the real half comes from (the demo adds val: few patients)
     repeat_fraction: float = 0.1  # share of images shown a second time (intra-reader agreement)
     image_size: int = 512  # every served image is re-encoded to this square size
     dir: str = "{run_dir}/reader"  # study database and images: a local path (SQLite needs a disk)
@@ -45,6 +47,9 @@ class ReaderConfig:
                 f"reader.dir: {self.dir!r} is a URI; the study's SQLite database needs a local disk "
                 "(the corpus and synthetic sets may stay on object storage)"
             )
+        bad = [s for s in self.real_splits if s not in ("train", "val", "test")]
+        if bad or not self.real_splits:
+            raise ConfigError(f"reader.real_splits: {list(self.real_splits)} must name some of train, val, test")
         if self.images_per_study % 2:
             raise ConfigError(
                 f"reader.images_per_study: {self.images_per_study} must be even (half real, half synthetic)"

@@ -20,6 +20,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image
 
 from medisyn import storage
@@ -73,7 +74,9 @@ def select(cfg, study: Study) -> tuple[dict[str, list[str]], dict[str, list[str]
     """The study's draw: ``({class: real ids}, {class: synthetic ids}, {synthetic id: file})``."""
     rc: ReaderConfig = cfg.reader
     real_rows = read_corpus(
-        cfg.run_path / "corpus", ["id", "labels", "specialty", "image_type", "source"], split="test"
+        cfg.run_path / "corpus",
+        ["id", "labels", "specialty", "image_type", "source", "split"],
+        where=pc.field("split").isin(list(rc.real_splits)),
     ).to_pylist()
     real: dict[str, list[str]] = {}
     for r in real_rows:
@@ -98,7 +101,8 @@ def select(cfg, study: Study) -> tuple[dict[str, list[str]], dict[str, list[str]
             files[r["id"]] = r["file"]
     need = _balanced(rc.images_per_study // 2, study.classes)
     rng = np.random.default_rng([cfg.seed, zlib.crc32(study.name.encode())])
-    return _draw(real, need, rng, study, "real test"), _draw(synthetic, need, rng, study, "synthetic"), files
+    what = f"real {'/'.join(rc.real_splits)}"
+    return _draw(real, need, rng, study, what), _draw(synthetic, need, rng, study, "synthetic"), files
 
 
 def build_study(cfg, study: Study, conn, out: Path) -> bool:
@@ -111,6 +115,7 @@ def build_study(cfg, study: Study, conn, out: Path) -> bool:
     )
     settings = {
         "images_per_study": rc.images_per_study,
+        "real_splits": list(rc.real_splits),
         "repeat_fraction": rc.repeat_fraction,
         "image_size": rc.image_size,
         "seed": cfg.seed,
