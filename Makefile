@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medisyn-installed
 
-.PHONY: test demo demo-memorize test-fast lint clean-demo
+.PHONY: test demo demo-memorize test-fast lint clean-demo browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,17 @@ lint: $(STAMP)  ## ruff: lint rules and formatting (line length 120, pyproject.t
 	$(VENV)/bin/ruff check medisyn tests jobs
 	$(VENV)/bin/ruff format --check medisyn tests jobs
 
-test: lint
+# The reader study's browser test drives Debian's Chromium with Playwright (Playwright's own
+# browser download needs the internet); installed here when missing, with sudo when not root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: lint browser
 	$(PY) -m pytest
 
-test-fast: lint  ## everything but the tests marked slow (end-to-end pipeline, elastic cluster)
+test-fast: lint browser  ## everything but the tests marked slow (end-to-end pipeline, elastic cluster)
 	$(PY) -m pytest -m "not slow"
 
 demo: $(STAMP)

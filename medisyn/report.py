@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -378,6 +379,95 @@ PACKAGES = ("torch", "torchvision", "ray", "diffusers", "transformers", "open_cl
             "scipy", "scikit-learn", "pydicom", "openslide-python", "pyarrow")  # fmt: skip
 
 
+PAPER_READERS = {  # DESIGN §2: the paper's reader studies, accuracy % and confidence (mean ± sd across 3 readers)
+    "cholecystectomy-phase": {"real": (83.66, 3.00, 4.16, 0.59), "synthetic": (98.04, 0.00, 4.34, 0.62)},
+    "oct-condition": {"real": (92.16, 3.40, 4.27, 0.76), "synthetic": (98.69, 1.13, 4.35, 0.92)},
+}
+
+
+def reader_section(cfg: RunConfig, figs: Path) -> str:
+    """The blinded reader study: what was built, who is reading, and the paper's table once readers submit."""
+    from medisyn.configtools import ConfigError
+    from medisyn.reader import db
+    from medisyn.reader.analysis import analyze, figure
+    from medisyn.reader.study import reader_dir
+
+    head = "<h2>Reader study</h2>"
+    try:
+        folder = reader_dir(cfg)
+    except ConfigError as exc:
+        return f"{head}<p class=todo>{html.escape(str(exc))}</p>"
+    if not db.db_path(folder).is_file():
+        return f"{head}<p class=todo>no study built yet (`medisyn reader build`).</p>"
+    conn = db.connect(folder)
+    try:
+        studies = conn.execute(
+            "SELECT s.name, s.question, "
+            "(SELECT COUNT(*) FROM images i WHERE i.study = s.name AND i.origin = 'real') AS real, "
+            "(SELECT COUNT(*) FROM images i WHERE i.study = s.name AND i.origin = 'synthetic') AS synthetic, "
+            "(SELECT COUNT(*) FROM items t WHERE t.study = s.name) AS items, "
+            "(SELECT COUNT(*) FROM readers r WHERE r.study = s.name) AS readers, "
+            "(SELECT COUNT(*) FROM readers r WHERE r.study = s.name AND r.submitted_at IS NOT NULL) AS submitted "
+            "FROM studies s ORDER BY s.name"
+        ).fetchall()
+    finally:
+        conn.close()
+    rows = "".join(
+        f"<tr><td>{html.escape(s['name'])}</td><td>{html.escape(s['question'])}</td><td>{s['real']}</td>"
+        f"<td>{s['synthetic']}</td><td>{s['items']}</td><td>{s['readers']}</td><td>{s['submitted']}</td></tr>"
+        for s in studies
+    )
+    parts = [
+        head,
+        "<p>Readers classify real test images and synthetic images, blinded to origin, one at a time "
+        "(<code>medisyn reader serve</code>); items include images shown twice for intra-reader agreement.</p>",
+        "<table><tr><th>study</th><th>question</th><th>real</th><th>synthetic</th><th>items</th>"
+        f"<th>readers</th><th>submitted</th></tr>{rows}</table>",
+    ]
+    if not any(s["submitted"] for s in studies):
+        parts.append("<p class=todo>No reader has submitted yet: the accuracy table appears here once one has.</p>")
+        return "\n".join(parts)
+    results = analyze(folder, cfg.reader.bootstrap_resamples, cfg.seed)
+    table = [
+        "<table><tr><th>study</th><th>images</th><th>readers</th><th>accuracy (%)</th><th>confidence</th>"
+        "<th>paper: accuracy (%)</th><th>paper: confidence</th></tr>"
+    ]
+    for name, r in results.items():
+        if not r.get("readers"):
+            continue
+        for origin in ("real", "synthetic"):
+            acc, conf = r["across_readers"][origin]["accuracy"], r["across_readers"][origin]["confidence"]
+            paper = PAPER_READERS.get(name, {}).get(origin)
+            table.append(
+                f"<tr><td>{html.escape(name)}</td><td>{origin}</td><td>{r['readers']}</td>"
+                f"<td>{100 * acc['mean']:.2f} ± {100 * acc['sd']:.2f}</td>"
+                f"<td>{conf['mean']:.2f} ± {conf['sd']:.2f}</td>"
+                + (
+                    f"<td>{paper[0]:.2f} ± {paper[1]:.2f}</td><td>{paper[2]:.2f} ± {paper[3]:.2f}</td>"
+                    if paper
+                    else "<td>–</td><td>–</td>"
+                )
+                + "</tr>"
+            )
+    parts.append("".join(table) + "</table>")
+    for name, r in results.items():
+        if not r.get("readers"):
+            continue
+        d = r["real_minus_synthetic"]
+        intra = r["intra_reader"].values()
+        agree = f"{np.mean([v['agreement'] for v in intra]):.0%}" if intra else "–"
+        parts.append(
+            f"<p><b>{html.escape(name)}</b>: real − synthetic accuracy {100 * d['difference']:+.1f} points "
+            f"(95% CI {100 * d['lo95']:+.1f} to {100 * d['hi95']:+.1f}, readers and cases resampled); "
+            f"Fleiss' kappa between readers {r['fleiss_kappa']:.2f}; intra-reader agreement on repeated images "
+            f"{agree}; {r['pending_readers']} readers still reading.</p>"
+        )
+        fname = f"reader_{name}.png"
+        figure(r, name, figs / fname)
+        parts.append(f'<img src="report/{fname}" alt="reader accuracy, {html.escape(name)}">')
+    return "\n".join(parts)
+
+
 def git_commit() -> str:
     """The commit of the code that wrote the report (a checkout), with a mark when it has edits."""
     import subprocess
@@ -453,6 +543,7 @@ def run(cfg: RunConfig):
         + fidelity_section(cfg, figs)
         + memorization_section(cfg, figs)
         + utility_section(cfg, figs)
+        + reader_section(cfg, figs)
         + provenance_section(cfg),
     )
     out = cfg.run_path / "report.html"

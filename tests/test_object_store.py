@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,7 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
             f"run_dir={uri}",
             "phantoms.enabled=false",
             f"ingest.repositories_file={phantom_root}/repositories.yaml",
+            f"reader.dir={tmp_path}/reader",  # the study's SQLite file needs a disk
             *FAST,
         ],  # fmt: skip
         capture_output=True,
@@ -76,7 +78,13 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
     assert summary["pairs"]["total"] > 400 and len(summary["by_image_type"]) == 10
     page = (run / "report.html").read_text()
     assert "image–caption pairs" in page and (run / "report/corpus_pathology.png").stat().st_size > 10_000
-    assert "stages still to come: reader" in proc.stdout
+    assert "stages still to come" not in proc.stdout
+    reader = sqlite3.connect(tmp_path / "reader" / "study.sqlite")  # 6 real + 6 synthetic per study (demo.yaml)
+    counts = reader.execute("SELECT study, origin, COUNT(*) FROM images GROUP BY study, origin").fetchall()
+    assert sorted(counts) == [
+        (s, o, 6) for s in ("cholecystectomy-phase", "oct-condition") for o in ("real", "synthetic")
+    ]
+    assert "<h2>Reader study</h2>" in page and "No reader has submitted yet" in page
     assert json.loads((run / "selection.json").read_text())["best"] in ("epoch-000", "epoch-001")
     assert (run / "model/model_index.json").exists() and "Training" in page
     manifest = read_manifest(run / "synthetic/memorization")

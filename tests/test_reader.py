@@ -263,3 +263,42 @@ def test_pipeline_builds_the_reader_study_unless_disabled(monkeypatch):
     ran.clear()
     cli.run_pipeline(load_config("jobs/configs/demo-memorize.yaml"))
     assert "reader" not in ran and ran[-1] == "report"
+
+
+def _answer_all(conn, reader_id: int, right: int) -> None:
+    """The reader answers every item, the first ``right`` of their order correctly, and submits."""
+    key = {
+        r["item_id"]: (r["truth"], json.loads(r["classes"]))
+        for r in conn.execute(
+            "SELECT t.item_id, i.truth, s.classes FROM items t JOIN images i ON i.image_id = t.image_id "
+            "JOIN studies s ON s.name = t.study"
+        )
+    }
+    order = conn.execute("SELECT position, item_id FROM orders WHERE reader_id = ? ORDER BY position", (reader_id,))
+    for pos, item in order.fetchall():
+        truth, classes = key[item]
+        answer = truth if pos < right else next(c for c in classes if c != truth)
+        conn.execute(
+            "INSERT INTO answers(reader_id, item_id, answer, confidence, position, last_edit_at) VALUES (?,?,?,?,?,?)",
+            (reader_id, item, answer, 4, pos, db.now()),
+        )
+    conn.execute("UPDATE readers SET submitted_at = ? WHERE reader_id = ?", (db.now(), reader_id))
+
+
+def test_report_shows_the_study_then_the_papers_table_once_readers_submit(built):
+    from medisyn.report import run as report
+
+    cfg, out = built
+    page = report(cfg).read_text()
+    assert "<h2>Reader study</h2>" in page and "No reader has submitted yet" in page
+    assert "Which condition does this optical coherence tomography image show?" in page
+    conn = db.connect(out)
+    for name, right in (("A", 15), ("B", 15)):
+        rid, _ = db.add_reader(conn, "oct-condition", name)
+        _answer_all(conn, rid, right)
+    page = report(cfg).read_text()
+    assert "<td>oct-condition</td><td>real</td><td>2</td><td>100.00 ± 0.00</td><td>4.00 ± 0.00</td>" in page
+    assert "<td>92.16 ± 3.40</td><td>4.27 ± 0.76</td>" in page  # the paper's ophthalmologists beside it
+    assert "Fleiss' kappa between readers 1.00" in page and "intra-reader agreement on repeated images 100%" in page
+    assert (cfg.run_path / "report" / "reader_oct-condition.png").stat().st_size > 0
+    assert "reader_cholecystectomy-phase.png" not in page  # no readers there

@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -53,7 +54,10 @@ def served(tmp_path):
 
 
 def test_a_reader_answers_every_image_leaves_resumes_and_submits(served):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed: `make browser` installs it (`make test` runs it first)")
     out, conn, rid, link = served
     classes = READER_STUDIES["oct-condition"][3]
     chosen: dict[str, tuple[str, int]] = {}
