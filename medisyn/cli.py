@@ -41,10 +41,11 @@ def run_stage(name: str, cfg: RunConfig) -> None:
     start, wall = time.perf_counter(), time.time()
     log.info("stage %s: starting (run dir %s)", name, cfg.run_dir)
     if os.environ.get("RAY_ADDRESS"):  # on a cluster (a submitted job): every node must share the run dir
-        from medisyn.raytools import check_run_dir, ensure_ray
+        from medisyn.raytools import check_run_dir, check_stage_resources, ensure_ray
 
         ensure_ray()
         check_run_dir(cfg.run_dir)
+        check_stage_resources(name, cfg)  # fits the cluster at its autoscaling maximum, or stop naming the shortfall
     with stage_lock(cfg.run_path, name):
         _stage_fn(stage)(cfg)
     swept = sweep_partial_writes(cfg.run_path, before=wall)

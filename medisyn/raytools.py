@@ -23,14 +23,181 @@ def ensure_ray(**kwargs) -> None:
 
 
 def gpus_available(wanted: bool = True) -> bool:
-    """Whether this run's GPU work gets GPUs: asked for (``train.use_gpu``) and the cluster has some.
+    """Whether this run's GPU work gets GPUs: asked for (``train.use_gpu``) and the cluster has some,
+    up now or reachable by autoscaling (``autoscaling_groups``: a GPU node type with workers to add).
 
     One answer for every stage: a CPU-only cluster runs the same actors on CPUs instead of
     queueing GPU requests it can never grant.
     """
     import ray
 
-    return wanted and ray.cluster_resources().get("GPU", 0) > 0
+    if not wanted:
+        return False
+    return ray.cluster_resources().get("GPU", 0) > 0 or any(
+        shape.get("GPU", 0) > 0 and count != 0 for shape, count in autoscaling_groups()
+    )
+
+
+# Where `publish_autoscaling_groups` leaves the cluster launcher's worker types in the GCS key-value store.
+KV_NAMESPACE, KV_GROUPS = "medisyn", "autoscaling_groups"
+
+
+def groups_from_launcher_config(doc: dict) -> list[dict]:
+    """The worker node types of a cluster-launcher config (``cluster.yaml`` or the head's
+    ``~/ray_bootstrap_config.yaml``): ``[{"name", "resources", "max_workers"}]``, the head type left out
+    (it is a node that is up). A type without ``max_workers`` may grow to the global ``max_workers``."""
+    head = doc.get("head_node_type")
+    return [
+        {
+            "name": name,
+            "resources": {k: float(v) for k, v in (t.get("resources") or {}).items()},
+            "max_workers": int(t.get("max_workers", doc.get("max_workers", 0))),
+        }
+        for name, t in (doc.get("available_node_types") or {}).items()
+        if name != head
+    ]
+
+
+def publish_autoscaling_groups(doc: dict) -> list[dict]:
+    """Record the launcher config's worker types in the running cluster (run on the head after
+    ``ray start``, see cluster.yaml), so that every driver's resource pre-flight and
+    ``gpus_available`` count the nodes the autoscaler may still add."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    groups = groups_from_launcher_config(doc)
+    _internal_kv_put(KV_GROUPS, json.dumps(groups), overwrite=True, namespace=KV_NAMESPACE)
+    return groups
+
+
+def autoscaling_groups() -> list[tuple[dict[str, float], int]]:
+    """(node shape, most workers of that shape) for each node type the autoscaler may add: what
+    ``publish_autoscaling_groups`` recorded, else the cluster config Ray itself keeps in the GCS
+    (reported by some deployments; Ray Train reads it), else none (a fixed cluster). -1: unbounded."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return []
+    raw = _internal_kv_get(KV_GROUPS, namespace=KV_NAMESPACE)
+    if raw:
+        return [(g["resources"], int(g["max_workers"])) for g in json.loads(raw)]
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # a private API: no config rather than no run
+        config = None
+    if not config:
+        return []
+    return [({k: float(v) for k, v in g.resources.items()}, int(g.max_count)) for g in config.node_group_configs]
+
+
+def _fits(ask: dict[str, float], free: dict[str, float]) -> bool:
+    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in ask.items() if v > 0)
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if v) + "}"
+
+
+def resource_shortfall(
+    asks: list[dict[str, float]],
+    nodes: list[dict[str, float]],
+    groups: list[tuple[dict[str, float], int]] = (),
+) -> str | None:
+    """Why ``asks`` (bundles that must all be placed at once: one per worker, actor or task, each on a
+    single node) cannot fit a cluster of ``nodes`` (total resources of the nodes up now) plus what
+    the autoscaler may add (``groups``: node shape, most workers of that shape; -1 unbounded); None
+    when they fit. Nodes up that have a group's shape count against that group's maximum. A pure
+    function: the caller reads the live cluster (``check_stage_resources``)."""
+    asks = [{k: float(v) for k, v in a.items() if v} for a in asks]
+    asks = [a for a in asks if a]
+    if not asks:
+        return None
+    shapes = [{k: float(v) for k, v in n.items()} for n in nodes]
+    unmatched = list(shapes)
+    reachable: list[dict[str, float]] = []
+    for shape, most in groups:
+        shape = {k: float(v) for k, v in shape.items()}
+        up = [
+            n for n in unmatched if all(abs(n.get(k, 0.0) - v) < 1e-9 for k, v in shape.items() if k in ("CPU", "GPU"))
+        ]
+        for n in up:
+            unmatched.remove(n)
+        extra = len(asks) if most < 0 else max(most - len(up), 0)
+        reachable += up + [dict(shape) for _ in range(extra)]
+    reachable += unmatched
+    keys = sorted({k for a in asks for k in a})
+    wanted = {k: sum(a.get(k, 0.0) for a in asks) for k in keys}
+    now = {k: sum(n.get(k, 0.0) for n in shapes) for k in keys}
+    most = {k: sum(n.get(k, 0.0) for n in reachable) for k in keys}
+    short = {k: wanted[k] - most[k] for k in keys if wanted[k] > most[k] + 1e-9}
+    what = f"{len(asks)} x {_fmt(asks[0])}" if all(a == asks[0] for a in asks) else ", ".join(map(_fmt, asks))
+    if short:
+        return (
+            f"asks for {what} = {_fmt(wanted)} in all; the cluster has {_fmt(now) if any(now.values()) else 'none'} "
+            f"now and at most {_fmt(most) if any(most.values()) else 'none'} with autoscaling: short of {_fmt(short)}"
+        )
+    biggest = max(reachable, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
+    for ask in asks:
+        if not any(_fits(ask, n) for n in reachable):
+            return f"one of {what} fits on no node: the largest offers {_fmt({k: biggest.get(k, 0.0) for k in keys})}"
+    free = [dict(n) for n in reachable]
+    for ask in sorted(asks, key=lambda a: tuple(-a.get(k, 0.0) for k in ("GPU", "CPU", *keys)), reverse=False):
+        node = next((n for n in free if _fits(ask, n)), None)
+        if node is None:
+            return f"{what} do not pack onto the nodes the cluster can have ({', '.join(map(_fmt, reachable))})"
+        for k, v in ask.items():
+            node[k] = node.get(k, 0.0) - v
+    return None
+
+
+def stage_requests(stage: str, cfg, gpus: bool) -> list[dict[str, float]]:
+    """The bundles stage ``stage`` needs placed at once to make progress, as its code asks for them
+    (``gpus``: ``gpus_available`` for this run): a Ray Train worker group whole, an actor pool at its
+    minimum size, one Tune trial, one task. The job's driver is not counted."""
+    t = cfg.train
+    if stage == "ingest":
+        return [{"CPU": 1}]
+    if stage == "vae":
+        return [{"CPU": cfg.vae_fit.cpus_per_worker}] * cfg.vae_fit.num_workers
+    if stage == "cache":
+        return [{"GPU": 1} if gpus else {"CPU": 1}] * cfg.cache.num_actors
+    if stage == "train":  # ScalingConfig(use_gpu=train.use_gpu): no fallback to CPUs
+        return [{"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0}] * t.num_workers
+    if stage == "select":
+        return [{"CPU": 1, "GPU": 1 if gpus else 0}]
+    if stage == "generate":
+        g = cfg.generate
+        return [{"GPU": 1} if gpus else {"CPU": g.cpus_per_actor}] * g.min_actors
+    if stage == "audit-fidelity":
+        return [{"CPU": 1, "GPU": 1 if gpus and cfg.audit_fidelity.features == "embedder" else 0}]
+    if stage == "audit-memorization":
+        return [{"GPU": 1} if gpus else {"CPU": 1}]
+    if stage == "audit-utility":  # its GPU use follows the cluster, not train.use_gpu
+        u = cfg.audit_utility
+        return [{"CPU": u.cpus_per_trial, "GPU": u.gpus_per_trial if gpus else 0}]
+    return []  # phantoms, report: the driver alone
+
+
+def check_stage_resources(stage: str, cfg) -> None:
+    """Stop before any work, naming the shortfall, when what ``stage`` asks for cannot fit the cluster
+    even at its autoscaling maximum (a request that never fits stays PENDING for ever)."""
+    import ray
+
+    from medisyn.configtools import ConfigError
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    groups = autoscaling_groups()
+    asks = stage_requests(stage, cfg, gpus_available(True if stage == "audit-utility" else cfg.train.use_gpu))
+    problem = resource_shortfall(asks, nodes, groups)
+    if problem:
+        raise ConfigError(
+            f"stage {stage} {problem}. Lower the stage's workers or actors, or raise the cluster's maximum"
+        )
 
 
 def _member_rows(batch, ids_ref, key: str, drop: bool):

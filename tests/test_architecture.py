@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("select", ("medisyn.select",)),
     ("audit", ("medisyn.audit",)),
     ("reader", ("medisyn.reader",)),
-    ("top", ("medisyn.report", "medisyn.cli")),
+    ("top", ("medisyn.report", "medisyn.cli", "medisyn.submit")),
 ]
 
 
