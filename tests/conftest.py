@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import pytest
 
@@ -176,6 +177,18 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package (make browser)
+CHROMIUM_FLAGS = [  # headless as root, no calls to Google's services (the network is closed)
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 READER_STUDIES = {  # (source, specialty, image_type, classes, grey) as in jobs/configs/reader/demo.yaml

@@ -113,6 +113,10 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
         t["n_test"] for t in utility["tasks"].values()
     )
     assert "Utility audit" in page and (run / "report/utility_dermoscopy-roc.png").exists()
+    for section in ("Corpus", "Training", "Synthetic sets", "Prompt fidelity", "Memorization audit", "Utility audit"):
+        assert f"<h2>{section}</h2>" in page and f"<h2>{section}</h2><p class=todo>" not in page, section
+    assert "<h2>Provenance</h2>" in page and "Resolved config" in page
+    _report_opens_in_a_browser(run, tmp_path / "report-copy")
 
     # equal to a local run of the same sources and settings
     local = load_config(
@@ -128,3 +132,28 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
         assert sorted(read_manifest(run / "synthetic" / pset.name, ["id"]).column("id").to_pylist()) == want
     # no URI was mangled into a local path (pathlib turns "s3://b/x" into the folder "s3:/b/x")
     assert not (ROOT / "s3:").exists() and not list(tmp_path.rglob("s3:"))
+
+
+def _report_opens_in_a_browser(run, local: Path) -> None:
+    """The result card as a reader of it sees it: copied off the store, opened from disk in headless
+    Chromium (Debian's, driven by Playwright): every image loads, nothing errs in the console."""
+    from conftest import CHROMIUM, CHROMIUM_FLAGS
+    from playwright.sync_api import sync_playwright
+
+    (local / "report").mkdir(parents=True)
+    (local / "report.html").write_bytes((run / "report.html").read_bytes())
+    for p in (run / "report").iterdir():
+        (local / "report" / p.name).write_bytes(p.read_bytes())
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto((local / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.naturalWidth])")
+        page.screenshot(path=str(local / "report.png"), full_page=True)
+        browser.close()
+    assert len(images) >= 10 and not [src for src, width in images if width == 0], images
+    assert not problems, problems

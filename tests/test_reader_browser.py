@@ -5,7 +5,6 @@ then holds exactly their answers. `make test` installs Chromium when it is missi
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -13,23 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import READER_STUDIES, reader_run
+from conftest import CHROMIUM, CHROMIUM_FLAGS, READER_STUDIES, reader_run
 
 from medisyn.reader import db
 from medisyn.reader.analysis import export
 from medisyn.reader.app import create_app
 from medisyn.reader.study import run
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture()
@@ -64,7 +52,7 @@ def test_a_reader_answers_every_image_leaves_resumes_and_submits(served):
     problems: list[str] = []
 
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.on("console", lambda m: m.type == "error" and problems.append(m.text))
         page.on("pageerror", lambda e: problems.append(str(e)))
