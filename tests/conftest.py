@@ -6,6 +6,7 @@ a 2-CPU local cluster the first time and reuses it (starting one costs ~3 s, a T
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -297,3 +298,104 @@ def reader_run(run_dir, per_class: int = 4, size: int = 48, overrides: tuple[str
             *overrides,
         ],
     )
+
+
+# --- a real Ray head, as users run one: `ray start --head`, token authentication, own ports ---
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def get_json(url: str, token: str | None = None):
+    import json
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+@contextlib.contextmanager
+def ray_head(tmp_path, num_cpus: int = 2, extra_env: dict | None = None):
+    """A head started with `ray start --head --block` on 127.0.0.1 with token authentication, its own
+    ports and temporary dir, and its job API up; yields (job API url, GCS address, token, the client
+    environment). Stopped with SIGTERM, then any process still running from its temporary dir is
+    killed by id — never `ray stop`, which stops every Ray cluster on the machine."""
+    import json
+    import secrets
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.error
+    from pathlib import Path
+
+    import psutil
+
+    temp_dir = tempfile.mkdtemp(prefix="msray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dash, client_port, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(9)
+    token = secrets.token_hex(16)
+    env = os.environ | (extra_env or {})
+    env |= {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "HOME": str(tmp_path),  # no ~/.ray/auth_token of the user's is read or written
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    bin_dir = Path(sys.executable).parent
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # `python` in an entrypoint: this venv's
+    head = subprocess.Popen(
+        [
+            str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+            f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
+            f"--object-manager-port={obj_mgr}", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}",
+            f"--object-store-memory={512 * 1024**2}", "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                get_json(f"{url}/api/jobs/", token)
+                break
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                assert head.poll() is None, "ray start --head exited"
+                assert time.monotonic() < deadline, "the head's job API did not come up in 60 s"
+                time.sleep(0.5)
+        yield url, f"127.0.0.1:{gcs}", token, env
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=10)
+        left = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                    left.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        for proc in left:
+            proc.kill()
+        psutil.wait_procs(left, timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)

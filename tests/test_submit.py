@@ -7,21 +7,16 @@ temporary directory: refused without the token, the same submission twice gives 
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import get_json, ray_head
 
 from medisyn.config import ConfigError, load_config
 from medisyn.raytools import groups_from_launcher_config, resource_shortfall, stage_requests
@@ -216,47 +211,6 @@ def test_the_launcher_configs_worker_types():
 # --- a real head ------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _get(url: str, token: str | None = None):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
-        return json.loads(r.read() or b"null")
-
-
-def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """Stop the head this test started (`ray start --block` stops its processes on SIGTERM), then end by
-    id any process still running from its own temporary dir. Never `ray stop`: it stops every Ray on the
-    machine."""
-    import psutil
-
-    head.terminate()
-    try:
-        head.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        head.kill()
-        head.wait(timeout=10)
-    left = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or []):
-                left.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for proc in left:
-        proc.kill()
-    psutil.wait_procs(left, timeout=10)
-
-
 TRIVIAL_JOB = """
 import ray
 
@@ -269,53 +223,17 @@ print("medisyn-test-job", sorted(int(s.get("GPU", 0)) for s, _ in autoscaling_gr
 
 @pytest.mark.slow  # ~35 s: a head, a published cluster definition, a job that joins the cluster
 def test_submitting_twice_to_a_token_protected_head_runs_one_job(tmp_path):
-    temp_dir = tempfile.mkdtemp(prefix="msray", dir="/tmp")  # short: Ray's socket paths have a length limit
     project = tmp_path / "project"
     (project / "jobs/configs").mkdir(parents=True)
     shutil.copy(ROOT / "jobs/runtime_env.yaml", project / "jobs/runtime_env.yaml")
     (project / "jobs/report.py").write_text(TRIVIAL_JOB)
     (project / "jobs/configs/t.yaml").write_text(f"run_dir: {tmp_path / 'run'}\n")
-    gcs, dash, client_port, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
-    token = secrets.token_hex(16)
-    env = os.environ | {
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-        "HOME": str(tmp_path),  # no ~/.ray/auth_token of the user's is read or written
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    bin_dir = Path(sys.executable).parent
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # `python` in the entrypoint: this venv's, as on a node
-    head = subprocess.Popen(
-        [
-            str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-            f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-            f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
-            f"--object-manager-port={obj_mgr}", f"--temp-dir={temp_dir}", "--num-cpus=2",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _get(f"{url}/api/jobs/", token)
-                break
-            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-                assert head.poll() is None, "ray start --head exited"
-                assert time.monotonic() < deadline, "the head's job API did not come up in 60 s"
-                time.sleep(0.5)
+    with ray_head(tmp_path, num_cpus=2) as (url, gcs, token, env):
         with pytest.raises(urllib.error.HTTPError) as refused:
-            _get(f"{url}/api/jobs/")
+            get_json(f"{url}/api/jobs/")
         assert refused.value.code == 401
         with pytest.raises(urllib.error.HTTPError) as wrong:
-            _get(f"{url}/api/jobs/", "not-the-token")
+            get_json(f"{url}/api/jobs/", "not-the-token")
         assert wrong.value.code == 403
 
         def run(*args: str) -> subprocess.CompletedProcess:
@@ -328,7 +246,7 @@ def test_submitting_twice_to_a_token_protected_head_runs_one_job(tmp_path):
                 timeout=120,
             )
 
-        published = run("publish-cluster", str(ROOT / "cluster.yaml"), "--address", f"127.0.0.1:{gcs}")
+        published = run("publish-cluster", str(ROOT / "cluster.yaml"), "--address", gcs)
         assert published.returncode == 0, published.stderr[-2000:]
         job = ("--address", url, "--project", str(project), "report", "--config", "jobs/configs/t.yaml")
         first, second = run(*job), run(*job)
@@ -338,13 +256,10 @@ def test_submitting_twice_to_a_token_protected_head_runs_one_job(tmp_path):
         assert f"attached to {sid}" in second.stderr
         # the job ran once; both saw its output, which counts the published GPU workers as reachable
         assert "medisyn-test-job [0, 8] True" in first.stdout and "medisyn-test-job [0, 8] True" in second.stdout
-        jobs = [j for j in _get(f"{url}/api/jobs/", token) if j.get("submission_id") == sid]
+        jobs = [j for j in get_json(f"{url}/api/jobs/", token) if j.get("submission_id") == sid]
         assert len(jobs) == 1 and jobs[0]["status"] == "SUCCEEDED"
         assert jobs[0]["metadata"]["stage"] == "report" and jobs[0]["metadata"]["run"] == str(tmp_path / "run")
         assert {"config_hash", "git_commit", "config"} <= set(jobs[0]["metadata"])
-    finally:
-        _stop_head(head, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_the_command_line(monkeypatch, capsys):
