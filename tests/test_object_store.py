@@ -1,21 +1,25 @@
-"""The demo pipeline end to end, its run directory on object storage (an S3 server on 127.0.0.1).
+"""The demo pipeline end to end as users run it: submitted as a Ray job to a head started with
+`ray start --head` (token authentication), its run directory on object storage (an S3 server on
+127.0.0.1).
 
 `make demo` in small: every built stage runs and the report is written. The phantom sources
 are on a local disk, as a user's own repositories would be; every stage after them
 reads and writes only ``s3://``. The outputs equal a local run's: the same corpus ids (a local
-ingest of the same sources), the same checkpoint names, the same manifest ids.
+ingest of the same sources), the same checkpoint names, the same manifest ids. Submitting the
+same thing again attaches to the finished job; a new attempt on the same run skips every stage's
+finished work.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import get_json, ray_head
 
 from medisyn import storage
 from medisyn.config import load_config
@@ -48,37 +52,50 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
 
     local_run = ingested[0].run_dir  # the session's local ingest of the same phantom sources
     uri = "s3://medisyn-test/demo"
-    env = {**os.environ, **s3_server}
-    env.pop("RAY_ADDRESS", None)  # its own local cluster, whose workers get these variables
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medisyn.cli",
-            "pipeline",
-            "--config",
-            str(DEMO),
-            f"run_dir={uri}",
-            "phantoms.enabled=false",
-            f"ingest.repositories_file={phantom_root}/repositories.yaml",
-            f"reader.dir={tmp_path}/reader",  # the study's SQLite file needs a disk
-            *FAST,
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=1500,
-    )
-    (tmp_path / "pipeline.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = storage.path(uri)
+    pipeline = [
+        "pipeline",
+        "--config",
+        "jobs/configs/demo.yaml",
+        f"run_dir={uri}",
+        "phantoms.enabled=false",
+        f"ingest.repositories_file={phantom_root}/repositories.yaml",
+        f"reader.dir={tmp_path}/reader",  # the study's SQLite file needs a disk
+        *FAST,
+    ]
+    # 3 logical CPUs: the job's driver holds one (entrypoint_num_cpus=1), the stages get the 2 a local run has
+    with ray_head(tmp_path, num_cpus=3, extra_env=s3_server) as (url, _, token, env):
+
+        def submit(*args: str) -> subprocess.CompletedProcess:
+            cmd = [sys.executable, "-m", "medisyn.submit", "--address", url, "--project", str(ROOT), *args]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1500)
+            (tmp_path / f"submit-{len(list(tmp_path.glob('submit-*')))}.log").write_text(proc.stdout + proc.stderr)
+            return proc
+
+        proc = submit(*pipeline)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        sid = proc.stderr.split("submitted ", 1)[1].split()[0]
+        (job,) = [j for j in get_json(f"{url}/api/jobs/", token) if j.get("submission_id") == sid]
+        assert job["status"] == "SUCCEEDED" and job["entrypoint"].startswith("python jobs/pipeline.py --config")
+        assert job["metadata"]["stage"] == "pipeline" and job["metadata"]["run"] == uri
+        assert job["entrypoint_num_cpus"] == 1 and not job.get("entrypoint_num_gpus")
+        run = storage.path(uri)
+        stamps = {p: p.stat().st_mtime for p in _finished_outputs(run)}
+
+        again = submit(*pipeline)  # the same submission: one job, the second command attaches to it
+        assert again.returncode == 0 and f"attached to {sid}" in again.stderr, again.stderr[-2000:]
+        retry = submit("--attempt", "2", *pipeline)  # a new job on the same run: finished work is skipped
+        assert retry.returncode == 0, retry.stdout[-4000:] + retry.stderr[-2000:]
+        assert len([j for j in get_json(f"{url}/api/jobs/", token) if j["metadata"].get("run") == uri]) == 2
+    assert {p: p.stat().st_mtime for p in _finished_outputs(run)} == stamps  # nothing was redone
+    for skipped in ("already done, 0 to process", "already fitted", "already selected", "already built"):
+        assert skipped in retry.stdout, skipped
+    proc_stdout = proc.stdout
 
     summary = json.loads((run / "ingest/summary.json").read_text())
     assert summary["pairs"]["total"] > 400 and len(summary["by_image_type"]) == 10
     page = (run / "report.html").read_text()
     assert "image–caption pairs" in page and (run / "report/corpus_pathology.png").stat().st_size > 10_000
-    assert "stages still to come" not in proc.stdout
+    assert "stages still to come" not in proc_stdout and "stage report: done" in proc_stdout
     reader = sqlite3.connect(tmp_path / "reader" / "study.sqlite")  # 6 real + 6 synthetic per study (demo.yaml)
     counts = reader.execute("SELECT study, origin, COUNT(*) FROM images GROUP BY study, origin").fetchall()
     assert sorted(counts) == [
@@ -157,3 +174,22 @@ def _report_opens_in_a_browser(run, local: Path) -> None:
         browser.close()
     assert len(images) >= 10 and not [src for src, width in images if width == 0], images
     assert not problems, problems
+
+
+def _finished_outputs(run) -> list:
+    """Files each stage's rerun must leave alone: a corpus shard, the VAE, a checkpoint, the export, a
+    synthetic image, the audits' summaries, the reader-study draw (its record in the run)."""
+    picks = [
+        sorted((run / "corpus").glob("*.parquet"))[0],
+        run / "vae" / "fit.json",
+        run / "checkpoints" / "epoch-001" / "unet" / "config.json",
+        run / "model" / "model_index.json",
+        sorted((run / "synthetic" / "memorization").glob("*.png"))[0],
+        run / "synthetic" / "reader" / "manifest.parquet",
+        run / "audit" / "fidelity.json",
+        run / "audit" / "memorization" / "summary.json",
+        run / "audit" / "utility" / "summary.json",
+    ]
+    for p in picks:
+        assert p.exists(), p
+    return picks
