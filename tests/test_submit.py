@@ -260,6 +260,16 @@ def test_submitting_twice_to_a_token_protected_head_runs_one_job(tmp_path):
         assert len(jobs) == 1 and jobs[0]["status"] == "SUCCEEDED"
         assert jobs[0]["metadata"]["stage"] == "report" and jobs[0]["metadata"]["run"] == str(tmp_path / "run")
         assert {"config_hash", "git_commit", "config"} <= set(jobs[0]["metadata"])
+        # the README's plain form works too: Ray's own CLI, the same runtime env, the token from the environment
+        plain = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", url,
+                "--runtime-env", str(ROOT / "jobs/runtime_env.yaml"), "--working-dir", str(project),
+                "--entrypoint-num-cpus", "1", "--", "python", "jobs/report.py", "--config", "jobs/configs/t.yaml",
+            ],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert plain.returncode == 0 and "medisyn-test-job" in plain.stdout, plain.stdout[-2000:] + plain.stderr[-2000:]
 
 
 def test_the_command_line(monkeypatch, capsys):
