@@ -110,6 +110,11 @@ def ingest_section(cfg: RunConfig, figs: Path) -> str:
         name = f"corpus_{spec}.png"
         save_png(contact_sheet(samples), figs / name)
         parts.append(f'<h3>{html.escape(spec)}: training images by caption</h3><img src="report/{name}" alt="{spec}">')
+    if "by_specialty_image_type" in summary:  # ingest summaries before this table have only the marginals
+        parts += [
+            "<h3>Pairs by specialty, image type and split</h3>",
+            _table(summary["by_specialty_image_type"], "specialty / image type"),
+        ]
     parts += [
         "<h3>Pairs by image type</h3>",
         _table(summary["by_image_type"], "image type"),

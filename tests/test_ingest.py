@@ -116,6 +116,13 @@ def test_split_is_by_patient(ingested):
             assert all(by_split[s] > 0 for s in ("train", "val", "test")), (name, by_split)
     for specialty, by_split in summary["by_specialty"].items():
         assert all(by_split[s] > 0 for s in ("train", "val", "test")), (specialty, by_split)
+    # the report's specialty x image type x split table adds up to the marginals
+    cells = summary["by_specialty_image_type"]
+    assert len(cells) == 11 and "gastroenterology / endoscopy" in cells and "surgery / endoscopy" in cells
+    for specialty, by_split in summary["by_specialty"].items():
+        assert by_split == {
+            k: sum(c[k] for name, c in cells.items() if name.startswith(f"{specialty} /")) for k in by_split
+        }
 
 
 def test_corpus_records(ingested):

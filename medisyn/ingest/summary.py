@@ -45,6 +45,9 @@ def summarize(corpus: Path, rejects: Path, unit_counts: list[dict], files: int) 
         "pairs": total,
         "by_specialty": _by_split(c["specialty"], c["split"]),
         "by_image_type": _by_split(c["image_type"], c["split"]),
+        "by_specialty_image_type": _by_split(
+            [f"{sp} / {t}" for sp, t in zip(c["specialty"], c["image_type"], strict=True)], c["split"]
+        ),
         "by_class": _by_split(
             [f"{t}: {' + '.join(labels)}" for t, labels in zip(c["image_type"], c["labels"], strict=True)], c["split"]
         ),
