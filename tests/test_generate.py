@@ -61,7 +61,7 @@ def test_csv_sets_and_their_errors(tmp_path):
     bad.write_text("prompt,count\nA prompt.,many\n")
     with pytest.raises(ConfigError, match=r"bad.csv row 2 \('A prompt.'\): count 'many' is not an integer"):
         load_prompt_set(str(bad))
-    with pytest.raises(ConfigError, match="known: memorization, utility, fid"):
+    with pytest.raises(ConfigError, match="known: memorization, reader, utility, fid"):
         load_prompt_set("nonexistent")
 
 
@@ -261,41 +261,87 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for(condition, proc, seconds: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail, with the run's log, if the run ends or the deadline passes."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"generation ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} within {seconds:.0f} s:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.5)
+
+
+def _node_pids(temp: Path) -> set[int]:
+    """One Ray node's processes: those whose command line names its ``temp`` dir (raylet, agents, log
+    monitor) and their children (the workers, whose command lines Ray rewrites to ``ray::…``)."""
+    import subprocess
+
+    def pgrep(*args: str) -> set[int]:
+        return {int(p) for p in subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()}
+
+    named = pgrep("-f", str(temp))
+    return named | {c for p in named for c in pgrep("-P", str(p))}
+
+
+def _kill_node(temp: Path) -> None:
+    """SIGKILL to one node's processes, as if its machine were gone (never `ray stop`, which stops every
+    Ray cluster on the machine, the test session's and other people's too)."""
+    import os
+    import signal
+
+    for pid in _node_pids(temp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_actor_pool_grows_when_a_node_joins(tiny_model, tmp_path):
-    """Head node with 1 CPU; generation starts on it; a second node joins with `ray start --address`;
-    the pool grows to 2 actors and every image is made exactly once."""
+def test_actor_pool_grows_when_a_node_joins_and_survives_its_loss(tiny_model, tmp_path):
+    """Head node with 1 CPU; generation starts on it; a second node joins with `ray start --address`
+    and the pool grows onto it; that node is then killed mid-run (its raylet and workers, SIGKILL);
+    the run still finishes, with every requested image exactly once."""
     import os
+    import shutil
     import subprocess
     import sys
-    import time
+    import tempfile
+
+    from medisyn.infer.prompts import expand
 
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port = _free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a private test cluster
     env.pop("RAY_ADDRESS", None)
-    import shutil
-    import tempfile
-
-    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    # one temp dir per node (short: Ray's socket paths must fit 107 bytes), so that the second
+    # node's processes, and only they, can be found and killed by it
+    head_temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    node_temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     common = ["--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", *common],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    proc = None
     try:
+        subprocess.run(
+            [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={head_temp}"]
+            + common,
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         set_file = _write_set(
             tmp_path / "elastic.yaml",
             [{"prompt": f"Dermoscopy image showing melanoma. {i}", "count": 16} for i in range(6)],
             name="elastic",
         )
+        requested = sorted(f"{j.id}.png" for j in expand(load_prompt_set(str(set_file))))
         run_dir = tmp_path / "run"
         out = run_dir / "synthetic/elastic"
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # the driver, as a user runs it
             [
                 sys.executable,
                 "-m",
@@ -306,7 +352,7 @@ def test_actor_pool_grows_when_a_node_joins(tiny_model, tmp_path):
                 f"run_dir={run_dir}",
                 f"generate.checkpoint={tiny_model}",
                 f"generate.sets=[{set_file}]",
-                "generate.steps=25",  # enough work left when the second node has started
+                "generate.steps=25",  # enough work left when the second node has started, and when it is gone
                 "generate.resolution=128",
                 "generate.batch_size=4",
                 "generate.min_actors=1",
@@ -319,29 +365,65 @@ def test_actor_pool_grows_when_a_node_joins(tiny_model, tmp_path):
             text=True,
             cwd=ROOT,
         )
-        deadline = time.time() + 300
-        while time.time() < deadline and len(list(out.glob("*.png"))) < 4 and proc.poll() is None:
-            time.sleep(0.5)
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        made_before_join = len(list(out.glob("*.png")))
+
+        def images() -> int:
+            return len([p for p in out.glob("*.png") if p.name != "contact_sheet.png"])
+
+        def markers() -> set[int]:  # pids of the actors that started (`<node>-<pid>`)
+            return {int(m.name.rsplit("-", 1)[1]) for m in (out / ".actors").glob("*")}
+
+        _wait_for(lambda: images() >= 4, proc, 300, "image from the head's actor")
+        made_before_join = images()
         subprocess.run(
-            [ray_bin, "start", f"--address={address}", f"--temp-dir={temp}", *common],
+            [ray_bin, "start", f"--address={address}", f"--temp-dir={node_temp}", *common],
             check=True,
             env=env,
             capture_output=True,
         )
+        # the pool grows: an actor starts in one of the new node's worker processes
+        _wait_for(lambda: markers() & _node_pids(node_temp), proc, 180, "actor on the joined node")
+        # both actors work until six batches are left (those in the actors' hands and a few queued), then
+        # the node goes away, its actor busy: what it had in hand must be made again elsewhere
+        _wait_for(lambda: images() >= len(requested) - 24, proc, 300, "images made by the two-node pool")
+        _kill_node(node_temp)
+        assert proc.poll() is None, "the node was removed after the run"
+        made_before_loss = images()
         log, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, log[-3000:]
-        assert made_before_join < 96
-        actors = list((out / ".actors").iterdir())
-        assert len(actors) == 2, (actors, log[-2000:])  # the pool grew onto the new node
+        assert made_before_join < made_before_loss < len(requested)
+        # the driver saw the node come and go
+        assert "1 node(s) joined the cluster during the run" in log, log[-3000:]
+        assert "1 node(s) left the cluster during the run" in log, log[-3000:]
         manifest = pq.read_table(out / "manifest.parquet").to_pandas()
         files = sorted(p.name for p in out.glob("*.png") if p.name != "contact_sheet.png")
-        assert len(manifest) == 96 and manifest["file"].is_unique and sorted(manifest["file"]) == files
+        assert manifest["file"].is_unique and sorted(manifest["file"]) == files == requested  # each image once
+        for row in manifest.itertuples():  # and each file is the one its writer recorded
+            data = (out / row.file).read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (row.bytes, row.sha256), row.file
+        assert not list(out.glob(".*.tmp"))
     finally:
-        # not `ray stop`: that would stop every Ray cluster on the machine, the test session's too
-        subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True)
-        shutil.rmtree(temp, ignore_errors=True)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for temp in (node_temp, head_temp):
+            _kill_node(temp)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_nodes_that_came_and_went_are_logged(caplog):
+    from medisyn.infer.generate import log_node_changes
+
+    before = {"head": True, "gone-earlier": False, "lost": True}
+    after = {"head": True, "gone-earlier": False, "lost": False, "joined": True, "joined-and-lost": False}
+    with caplog.at_level("INFO", logger="medisyn.infer.generate"):
+        log_node_changes("s", before, after, made=8, todo=8)
+    joined, left = (r.getMessage() for r in caplog.records)
+    assert joined == "generate s: 2 node(s) joined the cluster during the run: ['joined', 'joined-and-lost']"
+    assert left.startswith("generate s: 2 node(s) left the cluster during the run: ['lost', 'joined-and-lost']")
+    assert left.endswith("(8 of 8 images made)") and caplog.records[1].levelname == "WARNING"
+    caplog.clear()
+    log_node_changes("s", before, before, made=8, todo=8)  # a steady cluster: nothing said
+    assert not caplog.records
 
 
 def test_conditioning_sizes_come_from_the_export_or_the_config(tmp_path):

@@ -12,7 +12,9 @@ duplicate image. Each written file's size and SHA-256 come back to the driver an
 under ``.written/`` as the run goes; a re-run counts a file as done only when its size matches
 that record (or, unrecorded, when it decodes), and makes again any that is missing, truncated
 or corrupt. The manifest is rebuilt from the set's expansion, so it lists each requested image
-exactly once. When nodes join the cluster, Ray Data grows the pool up to ``max_actors``.
+exactly once. When nodes join the cluster, Ray Data grows the pool up to ``max_actors``; when a
+node is lost mid-run, its actors are restarted (on a node with room, at the latest when the others
+go idle) and their unfinished batches retried, and the run logs which nodes came and went.
 """
 
 from __future__ import annotations
@@ -252,6 +254,32 @@ def whole_images(out: UPath, jobs: list, records: dict[str, tuple[int, str]]) ->
     return whole
 
 
+def _nodes() -> dict[str, bool]:
+    """``{node id: alive}`` of every node the cluster knows, dead ones included."""
+    import ray
+
+    return {n["NodeID"]: bool(n["Alive"]) for n in ray.nodes()}
+
+
+def log_node_changes(name: str, before: dict[str, bool], after: dict[str, bool], made: int, todo: int) -> None:
+    """Say which nodes joined and which left while the set was generated (a node that joined and
+    then left counts as both)."""
+    joined = [n for n in after if n not in before]
+    left = [n for n, alive in after.items() if not alive and before.get(n) is not False]
+    if joined:
+        log.info("generate %s: %d node(s) joined the cluster during the run: %s", name, len(joined), joined)
+    if left:
+        log.warning(
+            "generate %s: %d node(s) left the cluster during the run: %s; Ray restarted the actors it lost "
+            "there and retried their unfinished batches (%d of %d images made)",
+            name,
+            len(left),
+            left,
+            made,
+            todo,
+        )
+
+
 def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> dict:
     """One set's missing images and its manifest; ``want`` is its producer, already checked."""
     import ray
@@ -293,6 +321,12 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> d
             num_cpus=0 if use_gpu else g.cpus_per_actor,
             fn_constructor_args=(cfg, SetJob(storage.uri(model), storage.uri(out), checkpoint)),
         )
+        # An actor whose node is lost is restarted and its unfinished batches retried, never failed:
+        # Ray Data 2.60 creates pool actors with max_restarts=-1, max_task_retries=-1 (passing them
+        # here is deprecated `ray_remote_args`); the two-node test kills a node mid-run and fails if a
+        # release changes that. Writes are whole files named by id, so a batch made twice still leaves
+        # each image once.
+        nodes = _nodes()
         made = 0
         for batch in ds.iter_batches(batch_size=WRITTEN_LOG_ROWS, batch_format="pyarrow"):
             atomic_write_table(batch, out / WRITTEN / f"{uuid.uuid4().hex}.parquet")  # survives a stopped job
@@ -300,6 +334,7 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> d
             done.update(zip(ids, zip(sizes, digests, strict=True), strict=True))
             made += batch.num_rows
         log.info("generate %s: made %d images", pset.name, made)
+        log_node_changes(pset.name, nodes, _nodes(), made, len(todo))
     rows = [
         {
             **{k: v for k, v in asdict(j).items()},
