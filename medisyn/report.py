@@ -334,7 +334,16 @@ def training_section(cfg: RunConfig, figs: Path) -> str:
         f"({last['dropped_fraction']:.1%} of samples in the last epoch).</p>",
     ]
     selection_file = cfg.run_path / "selection.json"
-    if selection_file.exists():
+    if selection_file.exists() and json.loads(selection_file.read_text()).get("criterion") == "last":
+        sel = json.loads(selection_file.read_text())
+        parts += [
+            f"<h3>Checkpoint selection: the last epoch, {html.escape(sel['best'])}</h3>",
+            "<p><code>select.criterion: last</code>: no FID was computed (the offline demo's stand-in extractor "
+            "has random weights and measures nothing about the prompts). Exported: "
+            f"<code>{html.escape(sel['exported'].rstrip('/').rsplit('/', 1)[-1])}/</code> — loads with "
+            "<code>StableDiffusionXLPipeline.from_pretrained</code>.</p>",
+        ]
+    elif selection_file.exists():
         sel = json.loads(selection_file.read_text())
         specs = sorted({k for c in sel["checkpoints"] for k in c["fid_by_specialty"]})
         head = "<tr><th>checkpoint</th><th>FID</th>" + "".join(f"<th>{html.escape(s)}</th>" for s in specs) + "</tr>"

@@ -45,7 +45,7 @@ FAST = [
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(1800)
 def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_path):
     from medisyn.infer.generate import resolve_set
     from medisyn.infer.prompts import expand
@@ -77,7 +77,6 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
         (job,) = [j for j in get_json(f"{url}/api/jobs/", token) if j.get("submission_id") == sid]
         assert job["status"] == "SUCCEEDED" and job["entrypoint"].startswith("python jobs/pipeline.py --config")
         assert job["metadata"]["stage"] == "pipeline" and job["metadata"]["run"] == uri
-        assert job["entrypoint_num_cpus"] == 1 and not job.get("entrypoint_num_gpus")
         run = storage.path(uri)
         stamps = {p: p.stat().st_mtime for p in _finished_outputs(run)}
 
@@ -102,7 +101,8 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
         (s, o, 6) for s in ("cholecystectomy-phase", "oct-condition") for o in ("real", "synthetic")
     ]
     assert "<h2>Reader study</h2>" in page and "No reader has submitted yet" in page
-    assert json.loads((run / "selection.json").read_text())["best"] in ("epoch-000", "epoch-001")
+    assert json.loads((run / "selection.json").read_text())["best"] == "epoch-001"  # demo: select.criterion last
+    assert "Checkpoint selection: the last epoch, epoch-001" in page
     assert (run / "model/model_index.json").exists() and "Training" in page
     manifest = read_manifest(run / "synthetic/memorization")
     assert manifest.num_rows == 40 and "Synthetic sets" in page

@@ -114,6 +114,7 @@ def trained(ingested):
             "train.ema_decay=0.9",
             "select.num_images=16",
             "select.steps=4",
+            "select.criterion=fid",  # demo.yaml exports the last epoch; these tests check the FID rule
         ],
     )
     first = cache(cfg)
@@ -326,6 +327,36 @@ def test_a_dropped_caption_is_the_exported_pipelines_unconditional_branch(traine
     assert negative.abs().sum() > 0  # not SDXL's zeros
     torch.testing.assert_close(negative[0], torch.from_numpy(embeds[0]).float(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(negative_pooled[0], torch.from_numpy(pooled[0]).float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.ray
+def test_select_criterion_last_exports_the_last_epoch_without_scoring(trained):
+    """``select.criterion: last`` (the offline demo, whose stand-in FID says nothing about prompts):
+    the last epoch is exported as it is, nothing is generated or scored, and the record says so."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from medisyn.configtools import ConfigError
+    from medisyn.select.config import SelectConfig
+    from medisyn.select.stage import run as select
+
+    cfg, run_dir, *_ = trained
+    last = replace(cfg, select=replace(cfg.select, criterion="last"))
+    selection = select(last)
+    assert selection["criterion"] == "last" and selection["best"] == "epoch-002" and selection["num_images"] == 0
+    assert [c["checkpoint"] for c in selection["checkpoints"]] == ["epoch-000", "epoch-001", "epoch-002"]
+    assert "no FID" in selection["feature_extractor"]
+    exported = load_file(run_dir / "model/unet/diffusion_pytorch_model.safetensors")
+    weights = load_file(run_dir / "checkpoints/epoch-002/unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
+    assert json.loads((run_dir / "model/medisyn.json").read_text())["checkpoint"] == "epoch-002"
+    assert select(last)["best"] == "epoch-002"  # a re-run finds it done
+    assert SelectConfig().criterion == "fid"  # the paper's rule stays the default
+    with pytest.raises(ConfigError, match="criterion"):
+        from medisyn.config import load_config
+
+        load_config(cfg.config_path, [f"run_dir={run_dir}", "select.criterion=best"])
 
 
 def test_subset_per_caption_keeps_n_seeded_images_of_every_caption(ingested):

@@ -30,6 +30,9 @@ class SelectConfig:
     steps: int = 50  # sampler steps for the synthetic images
     guidance_scale: float = 7.0
     weights: Literal["raw", "ema"] = "raw"  # score and export the trained weights or their EMA (train.ema_decay > 0)
+    # "fid": the lowest-FID epoch (the paper). "last": the last epoch, nothing generated or scored — for the
+    # offline demo, whose stand-in FID (random Inception weights) measures nothing about the prompts
+    criterion: Literal["fid", "last"] = "fid"
 
     def __post_init__(self):
         if self.resolution % 8:

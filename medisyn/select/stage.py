@@ -257,6 +257,8 @@ def run(cfg: RunConfig) -> dict:
         if done.get("fingerprint") == fingerprint:
             print(f"select: {done['best']} already selected for these checkpoints and settings ({done_file})")
             return done
+    if cfg.select.criterion == "last":
+        return _export_last(cfg, ckpts, sizes, fingerprint, done_file)
     rows = tuple(sample_corpus(corpus, cfg.select.num_images, cfg.seed, columns=REAL_COLUMNS))
     label = fid.extractor_label(cfg.select.feature_extractor)
     log.info("select: %d checkpoints x %d images; FID %s", len(ckpts), len(rows), label)
@@ -272,6 +274,7 @@ def run(cfg: RunConfig) -> dict:
     best = min(scores, key=lambda s: (np.nan_to_num(s["fid"], nan=np.inf), s["checkpoint"]))
     model_dir = export_pipeline(cfg, cfg.run_path / "checkpoints" / best["checkpoint"], cfg.run_path / "model", sizes)
     selection = {
+        "criterion": "fid",
         "feature_extractor": label,
         "num_images": len(rows),
         "steps": cfg.select.steps,
@@ -292,4 +295,26 @@ def run(cfg: RunConfig) -> dict:
     print(
         f"select: exported {best['checkpoint']} to {model_dir} (loads with StableDiffusionXLPipeline.from_pretrained)"
     )
+    return selection
+
+
+def _export_last(cfg: RunConfig, ckpts: list, sizes: dict, fingerprint: dict, done_file: UPath) -> dict:
+    """``select.criterion: last``: export the last epoch without generating or scoring anything."""
+    last = ckpts[-1]
+    model_dir = export_pipeline(cfg, last, cfg.run_path / "model", sizes)
+    selection = {
+        "criterion": "last",
+        "feature_extractor": "none (select.criterion=last: the last epoch is exported, no FID is computed)",
+        "num_images": 0,
+        "steps": 0,
+        "guidance_scale": cfg.select.guidance_scale,
+        "original_sizes": sizes,
+        "real_features": None,
+        "checkpoints": [{"checkpoint": c.name, "fid": float("nan"), "fid_by_specialty": {}} for c in ckpts],
+        "best": last.name,
+        "exported": str(model_dir),
+        "fingerprint": fingerprint,
+    }
+    atomic_write_text(json.dumps(selection, indent=2), done_file)
+    print(f"select: select.criterion=last: exported {last.name} to {model_dir} (no FID computed)")
     return selection
