@@ -444,3 +444,19 @@ def test_conditioning_sizes_come_from_the_export_or_the_config(tmp_path):
     assert conditioning_size(conditioning_sizes(fixed, model), "dermoscopy", 64) == (512, 384)
     with pytest.raises(ConfigError, match="generate.original_size"):
         load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path}", "generate.original_size=[512]"])
+
+
+def test_a_set_is_known_by_its_content_not_its_path(tmp_path):
+    """A Ray job runs from a new temporary copy of the project each time: the same prompt file in
+    another folder is the same set, a changed one is not."""
+    import shutil
+
+    from medisyn.infer.generate import prompt_set_identity
+
+    here = load_prompt_set("memorization")
+    moved = tmp_path / "elsewhere" / "memorization.yaml"
+    moved.parent.mkdir()
+    shutil.copy(here.source, moved)
+    assert prompt_set_identity(load_prompt_set(str(moved))) == prompt_set_identity(here)
+    moved.write_text(moved.read_text().replace("count: 500", "count: 400", 1))
+    assert prompt_set_identity(load_prompt_set(str(moved))) != prompt_set_identity(here)

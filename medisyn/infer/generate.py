@@ -26,6 +26,7 @@ import logging
 import os
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -166,6 +167,16 @@ def checkpoint_name(model: UPath) -> str:
     return model.name
 
 
+def prompt_set_identity(pset: PromptSet) -> str:
+    """The set's name and a digest of its file's bytes: what it says, not where it sits (a Ray job
+    runs from a new temporary copy of the project each time, so a path would differ every job)."""
+    if pset.source and Path(pset.source).is_file():
+        data = Path(pset.source).read_bytes()
+    else:
+        data = json.dumps([asdict(e) for e in pset.entries], sort_keys=True).encode()
+    return f"{pset.name} (sha256 {hashlib.sha256(data).hexdigest()[:16]})"
+
+
 def producer(cfg: RunConfig, pset: PromptSet, model: UPath) -> dict:
     """What makes a set's images: the prompt set's source, the model (path, checkpoint, and the
     U-Net weights file's size and time) and every generation setting that changes pixels."""
@@ -173,7 +184,7 @@ def producer(cfg: RunConfig, pset: PromptSet, model: UPath) -> dict:
     weights = sorted((model / "unet").glob("*.safetensors")) or sorted((model / "unet").glob("*.bin"))
     stat = [[w.name, *storage.stat_ns(w)] for w in weights]
     return {
-        "prompt_set": pset.source or pset.name,
+        "prompt_set": prompt_set_identity(pset),
         "model": storage.uri(model),
         "checkpoint": checkpoint_name(model),
         "unet_weights": stat,
