@@ -344,3 +344,44 @@ def run_inputs_differ(folder: str | Path, inputs: dict) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), record)
     return []
+
+
+# --- what an audit was computed from ---
+
+
+def corpus_identity(corpus: str | Path) -> str:
+    """A digest of the corpus shards' names and sizes: a re-ingest that changes any shard changes it
+    (cheap at 1M images: one listing, no reads)."""
+    import hashlib
+
+    listing = sorted(storage.sizes(store_path(corpus)).items())
+    shards = [(n, s) for n, s in listing if n.endswith(".parquet") and not n.startswith(".")]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+
+
+def set_identity(set_dir: str | Path) -> str:
+    """A digest of a synthetic set's images (manifest ids and content digests): a set made again
+    with the same pixels keeps its identity, one with any other image does not."""
+    import hashlib
+
+    m = read_manifest(set_dir, ["id", "file", "sha256"])
+    sizes = None
+    pairs = []
+    for i, f, h in zip(*(m.column(c).to_pylist() for c in ("id", "file", "sha256")), strict=True):
+        if h is None:  # a set made by other tools records no digests: its files' sizes stand in
+            sizes = storage.sizes(store_path(set_dir)) if sizes is None else sizes
+            h = f"{f}: {sizes.get(f)} bytes"
+        pairs.append((i, h))
+    pairs.sort()
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+
+
+def finished_with(record: str | Path, inputs: dict) -> dict | None:
+    """The JSON ``record`` a stage wrote when it finished, when its ``inputs`` equal these; else None.
+
+    A resubmitted pipeline passes every finished stage this way instead of redoing hours of work."""
+    record = store_path(record)
+    if not record.is_file():
+        return None
+    done = json.loads(record.read_text())
+    return done if done.get("inputs") == json.loads(json.dumps(inputs, default=str)) else None

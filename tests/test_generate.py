@@ -185,8 +185,10 @@ def test_generate_counts_manifest_metadata_and_resume(ray_cluster, tiny_model, t
     assert set(resumed) == set(uninterrupted) and not list(b.glob(".*.tmp"))
     for name, px in uninterrupted.items():
         assert np.abs(px.astype(int) - resumed[name].astype(int)).max() <= 1, name
-    (third,) = run(_cfg(tmp_path / "b", tiny_model, set_file))  # nothing left to do
+    finished = {p.name: p.stat().st_mtime_ns for p in b.iterdir() if p.is_file()}
+    (third,) = run(_cfg(tmp_path / "b", tiny_model, set_file))  # nothing left to do: nothing is written
     assert third["made"] == 0 and len(pq.read_table(b / "manifest.parquet")) == 8
+    assert {p.name: p.stat().st_mtime_ns for p in b.iterdir() if p.is_file()} == finished
 
     # a finished set whose file was truncated afterwards (its size no longer matches the record),
     # and one whose bytes were damaged without a record: both are made again, nothing else

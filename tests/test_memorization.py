@@ -245,3 +245,40 @@ def test_near_duplicate_counts_come_from_ingest_rejects(ingested):
     assert dropped and sum(counts.values()) == len(dropped)
     kept = set(read_shards(run_dir / "corpus", ["source_ref"]).column("source_ref").to_pylist())
     assert set(counts) <= kept  # every count belongs to an image in the corpus
+
+
+@pytest.mark.ray
+def test_a_finished_audit_is_not_redone_unless_its_inputs_change(planted, capsys, monkeypatch):
+    """A resubmitted pipeline passes the finished audit (resources may differ); another threshold
+    or another image in the set starts the work again."""
+    import dataclasses
+
+    import medisyn.audit.memorization as memorization
+
+    cfg, summary, _ = planted
+    record = cfg.run_path / "audit/memorization/summary.json"
+    stamp = record.stat().st_mtime_ns
+    m = cfg.audit_memorization
+    fewer_actors = dataclasses.replace(cfg, audit_memorization=dataclasses.replace(m, num_actors=1))
+    assert memorization.run(fewer_actors)["by_kind"].keys() == summary["by_kind"].keys()
+    assert "already done" in capsys.readouterr().out and record.stat().st_mtime_ns == stamp
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(memorization, "embed", started)
+    stricter = dataclasses.replace(cfg, audit_memorization=dataclasses.replace(m, threshold=0.1))
+    with pytest.raises(Started):
+        memorization.run(stricter)
+    image = next((cfg.run_path / "synthetic/planted").glob("clean*.png"))
+    data = image.read_bytes()
+    image.write_bytes(data + b"\0")  # one image of the set is not what the audit saw
+    try:
+        with pytest.raises(Started):
+            memorization.run(cfg)
+    finally:
+        image.write_bytes(data)
+    assert record.stat().st_mtime_ns == stamp

@@ -299,6 +299,9 @@ def test_a_stopped_audit_resumes_only_the_unfinished_trials(utility_run, monkeyp
     assert json.loads((out / "summary.json").read_text())["experiment"] == summary["experiment"]
     assert (out / "dermoscopy-roc.png").stat().st_size > 1000 and (out / "predictions.parquet").is_file()
     assert not list((out / "tune").rglob("checkpoint_*"))  # finished trials keep no checkpoint
+    stamp = (out / "summary.json").stat().st_mtime_ns  # resubmitted with other resources: passed, not redone
+    again = audit(_cfg(utility_run, "audit_utility.epochs=2", "audit_utility.max_failures=2"))
+    assert again["experiment"] == summary["experiment"] and (out / "summary.json").stat().st_mtime_ns == stamp
 
     # killed mid-trial: Tune restarts it from the epoch-1 checkpoint (a new plan: epochs=3)
     cfg3 = _cfg(utility_run, "audit_utility.epochs=3", "audit_utility.max_failures=1", "audit_utility.checkpoint=true")

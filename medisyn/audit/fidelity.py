@@ -23,7 +23,15 @@ from collections import defaultdict
 import numpy as np
 
 from medisyn.config import RunConfig
-from medisyn.records import atomic_write_text, read_corpus, read_manifest
+from medisyn.configtools import to_dict
+from medisyn.records import (
+    atomic_write_text,
+    corpus_identity,
+    finished_with,
+    read_corpus,
+    read_manifest,
+    set_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +144,8 @@ def _synthetic(cfg: RunConfig, name: str) -> dict:
     }
 
 
-def fidelity_task(cfg: RunConfig) -> dict:
-    """Ray task: read, featurise, fit, score; write ``audit/fidelity.json``."""
+def fidelity_task(cfg: RunConfig, inputs: dict) -> dict:
+    """Ray task: read, featurise, fit, score; write ``audit/fidelity.json`` (with its ``inputs``)."""
     f = cfg.audit_fidelity
     parts = {"train": _real(cfg, "train", f.real_per_class), "test": _real(cfg, "test", 0)}
     parts |= {f"set:{name}": _synthetic(cfg, name) for name in f.sets}
@@ -153,6 +161,7 @@ def fidelity_task(cfg: RunConfig) -> dict:
         "features": f.features if f.features == "thumbnail" else f"embedder {cfg.audit_memorization.embedder}",
         "real_train_images": len(parts["train"]["specialty"]),
         "real_test_images": len(parts["test"]["specialty"]),
+        "inputs": inputs,
     }
     out = cfg.run_path / "audit" / "fidelity.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,11 +174,22 @@ def run(cfg: RunConfig) -> dict:
 
     from medisyn.raytools import ensure_ray, gpus_available
 
-    for name in cfg.audit_fidelity.sets:  # every set present before any work
-        read_manifest(cfg.run_path / "synthetic" / name, ["id"])
+    f = cfg.audit_fidelity
+    out = cfg.run_path / "audit" / "fidelity.json"
+    inputs = {  # every set present before any work
+        "sets": {name: set_identity(cfg.run_path / "synthetic" / name) for name in f.sets},
+        "corpus": corpus_identity(cfg.run_path / "corpus"),
+        "settings": to_dict(f),
+        "embedder": cfg.audit_memorization.embedder if f.features == "embedder" else None,
+        "seed": cfg.seed,
+    }
+    result = finished_with(out, inputs)
+    if result is not None:
+        print(f"audit-fidelity: already done for these sets, corpus and settings ({out})")
+        return result
     ensure_ray()
-    gpus = 1 if gpus_available(cfg.train.use_gpu) and cfg.audit_fidelity.features == "embedder" else 0
-    result = ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(fidelity_task).remote(cfg))
+    gpus = 1 if gpus_available(cfg.train.use_gpu) and f.features == "embedder" else 0
+    result = ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(fidelity_task).remote(cfg, json.loads(json.dumps(inputs))))
     real = result["real_test"]
     print(
         f"audit-fidelity: {result['features']} features; real test images labelled correctly: "

@@ -48,17 +48,21 @@ from medisyn.audit.embeddings import (
 from medisyn.audit.neighbours import patch_distance, topk_search
 from medisyn.audit.stats import closer_than_control, tail_summary
 from medisyn.config import RunConfig
+from medisyn.configtools import to_dict
 from medisyn.figures import save_png
 from medisyn.records import (
     atomic_write_bytes,
     atomic_write_table,
     atomic_write_text,
+    corpus_identity,
     corpus_index,
     decode_rgb,
+    finished_with,
     read_corpus,
     read_manifest,
     read_rows,
     read_shards,
+    set_identity,
     shard_files,
 )
 from medisyn.storage import path as store_path
@@ -216,6 +220,17 @@ def run(cfg: RunConfig) -> dict:
     m = cfg.audit_memorization
     corpus = cfg.run_path / "corpus"
     out = cfg.run_path / "audit" / "memorization"
+    inputs = {  # every set present before any work
+        "sets": {name: set_identity(cfg.run_path / "synthetic" / name) for name in m.sets},
+        "corpus": corpus_identity(corpus),
+        # how it is spread over the cluster does not change a distance
+        "settings": {k: v for k, v in to_dict(m).items() if k not in ("shard_size", "batch_size", "num_actors")},
+        "seed": cfg.seed,
+    }
+    done = finished_with(out / "summary.json", inputs)
+    if done is not None:
+        print(f"audit-memorization: already done for these sets, corpus and settings ({out})")
+        return done
     out.mkdir(parents=True, exist_ok=True)
     sets = {}
     for name in m.sets:  # every set present before any work
@@ -275,10 +290,10 @@ def run(cfg: RunConfig) -> dict:
         for r in find_matches(cfg, jobs, index)
     ]
     atomic_write_table(pa.Table.from_pylist(pairs), out / "pairs.parquet")
-    summary = summarize(pairs, m.threshold)
-    atomic_write_text(json.dumps(summary, indent=2), out / "summary.json")
+    summary = summarize(pairs, m.threshold) | {"inputs": inputs}
     histograms(pairs, m.threshold, out / "histograms.png")
     gallery(cfg, pairs, sets, out / "gallery.png", index)
+    atomic_write_text(json.dumps(summary, indent=2), out / "summary.json")  # last: the stage's record
     for kind, s in summary["by_kind"].items():
         o = s["overall"]
         print(

@@ -35,18 +35,23 @@ from medisyn import storage
 from medisyn.audit.arms import ARMS, COMPARISONS, Arm, Task, arm_label, draw_arms, load_tasks
 from medisyn.audit.classifier import FitSettings, FitState, planned_steps, resolve_weights
 from medisyn.config import RunConfig
+from medisyn.configtools import to_dict
 from medisyn.records import (
     atomic_write_bytes,
     atomic_write_table,
     atomic_write_text,
+    corpus_identity,
     decode_rgb,
+    finished_with,
     read_corpus,
     read_images,
     read_manifest,
+    set_identity,
 )
 
 log = logging.getLogger(__name__)
 
+RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "max_failures")  # change how, not what, it computes
 FAULT_ENV = "MEDISYN_FAULT_UTILITY"  # "<arm>[@<epoch>]": that arm's trials fail (tests of resume)
 
 # The paper's differences (DESIGN §2), set beside ours in the report: (i)−(ii) and (i)−(iii).
@@ -146,7 +151,8 @@ def plan_task(cfg: RunConfig, task: Task, weights: str) -> tuple[TaskPlan, dict]
     needs decoded (``None`` when the inputs already exist)."""
     u = cfg.audit_utility
     rows = task_rows(cfg.run_path / "corpus", task)
-    synth = synthetic_rows(cfg.run_path / "synthetic" / task.synthetic_set, task)
+    set_dir = cfg.run_path / "synthetic" / task.synthetic_set
+    synth = synthetic_rows(set_dir, task)
     salt = int(hashlib.sha256(task.name.encode()).hexdigest()[:8], 16)
     draw_seeds = tuple(cfg.seed + k for k in range(u.seeds))
     drawn = {
@@ -169,7 +175,8 @@ def plan_task(cfg: RunConfig, task: Task, weights: str) -> tuple[TaskPlan, dict]
     }
     n_train, n_val = len(used_train), len(rows["val"]["ids"])
     digest = hashlib.sha256(
-        json.dumps([real_ids, [synth["ids"][i] for i in used_synth], u.image_size]).encode()
+        # the set's content, not only its ids: a set made again by another model keeps its ids
+        json.dumps([real_ids, [synth["ids"][i] for i in used_synth], u.image_size, set_identity(set_dir)]).encode()
     ).hexdigest()[:16]
     inputs = cfg.run_path / "audit" / "utility" / "inputs"
     paths = {
@@ -313,7 +320,7 @@ def _write_predictions(plan: TaskPlan, arm: str, k: int, state: FitState, resume
 
 def _fingerprint(cfg: RunConfig, plans: dict[str, TaskPlan], weights_note: str) -> str:
     u = cfg.audit_utility
-    keep = {k: v for k, v in asdict(u).items() if k not in ("cpus_per_trial", "gpus_per_trial", "max_failures")}
+    keep = {k: v for k, v in asdict(u).items() if k not in RESOURCE_KEYS}
     arms = {
         name: {f"{a}-{k}": [v.real.tolist(), v.synthetic.tolist()] for (a, k), v in p.arms.items()}
         for name, p in plans.items()
@@ -482,10 +489,20 @@ def run(cfg: RunConfig) -> dict:
 
     u = cfg.audit_utility
     tasks = load_tasks(u.tasks_file, u.tasks)
-    for name in sorted({t.synthetic_set for t in tasks}):  # every set present before any work
-        read_manifest(cfg.run_path / "synthetic" / name, ["id"])
     weights, weights_note = resolve_weights(u.arch, u.weights)
     out = cfg.run_path / "audit" / "utility"
+    inputs = {  # every set present before any work
+        "sets": {n: set_identity(cfg.run_path / "synthetic" / n) for n in sorted({t.synthetic_set for t in tasks})},
+        "corpus": corpus_identity(cfg.run_path / "corpus"),
+        "tasks": to_dict(tasks),
+        "settings": {k: v for k, v in to_dict(u).items() if k not in RESOURCE_KEYS},
+        "weights": weights_note,
+        "seed": cfg.seed,
+    }
+    done = finished_with(out / "summary.json", inputs)
+    if done is not None:
+        print(f"audit-utility: already done for these sets, corpus and settings ({out})")
+        return done
     plans, todo = {}, []
     for task in tasks:
         plans[task.name], need = plan_task(cfg, task, weights)
@@ -511,6 +528,7 @@ def run(cfg: RunConfig) -> dict:
         "experiment": experiment,
         "arm_labels": labels,
         "tasks": {},
+        "inputs": inputs,
     }
     tables, csv_rows = [], []
     for name, plan in plans.items():

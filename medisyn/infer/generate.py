@@ -301,7 +301,8 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> d
     checkpoint = want["checkpoint"]
     out = cfg.run_path / "synthetic" / pset.name
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(want, indent=2), out / "set.json")
+    if not (out / "set.json").is_file():  # check_producer has refused any other producer
+        atomic_write_text(json.dumps(want, indent=2), out / "set.json")
     warn_truncation(model, [e.prompt for e in pset.entries])
     sizes = conditioning_sizes(cfg, model)
     remove_partial_writes(out)  # writes a killed actor did not finish
@@ -364,11 +365,23 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> d
     missing = [r["file"] for r in rows if r["sha256"] is None]
     if missing:
         raise RuntimeError(f"generate {pset.name}: {len(missing)} images missing after the run; re-run to finish them")
-    atomic_write_table(pa.Table.from_pylist(rows, MANIFEST_SCHEMA), out / "manifest.parquet")
+    table = pa.Table.from_pylist(rows, MANIFEST_SCHEMA)
+    sheet = out / "contact_sheet.png"
+    if not todo and _unchanged(out, table) and sheet.is_file():  # a resubmitted job: the set is finished
+        print(f"generate {pset.name}: already done, {len(rows)} images in {out}")
+        return {"set": pset.name, "images": len(rows), "made": 0, "dir": out}
+    atomic_write_table(table, out / "manifest.parquet")
     storage.remove_tree(out / WRITTEN)  # now in the manifest
     sheet = contact_sheet_for(out, rows)
     print(f"generate {pset.name}: {len(rows)} images in {out} (manifest.parquet, {sheet.name})")
     return {"set": pset.name, "images": len(rows), "made": len(todo), "dir": out}
+
+
+def _unchanged(out: UPath, table: pa.Table) -> bool:
+    """The set's manifest already says exactly this (and no writer log waits to be folded in)."""
+    if not (out / "manifest.parquet").is_file() or any((out / WRITTEN).glob("*.parquet")):
+        return False
+    return storage.read_table(out / "manifest.parquet").equals(table)
 
 
 def contact_sheet_for(out: UPath, rows: list[dict], per_prompt: int = 4) -> UPath:
