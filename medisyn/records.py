@@ -337,9 +337,8 @@ def run_inputs_differ(folder: str | Path, inputs: dict) -> list[str]:
     if record.is_file():
         have = json.loads(record.read_text())
         differ = sorted(k for k in set(have) | set(inputs) if have.get(k) != inputs.get(k))
-        if differ:
-            return differ
-    elif folder.is_dir() and any(folder.iterdir()):
+        return differ  # the same inputs: the record stands as written
+    if folder.is_dir() and any(folder.iterdir()):
         return ["(a run started before its inputs were recorded)"]
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), record)

@@ -379,17 +379,23 @@ def test_subset_per_caption_keeps_n_seeded_images_of_every_caption(ingested):
 
 
 @pytest.mark.ray
-def test_a_run_of_other_inputs_is_never_resumed(trained):
+def test_a_run_of_other_inputs_is_never_resumed_and_a_finished_one_never_rerun(trained):
     """Ray Train resumes whatever its storage holds: the trainer refuses a checkpoints folder that
     another corpus or other settings started, naming what differs, before any worker starts."""
     from dataclasses import replace
 
     from medisyn.configtools import ConfigError
     from medisyn.records import RUN_INPUTS
+    from medisyn.train.trainer import finished
     from medisyn.train.trainer import run as train
 
     cfg, run_dir, *_ = trained
     assert (run_dir / "checkpoints" / RUN_INPUTS).is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    faster = replace(cfg, train=replace(cfg.train, max_failures=0))  # a resubmission: the same run, finished
+    assert train(faster) is None and {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == stamps
+    longer = replace(cfg, train=replace(cfg.train, epochs=4))  # epoch-003 is missing: it would train on
+    assert not finished(run_dir / "checkpoints", f"epoch-{longer.train.epochs - 1:03d}")
     other = replace(cfg, train=replace(cfg.train, learning_rate=1e-3))
     with pytest.raises(ConfigError, match=r"holds a run of other inputs or settings \(differs: train\)"):
         train(other)

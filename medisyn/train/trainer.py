@@ -32,6 +32,28 @@ HARDWARE_ONLY = ("epochs", "max_failures", "cpus_per_worker", "use_gpu", "compil
                  "gpu_batch_limit")  # fmt: skip
 
 
+def finished(root: Path, last: str) -> bool:
+    """Ray Train has registered checkpoint ``last`` (its controller lists a checkpoint in its snapshot
+    only once every file is in storage; a folder alone may be a half-copied one)."""
+    snapshot = root / "checkpoint_manager_snapshot.json"
+    if not ((root / last / "unet").is_dir() and snapshot.is_file()):
+        return False
+    registered = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    return any(r.get("checkpoint_dir_name") == last for r in registered)
+
+
+def _prune(cfg: RunConfig) -> None:
+    """A finished run keeps optimizer and fp32 state only where it would resume: the last epoch."""
+    import pyarrow.fs
+
+    from medisyn.train.loop import prune_resume_state
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri(cfg.run_path / "checkpoints"))
+    done = checkpoints(cfg)
+    if done:
+        prune_resume_state(fs, path, keep={done[-1].name})
+
+
 def training_ids(cfg: RunConfig, cached: list[str]) -> list[str]:
     """The cached train ids, or with ``train.subset_per_caption`` N a seeded draw of N per caption:
     a few dozen images trained far past convergence, which the demo-memorize run uses to make a
@@ -93,6 +115,11 @@ def run(cfg: RunConfig):
             f"train: {run_root / 'checkpoints'} holds a run of other inputs or settings (differs: {', '.join(stale)}); "
             "Ray Train would resume it. Use another run_dir, or delete that folder to train from scratch"
         )
+    last = f"epoch-{t.epochs - 1:03d}"
+    if finished(run_root / "checkpoints", last):  # a resubmitted pipeline: nothing to start Ray Train for
+        _prune(cfg)
+        print(f"train: already done, {len(checkpoints(cfg))} epoch checkpoints in {run_root / 'checkpoints'}")
+        return None
     ensure_ray()
     (run_root / "train_log").mkdir(parents=True, exist_ok=True)
     # only images of the current corpus's train split: the cache may hold ids a re-ingest dropped
@@ -128,14 +155,7 @@ def run(cfg: RunConfig):
         datasets={"train": data},
     )
     result = trainer.fit()
-    import pyarrow.fs
-
-    from medisyn.train.loop import prune_resume_state
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri(run_root / "checkpoints"))
-    done = checkpoints(cfg)
-    if done:  # the finished run keeps optimizer and fp32 state only where it would resume: the last epoch
-        prune_resume_state(fs, path, keep={done[-1].name})
+    _prune(cfg)
     print(
         f"train: {len(checkpoints(cfg))} epoch checkpoints in {run_root / 'checkpoints'}; last metrics {result.metrics}"
     )
