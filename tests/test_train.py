@@ -112,7 +112,7 @@ def trained(ingested):
             "train.epochs=3",
             "train.max_failures=2",
             "train.ema_decay=0.9",
-            "select.num_images=16",
+            "select.num_images=10",
             "select.steps=4",
             "select.criterion=fid",  # demo.yaml exports the last epoch; these tests check the FID rule
         ],
