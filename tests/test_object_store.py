@@ -43,6 +43,7 @@ FAST = [
     "audit_utility.tasks=[dermoscopy]",  # one task, 4 trials: the other two are the same code
     "audit_utility.epochs=4",
     "audit_memorization.control_queries=20",
+    "audit_memorization.k=5",  # fewer candidate pairs to read pixels for
 ]
 
 
