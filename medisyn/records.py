@@ -375,12 +375,13 @@ def set_identity(set_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
 
 
-def finished_with(record: str | Path, inputs: dict) -> dict | None:
-    """The JSON ``record`` a stage wrote when it finished, when its ``inputs`` equal these; else None.
+def finished_with(record: str | Path, inputs: dict, key: str = "inputs") -> dict | None:
+    """The JSON ``record`` a stage wrote when it finished, when its ``key`` holds these ``inputs``
+    (compared as JSON: tuples and lists alike); else None.
 
     A resubmitted pipeline passes every finished stage this way instead of redoing hours of work."""
     record = store_path(record)
     if not record.is_file():
         return None
     done = json.loads(record.read_text())
-    return done if done.get("inputs") == json.loads(json.dumps(inputs, default=str)) else None
+    return done if done.get(key) == json.loads(json.dumps(inputs, default=str)) else None

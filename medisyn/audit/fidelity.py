@@ -189,7 +189,7 @@ def run(cfg: RunConfig) -> dict:
         return result
     ensure_ray()
     gpus = 1 if gpus_available(cfg.train.use_gpu) and f.features == "embedder" else 0
-    result = ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(fidelity_task).remote(cfg, json.loads(json.dumps(inputs))))
+    result = ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(fidelity_task).remote(cfg, inputs))
     real = result["real_test"]
     print(
         f"audit-fidelity: {result['features']} features; real test images labelled correctly: "

@@ -146,9 +146,10 @@ def write_inputs(corpus: str, real_ids: list[str], set_dir: str, files: list[str
         atomic_write_bytes(buf.getvalue(), path)
 
 
-def plan_task(cfg: RunConfig, task: Task, weights: str) -> tuple[TaskPlan, dict]:
+def plan_task(cfg: RunConfig, task: Task, weights: str, set_id: str | None = None) -> tuple[TaskPlan, dict]:
     """Draw every seed's arms, decide the trials' settings; returns the plan and what it still
-    needs decoded (``None`` when the inputs already exist)."""
+    needs decoded (``None`` when the inputs already exist). ``set_id``: the synthetic set's
+    :func:`set_identity`, when the caller has it already."""
     u = cfg.audit_utility
     rows = task_rows(cfg.run_path / "corpus", task)
     set_dir = cfg.run_path / "synthetic" / task.synthetic_set
@@ -174,9 +175,10 @@ def plan_task(cfg: RunConfig, task: Task, weights: str) -> tuple[TaskPlan, dict]
         for name, a in by_arm.items()
     }
     n_train, n_val = len(used_train), len(rows["val"]["ids"])
+    # the set's content, not only its ids: a set made again by another model keeps its ids
+    content = set_id or set_identity(set_dir)
     digest = hashlib.sha256(
-        # the set's content, not only its ids: a set made again by another model keeps its ids
-        json.dumps([real_ids, [synth["ids"][i] for i in used_synth], u.image_size, set_identity(set_dir)]).encode()
+        json.dumps([real_ids, [synth["ids"][i] for i in used_synth], u.image_size, content]).encode()
     ).hexdigest()[:16]
     inputs = cfg.run_path / "audit" / "utility" / "inputs"
     paths = {
@@ -505,7 +507,7 @@ def run(cfg: RunConfig) -> dict:
         return done
     plans, todo = {}, []
     for task in tasks:
-        plans[task.name], need = plan_task(cfg, task, weights)
+        plans[task.name], need = plan_task(cfg, task, weights, inputs["sets"][task.synthetic_set])
         if need:
             todo.append(need)
     ensure_ray()

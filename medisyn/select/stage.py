@@ -33,6 +33,7 @@ from medisyn.records import (
     atomic_write_bytes,
     atomic_write_text,
     conditioning_size,
+    finished_with,
     median_original_sizes,
     read_images,
     sample_corpus,
@@ -252,11 +253,10 @@ def run(cfg: RunConfig) -> dict:
         "original_sizes": sizes,
     }
     done_file = cfg.run_path / "selection.json"
-    if done_file.exists() and (cfg.run_path / "model" / EXPORT_RECORD).exists():
-        done = json.loads(done_file.read_text())
-        if done.get("fingerprint") == fingerprint:
-            print(f"select: {done['best']} already selected for these checkpoints and settings ({done_file})")
-            return done
+    done = finished_with(done_file, fingerprint, key="fingerprint")
+    if done is not None and (cfg.run_path / "model" / EXPORT_RECORD).exists():
+        print(f"select: {done['best']} already selected for these checkpoints and settings ({done_file})")
+        return done
     if cfg.select.criterion == "last":
         return _export_last(cfg, ckpts, sizes, fingerprint, done_file)
     rows = tuple(sample_corpus(corpus, cfg.select.num_images, cfg.seed, columns=REAL_COLUMNS))

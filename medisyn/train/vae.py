@@ -31,7 +31,7 @@ from tqdm import tqdm
 from medisyn import storage
 from medisyn.config import RunConfig
 from medisyn.configtools import to_dict
-from medisyn.records import read_corpus, run_inputs_differ, shard_files
+from medisyn.records import finished_with, read_corpus, run_inputs_differ, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +226,8 @@ def run(cfg: RunConfig) -> dict:
         "resolution": cfg.train.resolution,
         "train_ids": hashlib.sha256("\n".join(train_ids).encode()).hexdigest()[:16],
     }
-    record = out / FIT_RECORD
-    if record.exists() and json.loads(record.read_text()).get("fingerprint") == fingerprint:
-        fit = json.loads(record.read_text())
+    fit = finished_with(out / FIT_RECORD, fingerprint, key="fingerprint")
+    if fit is not None:
         print(f"vae: {out} already fitted for this corpus and settings (val MSE {fit['val_mse']:.4f})")
         return fit
     fit_root = cfg.run_path / "vae_fit"
