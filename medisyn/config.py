@@ -36,6 +36,9 @@ class ModelConfig:
     base: str = ""  # SDXL base repo id or local dir; "" = the preset's default
     vae: str = ""  # VAE repo id or local dir; "" = the preset's default (fp16-fix)
     seed: int = 0  # weight-init seed of build presets (tiny, sdxl-random)
+    # What the U-Net predicts: "" = the scheduler's own (SDXL base: epsilon). "v_prediction" trains
+    # and samples the velocity (the demo: fewer colour casts from the seed); export records it.
+    prediction_type: Literal["", "epsilon", "v_prediction"] = ""
 
     def __post_init__(self):
         valid = preset_names("diffusion")

@@ -211,12 +211,21 @@ def _pretrained(cfg: ModelConfig) -> tuple[str, str]:
     return base, vae
 
 
+def with_prediction_type(scheduler, cfg: ModelConfig):
+    """The scheduler, predicting what ``model.prediction_type`` says ("" keeps its own): training,
+    sampling and the exported ``scheduler/`` must agree, or sampling decodes the wrong quantity."""
+    if cfg.prediction_type and scheduler.config.prediction_type != cfg.prediction_type:
+        return scheduler.__class__.from_config(scheduler.config, prediction_type=cfg.prediction_type)
+    return scheduler
+
+
 def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None) -> StableDiffusionXLPipeline:
     """The pipeline a config names: a build preset from code, else hub ids or local dirs."""
     if _builds(cfg):
         pipe = build_pipeline(cfg.preset, cfg.seed)
         if cfg.vae:  # a VAE fitted to the corpus (the vae stage) replaces the preset's random one
             pipe.vae = AutoencoderKL.from_pretrained(_source(cfg.vae, "", "vae"))
+        pipe.scheduler = with_prediction_type(pipe.scheduler, cfg)
         return pipe.to(dtype=torch_dtype) if torch_dtype else pipe
     base, vae = _pretrained(cfg)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype else {}
@@ -227,6 +236,7 @@ def load_pipeline(cfg: ModelConfig, torch_dtype: torch.dtype | None = None) -> S
     check_tokenizer(pipe.tokenizer_2, name=f"{base}/tokenizer_2")
     # Our convention (DESIGN §4): the unconditional branch is the encoding of "".
     pipe.register_to_config(force_zeros_for_empty_prompt=False)
+    pipe.scheduler = with_prediction_type(pipe.scheduler, cfg)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -299,11 +309,12 @@ def load_unet(cfg: ModelConfig) -> UNet2DConditionModel:
 
 
 def load_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    """The training noise schedule: the preset's scheduler, or the one inside ``base``."""
+    """The training noise schedule: the preset's scheduler, or the one inside ``base``, predicting
+    what ``model.prediction_type`` says."""
     if _builds(cfg):
         spec = get_preset(cfg.preset, "diffusion")["build"]
-        return DDPMScheduler.from_config(scheduler_config(spec["scheduler"]))
-    return DDPMScheduler.from_pretrained(_pretrained(cfg)[0], subfolder="scheduler")
+        return with_prediction_type(DDPMScheduler.from_config(scheduler_config(spec["scheduler"])), cfg)
+    return with_prediction_type(DDPMScheduler.from_pretrained(_pretrained(cfg)[0], subfolder="scheduler"), cfg)
 
 
 def load_embedder(name: str, seed: int = 0):

@@ -90,6 +90,8 @@ def test_overrides_are_typed():
         (["train.use_gpu=maybe"], "train.use_gpu: expected true or false"),
         (["model.preset=big"], "model.preset: unknown preset 'big'; expected one of sdxl, sdxl-random, tiny"),
         (["train.caption_dropout=1.5"], "train.caption_dropout: 1.5 is outside [0, 1)"),
+        (["model.prediction_type=sample"], "model.prediction_type: 'sample' is not a valid choice"),
+        (["train.snr_gamma=-1"], "train.snr_gamma: -1.0 must be >= 0"),
         (["train.num_workers=3"], "train.effective_batch: 32 is not a multiple of per_worker_batch x num_workers = 48"),
         (["ingest.wsi_overlap=0.2"], "ingest.wsi_overlap: 0.2 is outside [0, 0.1]"),
         (["ingest.split_fractions=[0.5, 0.1, 0.1]"], "must be non-negative and sum to 1"),

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from medisyn.train.loop import add_time_ids, dropout_mask, sample_latents
+from medisyn.train.loop import add_time_ids, dropout_mask, loss_weights, sample_latents, training_target
 
 
 def test_latents_are_fresh_draws_from_the_moments():
@@ -33,6 +33,50 @@ def test_caption_dropout_is_drawn_per_step():
 def test_time_ids_follow_sdxl_order():
     ids = add_time_ids(torch.tensor([[768, 1024]]), torch.tensor([[0, 85]]), 512)
     assert ids.tolist() == [[768.0, 1024.0, 0.0, 85.0, 512.0, 512.0]]
+
+
+def test_prediction_type_sets_the_target_and_reaches_training_and_sampling_schedulers():
+    from medisyn.config import load_config
+    from medisyn.models import load_noise_scheduler, load_pipeline
+
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([10, 500, 990])
+    default = load_config(None, ["model.preset=tiny"]).model
+    v = load_config(None, ["model.preset=tiny", "model.prediction_type=v_prediction"]).model
+
+    eps_scheduler, v_scheduler = load_noise_scheduler(default), load_noise_scheduler(v)
+    assert eps_scheduler.config.prediction_type == "epsilon"  # "" keeps SDXL's own
+    assert torch.equal(training_target(eps_scheduler, latents, noise, timesteps), noise)
+    velocity = training_target(v_scheduler, latents, noise, timesteps)
+    abar = v_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    assert torch.allclose(velocity, abar.sqrt() * noise - (1 - abar).sqrt() * latents, atol=1e-5)
+    # at t=990 the velocity is mostly -latents, at t=10 mostly noise: not the noise target
+    assert not torch.allclose(velocity, noise, atol=0.1)
+    # sampling (select, generate) and the exported scheduler/ predict the same quantity
+    assert load_pipeline(v).scheduler.config.prediction_type == "v_prediction"
+    assert load_pipeline(default).scheduler.config.prediction_type == "epsilon"
+
+
+def test_min_snr_weights_cap_the_easy_steps_and_are_off_at_gamma_zero():
+    from diffusers.training_utils import compute_snr
+
+    from medisyn.config import load_config
+    from medisyn.models import load_noise_scheduler
+
+    timesteps = torch.tensor([1, 50, 400, 999])
+    eps = load_noise_scheduler(load_config(None, ["model.preset=tiny"]).model)
+    v = load_noise_scheduler(load_config(None, ["model.preset=tiny", "model.prediction_type=v_prediction"]).model)
+    assert loss_weights(eps, timesteps, 0.0) is None
+    snr = compute_snr(eps, timesteps)
+    w = loss_weights(eps, timesteps, 5.0)
+    assert snr[0] > 5 > snr[-1]  # the timesteps span both sides of gamma
+    assert w[0] == pytest.approx(5.0 / snr[0].item(), rel=1e-5) and w[0] < 0.05  # low noise: capped
+    assert w[-1] == pytest.approx(1.0, rel=1e-5)  # high noise (SNR < gamma): full weight
+    assert torch.all(w[:-1] <= w[1:])  # never more weight for an easier step
+    wv = loss_weights(v, timesteps, 5.0)
+    assert wv[-1] == pytest.approx((snr[-1] / (snr[-1] + 1)).item(), rel=1e-5)  # v: min(snr, g) / (snr + 1)
+    assert wv[0] == pytest.approx(5.0 / (snr[0].item() + 1), rel=1e-5)
 
 
 def test_text_cache_encodes_only_new_captions(tmp_path):

@@ -43,6 +43,7 @@ class TrainConfig:
         "ema_decay": "0..1",
         "max_failures": ">=0",
         "gpu_batch_limit": ">=0",
+        "snr_gamma": ">=0",
     }
 
     epochs: int = 15  # checkpoints: one per epoch
@@ -61,6 +62,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the U-Net
     ema_decay: float = 0.0  # 0 = no EMA (as in the paper)
+    # Min-SNR loss weighting (Hang et al. 2023; diffusers' --snr_gamma): each sample's loss times
+    # min(SNR, gamma)/SNR (epsilon) or /(SNR+1) (v_prediction). 0 = plain MSE (the paper); 5 is usual.
+    snr_gamma: float = 0.0
     max_failures: int = 3  # Ray Train restarts from the last checkpoint
     # Largest per-worker batch on a GPU; 0 = the model preset's measured limit (SDXL U-Net, bf16,
     # 80 GB: 16 eager, 32 with gradient checkpointing). Raise it explicitly for a larger GPU.

@@ -3,7 +3,8 @@
 Per step: draw latents from the cached posterior moments and scale them; replace 10% of
 captions by the cached encoding of "" (drawn at the step, so different images each epoch);
 SDXL's time ids from the recorded original size and crop; noise and timesteps from the
-scheduler; MSE on the predicted noise; AdamW at a constant learning rate; bf16 autocast over
+scheduler; MSE on the predicted noise (or velocity, ``model.prediction_type``), each sample
+optionally Min-SNR weighted (``train.snr_gamma``); AdamW at a constant learning rate; bf16 autocast over
 fp32 master weights; gradient accumulation to the effective batch, gradients all-reduced only
 on the micro-step that steps the optimizer (DDP ``no_sync`` on the others).
 
@@ -62,6 +63,29 @@ def sample_latents(
     """A fresh draw from the VAE posterior, scaled as the U-Net expects."""
     eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
     return (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * scaling
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the U-Net learns to predict: the noise, or the velocity for a v-prediction scheduler."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"model.prediction_type: training supports epsilon and v_prediction, not {kind!r}")
+
+
+def loss_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor | None:
+    """Min-SNR-gamma weight per sample (diffusers' ``compute_snr``); None at gamma 0 (plain MSE).
+
+    Caps the weight of the low-noise steps, which are easy and otherwise dominate the loss."""
+    if snr_gamma <= 0:
+        return None
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps).float()
+    capped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    return capped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else capped / snr
 
 
 def rank_state_file(rank: int) -> str:
@@ -244,6 +268,8 @@ def train_loop_per_worker(config: dict) -> None:
             noise = torch.randn(latents.shape, generator=generator).to(device)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
+            target = training_target(scheduler, latents, noise, timesteps)
+            weights = loss_weights(scheduler, timesteps, t.snr_gamma)
             time_ids = add_time_ids(
                 torch.from_numpy(np.stack(batch["original_size"])),
                 torch.from_numpy(np.stack(batch["crop_top_left"])),
@@ -257,7 +283,11 @@ def train_loop_per_worker(config: dict) -> None:
                         embeds[idx],
                         added_cond_kwargs={"text_embeds": pooled[idx], "time_ids": time_ids},
                     ).sample
-                loss = F.mse_loss(pred.float(), noise.float())
+                if weights is None:
+                    loss = F.mse_loss(pred.float(), target.float())
+                else:
+                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = (per_sample * weights).mean()
                 (loss / t.accumulation).backward()
             micro += 1
             if micro % t.accumulation == 0:

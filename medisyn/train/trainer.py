@@ -106,7 +106,7 @@ def run(cfg: RunConfig):
         "cache": cache.name,
         "train_ids": hashlib.sha256("\n".join(sorted(train_ids)).encode()).hexdigest()[:16],
         "seed": cfg.seed,
-        "model": [cfg.model.preset, cfg.model.base, cfg.model.seed],
+        "model": [cfg.model.preset, cfg.model.base, cfg.model.seed, cfg.model.prediction_type],
         "train": {k: v for k, v in to_dict(t).items() if k not in HARDWARE_ONLY},
     }
     stale = run_inputs_differ(run_root / "checkpoints", inputs)
