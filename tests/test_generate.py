@@ -246,7 +246,7 @@ def test_two_sets_of_one_name_and_a_set_made_by_other_settings_are_refused(tmp_p
         (f"generate.sets=[{one}]", "prompt_set"),
         (f"generate.checkpoint={other_model}", "model"),
         ("generate.steps=3", "steps: 20 then, 3 now"),
-        ("generate.guidance_scale=1.5", "guidance_scale: 6.0 then, 1.5 now"),
+        ("generate.guidance_scale=1.5", "guidance_scale: 3.0 then, 1.5 now"),
         ("generate.resolution=64", "resolution: 128 then, 64 now"),
     ):
         other = load_config(ROOT / "jobs/configs/demo.yaml", [*base, "generate.sets=[memorization]", override])

@@ -48,6 +48,41 @@ def test_tokenizer_covers_every_phantom_caption():
     assert tok("", padding="max_length", max_length=77).input_ids[:2] == [tok.bos_token_id, tok.eos_token_id]
 
 
+def test_sharpened_attention_keeps_the_random_encoders_captions_apart():
+    """tiny.json's query_key_init_scale: the phantom captions' encodings are far less alike than at
+    CLIP's own init, at the same scale (what the demo model needs to follow its prompts)."""
+    import copy
+
+    from medisyn.models import _build_text_encoders, encode_captions
+    from medisyn.phantoms import REPOSITORIES
+    from medisyn.presets import get_preset
+
+    captions = sorted({r.template.format(label=p) for r in REPOSITORIES for p in r.classes.values()})
+    spec = get_preset("tiny", "diffusion")["build"]
+    assert spec["text_encoder"]["query_key_init_scale"] == spec["text_encoder_2"]["query_key_init_scale"] == 5.0
+    plain = copy.deepcopy(spec)
+    for key in ("text_encoder", "text_encoder_2"):
+        plain[key].pop("query_key_init_scale")
+
+    def similarity(s):
+        encoders = _build_text_encoders(s, 0)
+        with torch.no_grad():
+            states, _ = encode_captions(encoders, captions)
+        unit = torch.nn.functional.normalize(states.flatten(1), dim=1)
+        cos = unit @ unit.T
+        off = cos[~torch.eye(len(captions), dtype=torch.bool)]
+        return off.mean().item(), states.std().item(), encoders
+
+    sharp, sharp_std, encoders = similarity(spec)
+    blunt, blunt_std, plain_encoders = similarity(plain)
+    assert len(captions) > 20 and blunt > 0.85 and sharp < 0.7
+    assert 0.5 < sharp_std / blunt_std < 2  # apart, not blown up
+    q = "encoder.layers.0.self_attn.q_proj.weight"
+    v = "encoder.layers.0.self_attn.v_proj.weight"
+    w_sharp, w_plain = dict(encoders[2].named_parameters()), dict(plain_encoders[2].named_parameters())
+    assert torch.allclose(w_sharp[q], 5.0 * w_plain[q]) and torch.equal(w_sharp[v], w_plain[v])  # same seed, q/k only
+
+
 def test_pooled_embedding_taken_at_eos(tiny_pipe):
     tok, te2 = tiny_pipe.tokenizer_2, tiny_pipe.text_encoder_2
     batch = tok(

@@ -311,6 +311,9 @@ def test_select_picks_lowest_fid_and_exports_a_plain_diffusers_pipeline(trained)
     }
     pipe = StableDiffusionXLPipeline.from_pretrained(run_dir / "model")
     assert pipe.config.force_zeros_for_empty_prompt is False
+    # demo.yaml trains v-prediction (with Min-SNR weights): the export samples what the U-Net predicts
+    assert cfg.model.prediction_type == "v_prediction" and cfg.train.snr_gamma == 5.0
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
     exported = load_file(run_dir / "model/unet/diffusion_pytorch_model.safetensors")
     best = load_file(run_dir / "checkpoints" / selection["best"] / "unet/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], best[k]) for k in best)
