@@ -320,7 +320,9 @@ def training_section(cfg: RunConfig, figs: Path) -> str:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([e["epoch"] for e in epochs], [e["loss"] for e in epochs], marker="o")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("MSE on predicted noise (rank 0)")
+    target = "velocity" if cfg.model.prediction_type == "v_prediction" else "noise"
+    weighted = f"Min-SNR (γ {cfg.train.snr_gamma:g}) " if cfg.train.snr_gamma else ""
+    ax.set_ylabel(f"{weighted}MSE on predicted {target} (rank 0)", fontsize=8)
     fig.tight_layout()
     save_png(fig, figs / "train_loss.png", dpi=110)
     plt.close(fig)

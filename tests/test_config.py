@@ -92,6 +92,7 @@ def test_overrides_are_typed():
         (["train.caption_dropout=1.5"], "train.caption_dropout: 1.5 is outside [0, 1)"),
         (["model.prediction_type=sample"], "model.prediction_type: 'sample' is not a valid choice"),
         (["train.snr_gamma=-1"], "train.snr_gamma: -1.0 must be >= 0"),
+        (["vae_fit.repeats=0"], "vae_fit.repeats: 0 must be >= 1"),
         (["train.num_workers=3"], "train.effective_batch: 32 is not a multiple of per_worker_batch x num_workers = 48"),
         (["ingest.wsi_overlap=0.2"], "ingest.wsi_overlap: 0.2 is outside [0, 0.1]"),
         (["ingest.split_fractions=[0.5, 0.1, 0.1]"], "must be non-negative and sum to 1"),

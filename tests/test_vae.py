@@ -74,3 +74,34 @@ def test_downstream_stages_load_the_fitted_vae_and_refuse_a_useless_one(fitted):
             cache(cfg)
     finally:
         record.write_text(saved)
+
+
+@pytest.mark.ray
+def test_the_vae_fits_the_images_the_unet_trains_on_with_repeats(ingested, tmp_path):
+    """demo-memorize: the VAE fits the few images per caption the U-Net memorises, several passes an epoch."""
+    from medisyn.config import load_config
+    from medisyn.records import read_corpus
+    from medisyn.train.trainer import training_ids
+    from medisyn.train.vae import run as fit_vae
+
+    base, run_dir, _ = ingested
+    (tmp_path / "corpus").symlink_to(run_dir / "corpus")  # the shared corpus; this fit's own vae_fit/
+    cfg = load_config(
+        base.config_path,
+        [
+            f"run_dir={tmp_path}",
+            f"ingest.repositories_file={base.ingest.repositories_file}",
+            "model.vae={run_dir}/vae",
+            "train.resolution=64",
+            "train.subset_per_caption=1",
+            "vae_fit.epochs=1",
+            "vae_fit.repeats=3",
+            "vae_fit.batch_size=8",
+        ],
+    )
+    split = read_corpus(cfg.run_path / "corpus", columns=["id"], split="train").column("id").to_pylist()
+    chosen = training_ids(cfg, split)
+    fit = fit_vae(cfg)
+    assert fit["train_images"] == len(chosen) < len(split) // 3  # one image per caption, not the split
+    assert fit["steps"] == -(-3 * len(chosen) // 8)  # 3 passes over them in the one epoch, batches of 8
+    assert fit["fingerprint"]["vae_fit"]["repeats"] == 3

@@ -98,6 +98,7 @@ class VaeFitConfig:
 
     RANGES: ClassVar[dict[str, str]] = {
         "epochs": ">=1",
+        "repeats": ">=1",
         "batch_size": ">=1",
         "learning_rate": ">0",
         "kl_weight": ">=0",
@@ -106,7 +107,8 @@ class VaeFitConfig:
     }
 
     enabled: bool = False  # fit into model.vae before cache; needs a build preset and model.vae set
-    epochs: int = 20  # passes over the train split at train.resolution
+    epochs: int = 20  # checkpoints: one per epoch, at train.resolution
+    repeats: int = 1  # passes over the fitted images per epoch (as train.repeats; demo-memorize's few dozen)
     batch_size: int = 16
     learning_rate: float = 2e-3  # AdamW
     kl_weight: float = 1e-6  # × KL per pixel, added to the reconstruction MSE (SD's weight)

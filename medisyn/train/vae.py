@@ -2,9 +2,12 @@
 
 Real runs keep SDXL's pretrained (fp16-fix) VAE and skip this stage (``vae_fit.enabled: false``).
 The ``tiny`` preset's VAE is random, so without this a demo model can only learn to make noise.
-With ``vae_fit.enabled`` the stage trains the preset's VAE on the train split at the training
-resolution (Ray Train; ``TorchTrainer`` workers, a checkpoint per epoch under
-``<run_dir>/vae_fit/``, so a killed worker or a re-submitted job resumes) and writes it in the
+With ``vae_fit.enabled`` the stage trains the preset's VAE on the images the U-Net will train on
+(the train split, or ``train.subset_per_caption``'s few per caption: demo-memorize's model
+memorises them VAE included, or its reconstructions alone stay too far from them for the audit's
+patch distance to see a copy) at the training resolution, ``vae_fit.repeats`` passes per epoch
+(Ray Train; ``TorchTrainer`` workers, a checkpoint per epoch under ``<run_dir>/vae_fit/``, so a
+killed worker or a re-submitted job resumes) and writes it in the
 diffusers layout to ``model.vae``, which every later stage then loads (cache, train, select's
 export, generate through the export).
 
@@ -90,14 +93,14 @@ def fit_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(f.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     vae = build_pipeline(cfg.model.preset, cfg.model.seed).vae
-    start_epoch, state = 0, None
+    start_epoch, step, state = 0, 0, None
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             vae = AutoencoderKL.from_pretrained(Path(d) / "vae")
             state = torch.load(Path(d) / "state.pt", weights_only=False)
-            start_epoch = state["epoch"] + 1
+            start_epoch, step = state["epoch"] + 1, state.get("step", 0)
             rng = Path(d) / f"rng-rank-{rank}.pt"
             if rng.exists():
                 generator.set_state(torch.load(rng, weights_only=False))
@@ -121,10 +124,12 @@ def fit_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            step += 1
             losses.append(loss.detach())
             mses.append(mse.detach())
         metrics = {
             "epoch": epoch,
+            "step": step,
             "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
             "train_mse": float(torch.stack(mses).mean()) if mses else float("nan"),
             "seconds": time.perf_counter() - started,
@@ -132,7 +137,7 @@ def fit_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 vae.save_pretrained(Path(tmp) / "vae")
-                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch}, Path(tmp) / "state.pt")
+                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, Path(tmp) / "state.pt")
             torch.save(generator.get_state(), Path(tmp) / f"rng-rank-{rank}.pt")
             ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")
@@ -194,9 +199,10 @@ def check_fitted_vae(cfg: RunConfig) -> None:
         )
 
 
-def _pixels(cfg: RunConfig, split: str, limit: int) -> np.ndarray:
-    """Up to ``limit`` images of a split as uint8 NCHW at the fit resolution (driver-side, small)."""
-    table = read_corpus(cfg.run_path / "corpus", columns=["image"], split=split)
+def _pixels(cfg: RunConfig, split: str, limit: int, ids: list[str] | None = None) -> np.ndarray:
+    """Up to ``limit`` images of a split (of ``ids`` only, when given) as uint8 NCHW at the fit
+    resolution (driver-side, small)."""
+    table = read_corpus(cfg.run_path / "corpus", columns=["image"], split=split, ids=ids)
     data = table.column("image").to_pylist()[:limit]
     if not data:
         return np.zeros((0, 3, cfg.train.resolution, cfg.train.resolution), dtype=np.uint8)
@@ -210,15 +216,19 @@ def run(cfg: RunConfig) -> dict:
     from diffusers import AutoencoderKL
     from ray.train.torch import TorchTrainer
 
-    from medisyn.raytools import ensure_ray
+    from medisyn.raytools import ensure_ray, keep_ids
 
     f = cfg.vae_fit
     if not f.enabled:
         print("vae: vae_fit.enabled is false; the model's own VAE is used")
         return {"fitted": False}
+    from medisyn.train.trainer import training_ids
+
     out = storage.path(cfg.model.vae)
     corpus = cfg.run_path / "corpus"
-    train_ids = sorted(read_corpus(corpus, columns=["id"], split="train").column("id").to_pylist())
+    split_ids = sorted(read_corpus(corpus, columns=["id"], split="train").column("id").to_pylist())
+    train_ids = training_ids(cfg, split_ids)  # what the U-Net will train on
+    subset = len(train_ids) < len(split_ids)
     fingerprint = {
         "vae_fit": to_dict(f),
         "preset": cfg.model.preset,
@@ -238,9 +248,13 @@ def run(cfg: RunConfig) -> dict:
         run_inputs_differ(fit_root, fingerprint)
     ensure_ray()
     res = cfg.train.resolution
-    data = ray.data.read_parquet([storage.uri(p) for p in shard_files(corpus)], columns=["image", "split"])
+    data = ray.data.read_parquet([storage.uri(p) for p in shard_files(corpus)], columns=["id", "image", "split"])
     data = data.filter(expr=ray.data.expressions.col("split") == "train")
+    if subset:
+        data = keep_ids(data, train_ids)
     data = data.map_batches(decode_batch, fn_kwargs={"resolution": res}, batch_size=64).materialize()  # decode once
+    if f.repeats > 1:  # held once in the object store, read f.repeats times per epoch (train.repeats' way)
+        data = data.union(*([data] * (f.repeats - 1)))
     trainer = TorchTrainer(
         fit_loop_per_worker,
         train_loop_config={"run": cfg},
@@ -258,7 +272,7 @@ def run(cfg: RunConfig) -> dict:
     with result.checkpoint.as_directory() as d:
         vae = AutoencoderKL.from_pretrained(Path(d) / "vae").eval()
     torch.manual_seed(0)
-    train_px, val_px = _pixels(cfg, "train", 256), _pixels(cfg, "val", 1024)
+    train_px, val_px = _pixels(cfg, "train", 256, train_ids if subset else None), _pixels(cfg, "val", 1024)
     scaling = latent_scaling_factor(vae, train_px)
     vae.register_to_config(scaling_factor=scaling)
     val_mse, baseline = reconstruction_errors(vae, val_px)
@@ -269,6 +283,8 @@ def run(cfg: RunConfig) -> dict:
         "val_images": int(len(val_px)),
         "scaling_factor": scaling,
         "epochs": f.epochs,
+        "train_images": len(train_ids),
+        "steps": result.metrics.get("step"),
         "train_mse_last_epoch": result.metrics.get("train_mse"),
         "fingerprint": fingerprint,
     }
