@@ -123,39 +123,12 @@ def load_real_state(metrics: dict, state: dict[str, np.ndarray]) -> None:
             setattr(m, n, torch.from_numpy(np.asarray(state[f"{k}/{n}"])).to(m.device))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1-mu2||² + tr(S1) + tr(S2) - 2 tr((S1^½ S2 S1^½)^½), in float64.
-
-    Same number as torchmetrics' FID, which takes the general eigenvalues of S1·S2 (``eigvals``:
-    most of a selection task's CPU time at 2048 features); both matrices here are symmetric, so
-    two symmetric eigendecompositions (``eigh``) give the trace at a fraction of the cost.
-    """
-    import torch
-
-    mu1, mu2, s1, s2 = (torch.as_tensor(x, dtype=torch.float64) for x in (mu1, mu2, sigma1, sigma2))
-    w, v = torch.linalg.eigh(s1)
-    root = (v * w.clamp(min=0).sqrt()) @ v.T
-    inner = torch.linalg.eigvalsh(root @ s2 @ root).clamp(min=0).sqrt().sum()
-    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * inner)
-
-
-def _moments(m, side: str):
-    """Mean and unbiased covariance from a torchmetrics FID's running sums; None below 2 images."""
-    import torch
-
-    n = int(getattr(m, f"{side}_features_num_samples"))
-    if n < 2:
-        return None
-    total = getattr(m, f"{side}_features_sum").to(torch.float64)
-    mean = total / n
-    cov = (getattr(m, f"{side}_features_cov_sum").to(torch.float64) - n * torch.outer(mean, mean)) / (n - 1)
-    return mean, cov
-
-
 def compute(metrics: dict) -> dict[str, float]:
     """FID per key; NaN where a key has fewer than two images on a side."""
     out = {}
     for key, m in metrics.items():
-        real, fake = _moments(m, "real"), _moments(m, "fake")
-        out[key] = float("nan") if real is None or fake is None else frechet_distance(*real, *fake)
+        try:
+            out[key] = float(m.compute())
+        except (RuntimeError, ValueError):
+            out[key] = float("nan")
     return out
