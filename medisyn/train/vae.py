@@ -201,9 +201,11 @@ def check_fitted_vae(cfg: RunConfig) -> None:
 
 def _pixels(cfg: RunConfig, split: str, limit: int, ids: list[str] | None = None) -> np.ndarray:
     """Up to ``limit`` images of a split (of ``ids`` only, when given) as uint8 NCHW at the fit
-    resolution (driver-side, small)."""
-    table = read_corpus(cfg.run_path / "corpus", columns=["image"], split=split, ids=ids)
-    data = table.column("image").to_pylist()[:limit]
+    resolution (driver-side, small): the ids are read first, so the driver holds ``limit`` images,
+    not the split's (the same images, in shard order)."""
+    corpus = cfg.run_path / "corpus"
+    chosen = read_corpus(corpus, columns=["id"], split=split, ids=ids).column("id").to_pylist()[:limit]
+    data = read_corpus(corpus, columns=["image"], split=split, ids=chosen).column("image").to_pylist() if chosen else []
     if not data:
         return np.zeros((0, 3, cfg.train.resolution, cfg.train.resolution), dtype=np.uint8)
     return decode_batch({"image": data}, cfg.train.resolution)["pixels"]
