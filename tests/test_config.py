@@ -93,6 +93,12 @@ def test_overrides_are_typed():
         (["model.prediction_type=sample"], "model.prediction_type: 'sample' is not a valid choice"),
         (["train.snr_gamma=-1"], "train.snr_gamma: -1.0 must be >= 0"),
         (["vae_fit.repeats=0"], "vae_fit.repeats: 0 must be >= 1"),
+        (["train.lr_scheduler=step"], "train.lr_scheduler: 'step' is not a valid choice"),
+        (["vae_fit.lr_warmup_steps=-1"], "vae_fit.lr_warmup_steps: -1 must be >= 0"),
+        (
+            ["train.lr_scheduler=constant", "train.lr_warmup_steps=10"],
+            "train.lr_warmup_steps: 10 needs a schedule with a warmup",
+        ),
         (["train.num_workers=3"], "train.effective_batch: 32 is not a multiple of per_worker_batch x num_workers = 48"),
         (["ingest.wsi_overlap=0.2"], "ingest.wsi_overlap: 0.2 is outside [0, 0.1]"),
         (["ingest.split_fractions=[0.5, 0.1, 0.1]"], "must be non-negative and sum to 1"),

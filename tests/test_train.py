@@ -132,9 +132,40 @@ def _kill_a_worker_after_the_first_checkpoint(run_dir, killed: dict) -> None:
     killed.update(pid=pid, at=time.time())
 
 
+def test_a_resumed_lr_schedule_takes_the_next_step_at_the_saved_rate():
+    """lr_schedule loads the optimizer after building the schedule: built after, the schedule would
+    reset the rate to its step-0 value for the first step after a restart."""
+    from medisyn.train.loop import lr_schedule
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def run(model, optimizer, schedule, steps):
+        rates = []
+        for _ in range(steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            model(torch.ones(2, 3)).pow(2).mean().backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+        return rates
+
+    model, optimizer = fresh()
+    schedule = lr_schedule(optimizer, "cosine", 2, 10)
+    first = run(model, optimizer, schedule, 4)
+    state = {"optimizer": optimizer.state_dict(), "lr_scheduler": schedule.state_dict()}
+    uninterrupted = run(model, optimizer, schedule, 6)
+    model2, optimizer2 = fresh()
+    resumed = run(model2, optimizer2, lr_schedule(optimizer2, "cosine", 2, 10, state), 6)
+    assert resumed == pytest.approx(uninterrupted) and first[:2] == [0.0, 5e-3] and resumed[-1] < 1e-3
+
+
 @pytest.fixture(scope="module")
 def trained(ingested):
-    """Cache at 64 px, then 3 epochs on 2 workers (accumulation 2, EMA on); a worker is killed after epoch 0."""
+    """Cache at 64 px, then 3 epochs on 2 workers (accumulation 2, EMA on, cosine lr); a worker is
+    killed after epoch 0."""
     from medisyn.config import load_config
     from medisyn.train.cache import cache_dir
     from medisyn.train.cache import run as cache
@@ -150,12 +181,14 @@ def trained(ingested):
             "model.vae=",
             "train.resolution=64",
             "train.repeats=1",
-            "train.learning_rate=0.00001",
+            "train.learning_rate=0.001",  # the demo's: the cosine's mean rate is half the peak
             "train.per_worker_batch=4",
             "train.effective_batch=16",
             "train.epochs=3",
             "train.max_failures=2",
             "train.ema_decay=0.9",
+            "train.lr_scheduler=cosine",
+            "train.lr_warmup_steps=2",
             "select.num_images=10",
             "select.steps=4",
             "select.criterion=fid",  # demo.yaml exports the last epoch; these tests check the FID rule
@@ -202,6 +235,30 @@ def test_a_worker_killed_from_outside_resumes_without_redoing_an_epoch(trained):
         assert 0.04 < epochs[e][0]["dropped_fraction"] < 0.18
     assert len(dropped[0] & dropped[1]) < 0.5 * len(dropped[0])  # not the same images every epoch
     assert result.metrics["epoch"] == 2 and result.metrics["effective_batch"] == 16
+
+
+@pytest.mark.ray
+def test_the_learning_rate_schedule_runs_over_all_epochs_and_continues_across_the_restart(trained):
+    """Cosine after 2 warmup steps, over the run's optimizer steps: each epoch's logged lr is the
+    schedule's at that epoch's step count (after the killed worker's restart too) and the last is 0."""
+    from diffusers.optimization import get_scheduler
+
+    cfg, run_dir, _, _, _ = trained
+    epochs = _epoch_logs(run_dir)
+    steps = [epochs[e][0]["step"] for e in (0, 1, 2)]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.learning_rate)
+    reference = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=steps[-1])
+    expected = []
+    for step in range(1, steps[-1] + 1):
+        optimizer.step()
+        reference.step()
+        if step in steps:
+            expected.append(reference.get_last_lr()[0])
+    for rank in (0, 1):  # the schedule's length is each worker's true number of steps (no overshoot)
+        assert [epochs[e][rank]["lr"] for e in (0, 1, 2)] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert cfg.train.learning_rate > epochs[0][0]["lr"] > epochs[1][0]["lr"] > epochs[2][0]["lr"] == pytest.approx(0)
+    state = torch.load(run_dir / "checkpoints/epoch-002/resume/training_state.pt", weights_only=False)
+    assert state["lr_scheduler"]["last_epoch"] == steps[-1]  # saved with the optimizer, for a resume
 
 
 @pytest.mark.ray
@@ -443,7 +500,7 @@ def test_a_run_of_other_inputs_is_never_resumed_and_a_finished_one_never_rerun(t
     assert train(faster) is None and {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == stamps
     longer = replace(cfg, train=replace(cfg.train, epochs=4))  # epoch-003 is missing: it would train on
     assert not finished(run_dir / "checkpoints", f"epoch-{longer.train.epochs - 1:03d}")
-    other = replace(cfg, train=replace(cfg.train, learning_rate=1e-3))
+    other = replace(cfg, train=replace(cfg.train, learning_rate=2e-3))
     with pytest.raises(ConfigError, match=r"holds a run of other inputs or settings \(differs: train\)"):
         train(other)
     reseeded = replace(cfg, seed=cfg.seed + 1)

@@ -21,6 +21,7 @@ def fitted(ingested):
             "model.vae={run_dir}/vae-64",
             "train.resolution=64",
             "vae_fit.epochs=4",  # 2 GroupNorm groups learn the phantoms in a few epochs at 64²
+            "vae_fit.lr_scheduler=cosine",
         ],
     )
     return cfg, fit_vae(cfg)
@@ -36,6 +37,11 @@ def test_the_fitted_vae_beats_the_mean_colour_baseline_and_records_its_scale(fit
     vae = AutoencoderKL.from_pretrained(cfg.model.vae)  # plain diffusers layout
     assert vae.config.scaling_factor == pytest.approx(fit["scaling_factor"]) and fit["scaling_factor"] != 0.13025
     assert (cfg.run_path / "vae_fit/epoch-003").is_dir()  # Ray Train checkpoints: a re-submitted job resumes
+    import torch
+
+    state = torch.load(cfg.run_path / "vae_fit/epoch-003/state.pt", weights_only=False)
+    assert state["lr_scheduler"]["last_epoch"] == fit["steps"]  # the cosine ran over every step, saved to resume
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0, abs=1e-12)  # and ended at zero
     stamp = (cfg.run_path / "vae-64/fit.json").stat().st_mtime_ns
     from medisyn.train.vae import run as fit_vae
 
@@ -97,6 +103,8 @@ def test_the_vae_fits_the_images_the_unet_trains_on_with_repeats(ingested, tmp_p
             "vae_fit.epochs=1",
             "vae_fit.repeats=3",
             "vae_fit.batch_size=8",
+            "vae_fit.lr_scheduler=linear",
+            "vae_fit.lr_warmup_steps=2",
         ],
     )
     split = read_corpus(cfg.run_path / "corpus", columns=["id"], split="train").column("id").to_pylist()
@@ -105,3 +113,8 @@ def test_the_vae_fits_the_images_the_unet_trains_on_with_repeats(ingested, tmp_p
     assert fit["train_images"] == len(chosen) < len(split) // 3  # one image per caption, not the split
     assert fit["steps"] == -(-3 * len(chosen) // 8)  # 3 passes over them in the one epoch, batches of 8
     assert fit["fingerprint"]["vae_fit"]["repeats"] == 3
+    import torch
+
+    state = torch.load(tmp_path / "vae_fit/epoch-000/state.pt", weights_only=False)
+    lrs = state["lr_scheduler"]["_last_lr"]
+    assert state["lr_scheduler"]["last_epoch"] == fit["steps"] and lrs[0] == pytest.approx(0, abs=1e-12)

@@ -7,6 +7,17 @@ from typing import ClassVar, Literal
 
 from medisyn.configtools import ConfigError
 
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
+
+def check_lr_schedule(section: str, name: str, warmup_steps: int) -> None:
+    """A warmup on the plain "constant" schedule would be silently ignored by diffusers: refuse it."""
+    if name == "constant" and warmup_steps > 0:
+        raise ConfigError(
+            f"{section}.lr_warmup_steps: {warmup_steps} needs a schedule with a warmup "
+            f"({section}.lr_scheduler: constant_with_warmup, linear or cosine), not constant"
+        )
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -44,12 +55,17 @@ class TrainConfig:
         "max_failures": ">=0",
         "gpu_batch_limit": ">=0",
         "snr_gamma": ">=0",
+        "lr_warmup_steps": ">=0",
     }
 
     epochs: int = 15  # checkpoints: one per epoch
     repeats: int = 1  # passes over the train split per epoch (kohya's repeats; small corpora)
     subset_per_caption: int = 0  # train on N images per caption only (0 = all; demo-memorize: 1)
-    learning_rate: float = 1e-5  # AdamW, constant
+    learning_rate: float = 1e-5  # AdamW; the peak of lr_scheduler
+    # diffusers' get_scheduler (the training scripts' --lr_scheduler), per optimizer step over all
+    # epochs: constant (the paper), constant_with_warmup, linear or cosine (decay to 0 at the end)
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = 0  # optimizer steps of linear warmup (not with "constant")
     weight_decay: float = 1e-2  # AdamW
     effective_batch: int = 128  # = per_worker_batch x num_workers x accumulation
     per_worker_batch: int = 16  # samples per worker per micro-step (16 x 4 workers x 2 accumulation = 128)
@@ -85,6 +101,7 @@ class TrainConfig:
             raise ConfigError(f"train.repeats: {self.repeats} must be at least 1")
         if self.resolution % 8:
             raise ConfigError(f"train.resolution: {self.resolution} must be a multiple of 8")
+        check_lr_schedule("train", self.lr_scheduler, self.lr_warmup_steps)
 
     @property
     def accumulation(self) -> int:
@@ -104,13 +121,16 @@ class VaeFitConfig:
         "kl_weight": ">=0",
         "num_workers": ">=1",
         "cpus_per_worker": ">0",
+        "lr_warmup_steps": ">=0",
     }
 
     enabled: bool = False  # fit into model.vae before cache; needs a build preset and model.vae set
     epochs: int = 20  # checkpoints: one per epoch, at train.resolution
     repeats: int = 1  # passes over the fitted images per epoch (as train.repeats; demo-memorize's few dozen)
     batch_size: int = 16
-    learning_rate: float = 2e-3  # AdamW
+    learning_rate: float = 2e-3  # AdamW; the peak of lr_scheduler
+    lr_scheduler: LrScheduler = "constant"  # as train.lr_scheduler; cosine ends without a last-epoch spike
+    lr_warmup_steps: int = 0
     kl_weight: float = 1e-6  # × KL per pixel, added to the reconstruction MSE (SD's weight)
     num_workers: int = 1  # Ray Train workers (DDP on CPU)
     cpus_per_worker: float = 1.0  # also the torch threads of each worker
@@ -120,3 +140,4 @@ class VaeFitConfig:
             raise ConfigError("vae_fit: epochs, batch_size and num_workers must be at least 1")
         if self.learning_rate <= 0 or self.kl_weight < 0:
             raise ConfigError("vae_fit: learning_rate must be > 0 and kl_weight >= 0")
+        check_lr_schedule("vae_fit", self.lr_scheduler, self.lr_warmup_steps)

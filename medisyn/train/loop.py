@@ -4,7 +4,9 @@ Per step: draw latents from the cached posterior moments and scale them; replace
 captions by the cached encoding of "" (drawn at the step, so different images each epoch);
 SDXL's time ids from the recorded original size and crop; noise and timesteps from the
 scheduler; MSE on the predicted noise (or velocity, ``model.prediction_type``), each sample
-optionally Min-SNR weighted (``train.snr_gamma``); AdamW at a constant learning rate; bf16 autocast over
+optionally Min-SNR weighted (``train.snr_gamma``); AdamW on ``train.lr_scheduler`` (diffusers'
+``get_scheduler``: constant as in the paper, or warmup/linear/cosine, stepped per optimizer step and
+resumed with the optimizer); bf16 autocast over
 fp32 master weights; gradient accumulation to the effective batch, gradients all-reduced only
 on the micro-step that steps the optimizer (DDP ``no_sync`` on the others).
 
@@ -88,6 +90,28 @@ def loss_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.
     return capped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else capped / snr
 
 
+def batches_per_worker(rows: int, workers: int, batch: int) -> int:
+    """Batches each worker reads per epoch: Ray Train splits a dataset equally
+    (``streaming_split(equal=True)``), so each worker gets ``rows // workers`` rows."""
+    return -(-(rows // workers) // batch)
+
+
+def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int, state: dict | None = None):
+    """diffusers' ``get_scheduler`` over ``total_steps`` optimizer steps, resumed from ``state``.
+
+    The order matters on resume: the schedule is built first (which sets the lr of step 0), then
+    the optimizer's and the schedule's states are loaded, so the next step runs at the saved lr."""
+    from diffusers.optimization import get_scheduler
+
+    schedule = get_scheduler(
+        name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, warmup_steps + 1)
+    )
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["lr_scheduler"])
+    return schedule
+
+
 def rank_state_file(rank: int) -> str:
     """Each rank's random state lives in its own file of the checkpoint (Ray Train merges every
     rank's reported files into one checkpoint directory)."""
@@ -113,7 +137,7 @@ def save_weights(unet, out: Path, dtype=torch.bfloat16) -> None:
     save_file(tensors, out / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
 
 
-def _save(unet, optimizer, epoch: int, step: int, ema, out: Path) -> None:
+def _save(unet, optimizer, schedule, epoch: int, step: int, ema, out: Path) -> None:
     """Rank 0's part of a checkpoint: bf16 weights for selection, fp32 state for resuming."""
     from diffusers import UNet2DConditionModel
 
@@ -126,7 +150,8 @@ def _save(unet, optimizer, epoch: int, step: int, ema, out: Path) -> None:
         ema.copy_to(averaged.parameters())
         save_weights(averaged, out / "unet_ema")
         del averaged
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, resume / CHECKPOINT_STATE)
+    state = {"optimizer": optimizer.state_dict(), "lr_scheduler": schedule.state_dict(), "epoch": epoch, "step": step}
+    torch.save(state, resume / CHECKPOINT_STATE)
 
 
 def prune_resume_state(fs, checkpoints_path: str, keep: set[str]) -> list[str]:
@@ -232,8 +257,8 @@ def train_loop_per_worker(config: dict) -> None:
     if t.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
+    steps_per_epoch = -(-job.batches_per_epoch // t.accumulation)
+    schedule = lr_schedule(optimizer, t.lr_scheduler, t.lr_warmup_steps, t.epochs * steps_per_epoch, state)
     scaling = job.scaling_factor
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16")
     shard = ray.train.get_dataset_shard("train")
@@ -292,6 +317,7 @@ def train_loop_per_worker(config: dict) -> None:
             micro += 1
             if micro % t.accumulation == 0:
                 optimizer.step()
+                schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.step(unet.parameters())
@@ -304,6 +330,7 @@ def train_loop_per_worker(config: dict) -> None:
         bar.close()
         if micro % t.accumulation:  # the epoch's last, partial accumulation
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.step(unet.parameters())
@@ -316,6 +343,7 @@ def train_loop_per_worker(config: dict) -> None:
             "samples_per_s": seen * world / seconds,
             "dropped_fraction": len(dropped) / max(seen, 1),
             "effective_batch": t.effective_batch,
+            "lr": schedule.get_last_lr()[0],  # the next step's: the schedule after this epoch
         }
         log = {
             **metrics,
@@ -329,7 +357,7 @@ def train_loop_per_worker(config: dict) -> None:
         storage.write_bytes(json.dumps(log).encode(), log_dir / f"epoch-{epoch:03d}-rank-{rank}.json")
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                _save(unet, optimizer, epoch, step, ema, Path(tmp))
+                _save(unet, optimizer, schedule, epoch, step, ema, Path(tmp))
             rng = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
             torch.save(rng, Path(tmp) / rank_state_file(rank))
             ckpt = ray.train.Checkpoint.from_directory(tmp)  # every rank's files land in one directory

@@ -80,7 +80,7 @@ def run(cfg: RunConfig):
     from ray.train.torch import TorchTrainer
 
     from medisyn.raytools import ensure_ray, keep_ids
-    from medisyn.train.loop import TrainJob, train_loop_per_worker
+    from medisyn.train.loop import TrainJob, batches_per_worker, train_loop_per_worker
     from medisyn.train.vae import check_fitted_vae
 
     check_fitted_vae(cfg)
@@ -139,7 +139,7 @@ def run(cfg: RunConfig):
         text_cache=uri(cache / "text.parquet"),
         scaling_factor=float(info["scaling_factor"]),
         log_dir=uri(run_root / "train_log"),
-        batches_per_epoch=t.repeats * -(-len(train_ids) // (t.num_workers * t.per_worker_batch)),
+        batches_per_epoch=batches_per_worker(len(train_ids) * t.repeats, t.num_workers, t.per_worker_batch),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

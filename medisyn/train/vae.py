@@ -6,9 +6,10 @@ With ``vae_fit.enabled`` the stage trains the preset's VAE on the images the U-N
 (the train split, or ``train.subset_per_caption``'s few per caption: demo-memorize's model
 memorises them VAE included, or its reconstructions alone stay too far from them for the audit's
 patch distance to see a copy) at the training resolution, ``vae_fit.repeats`` passes per epoch
-(Ray Train; ``TorchTrainer`` workers, a checkpoint per epoch under ``<run_dir>/vae_fit/``, so a
-killed worker or a re-submitted job resumes) and writes it in the
-diffusers layout to ``model.vae``, which every later stage then loads (cache, train, select's
+(Ray Train; ``TorchTrainer`` workers, AdamW on ``vae_fit.lr_scheduler`` (the demo's cosine decay
+ends the fit without the spike a constant rate can leave in its last epoch), a checkpoint per
+epoch under ``<run_dir>/vae_fit/``, so a killed worker or a re-submitted job resumes) and writes
+it in the diffusers layout to ``model.vae``, which every later stage then loads (cache, train, select's
 export, generate through the export).
 
 Loss: MSE of the reconstruction of a posterior sample + ``kl_weight`` × KL (SD's recipe without
@@ -85,6 +86,7 @@ def fit_loop_per_worker(config: dict) -> None:
     from diffusers import AutoencoderKL
 
     from medisyn.models import build_pipeline
+    from medisyn.train.loop import lr_schedule
 
     cfg: RunConfig = config["run"]
     f = cfg.vae_fit
@@ -107,8 +109,7 @@ def fit_loop_per_worker(config: dict) -> None:
     vae.train()
     model = ray.train.torch.prepare_model(vae_objective(vae, f.kl_weight))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=f.learning_rate, weight_decay=0.0)
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
+    schedule = lr_schedule(optimizer, f.lr_scheduler, f.lr_warmup_steps, f.epochs * config["steps_per_epoch"], state)
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, f.epochs):
         started, losses, mses = time.perf_counter(), [], []
@@ -124,6 +125,7 @@ def fit_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             step += 1
             losses.append(loss.detach())
             mses.append(mse.detach())
@@ -133,11 +135,13 @@ def fit_loop_per_worker(config: dict) -> None:
             "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
             "train_mse": float(torch.stack(mses).mean()) if mses else float("nan"),
             "seconds": time.perf_counter() - started,
+            "lr": schedule.get_last_lr()[0],
         }
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 vae.save_pretrained(Path(tmp) / "vae")
-                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, Path(tmp) / "state.pt")
+                saved = {"optimizer": optimizer.state_dict(), "lr_scheduler": schedule.state_dict()}
+                torch.save({**saved, "epoch": epoch, "step": step}, Path(tmp) / "state.pt")
             torch.save(generator.get_state(), Path(tmp) / f"rng-rank-{rank}.pt")
             ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")
@@ -219,6 +223,7 @@ def run(cfg: RunConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from medisyn.raytools import ensure_ray, keep_ids
+    from medisyn.train.loop import batches_per_worker
 
     f = cfg.vae_fit
     if not f.enabled:
@@ -255,11 +260,12 @@ def run(cfg: RunConfig) -> dict:
     if subset:
         data = keep_ids(data, train_ids)
     data = data.map_batches(decode_batch, fn_kwargs={"resolution": res}, batch_size=64).materialize()  # decode once
+    steps_per_epoch = batches_per_worker(data.count() * f.repeats, f.num_workers, f.batch_size)  # the lr schedule's
     if f.repeats > 1:  # held once in the object store, read f.repeats times per epoch (train.repeats' way)
         data = data.union(*([data] * (f.repeats - 1)))
     trainer = TorchTrainer(
         fit_loop_per_worker,
-        train_loop_config={"run": cfg},
+        train_loop_config={"run": cfg, "steps_per_epoch": steps_per_epoch},
         scaling_config=ray.train.ScalingConfig(
             num_workers=f.num_workers, use_gpu=False, resources_per_worker={"CPU": f.cpus_per_worker}
         ),
