@@ -42,6 +42,10 @@ def test_the_fitted_vae_beats_the_mean_colour_baseline_and_records_its_scale(fit
     state = torch.load(cfg.run_path / "vae_fit/epoch-003/state.pt", weights_only=False)
     assert state["lr_scheduler"]["last_epoch"] == fit["steps"]  # the cosine ran over every step, saved to resume
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0, abs=1e-12)  # and ended at zero
+    curve = fit["val_mse_by_epoch"]  # each epoch scored on val; the best one is the VAE written
+    assert len(curve) == 4 and fit["epoch"] == curve.index(min(curve)) and curve[fit["epoch"]] < curve[0]
+    kept = AutoencoderKL.from_pretrained(cfg.run_path / f"vae_fit/epoch-{fit['epoch']:03d}/vae")
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), vae.state_dict().values(), strict=True))
     stamp = (cfg.run_path / "vae-64/fit.json").stat().st_mtime_ns
     from medisyn.train.vae import run as fit_vae
 

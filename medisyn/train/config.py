@@ -122,6 +122,7 @@ class VaeFitConfig:
         "num_workers": ">=1",
         "cpus_per_worker": ">0",
         "lr_warmup_steps": ">=0",
+        "val_images": ">=1",
     }
 
     enabled: bool = False  # fit into model.vae before cache; needs a build preset and model.vae set
@@ -129,8 +130,9 @@ class VaeFitConfig:
     repeats: int = 1  # passes over the fitted images per epoch (as train.repeats; demo-memorize's few dozen)
     batch_size: int = 16
     learning_rate: float = 2e-3  # AdamW; the peak of lr_scheduler
-    lr_scheduler: LrScheduler = "constant"  # as train.lr_scheduler; cosine ends without a last-epoch spike
+    lr_scheduler: LrScheduler = "constant"  # as train.lr_scheduler
     lr_warmup_steps: int = 0
+    val_images: int = 256  # val images each epoch is scored on; the stage keeps the best epoch (a spike-proof end)
     kl_weight: float = 1e-6  # × KL per pixel, added to the reconstruction MSE (SD's weight)
     num_workers: int = 1  # Ray Train workers (DDP on CPU)
     cpus_per_worker: float = 1.0  # also the torch threads of each worker

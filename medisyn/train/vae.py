@@ -134,6 +134,9 @@ def fit_loop_per_worker(config: dict) -> None:
             "step": step,
             "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
             "train_mse": float(torch.stack(mses).mean()) if mses else float("nan"),
+            # rank 0 scores the epoch on the val images (Ray Train keeps rank 0's metrics): the stage
+            # keeps the epoch that reconstructs them best, not whichever came last
+            "val_mse": _val_mse(vae, ray.train.get_dataset_shard("val")) if rank == 0 else float("nan"),
             "seconds": time.perf_counter() - started,
             "lr": schedule.get_last_lr()[0],
         }
@@ -145,6 +148,17 @@ def fit_loop_per_worker(config: dict) -> None:
             torch.save(generator.get_state(), Path(tmp) / f"rng-rank-{rank}.pt")
             ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")
+
+
+def _val_mse(vae, val, batch_size: int = 32) -> float:
+    """The reconstruction MSE of the val images (a Ray dataset shard), in eval mode."""
+    vae.eval()
+    total, count = 0.0, 0
+    for batch in val.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        error, _ = reconstruction_errors(vae, batch["pixels"], batch_size)
+        total, count = total + error * len(batch["pixels"]), count + len(batch["pixels"])
+    vae.train()
+    return total / count if count else float("nan")
 
 
 def reconstruction_errors(vae, pixels: np.ndarray, batch_size: int = 32) -> tuple[float, float]:
@@ -255,11 +269,14 @@ def run(cfg: RunConfig) -> dict:
         run_inputs_differ(fit_root, fingerprint)
     ensure_ray()
     res = cfg.train.resolution
-    data = ray.data.read_parquet([storage.uri(p) for p in shard_files(corpus)], columns=["id", "image", "split"])
-    data = data.filter(expr=ray.data.expressions.col("split") == "train")
+    shards = [storage.uri(p) for p in shard_files(corpus)]
+    split = ray.data.expressions.col("split")
+    data = ray.data.read_parquet(shards, columns=["id", "image", "split"]).filter(expr=split == "train")
     if subset:
         data = keep_ids(data, train_ids)
     data = data.map_batches(decode_batch, fn_kwargs={"resolution": res}, batch_size=64).materialize()  # decode once
+    val = ray.data.read_parquet(shards, columns=["image", "split"]).filter(expr=split == "val").limit(f.val_images)
+    val = val.map_batches(decode_batch, fn_kwargs={"resolution": res}, batch_size=64).materialize()
     steps_per_epoch = batches_per_worker(data.count() * f.repeats, f.num_workers, f.batch_size)  # the lr schedule's
     if f.repeats > 1:  # held once in the object store, read f.repeats times per epoch (train.repeats' way)
         data = data.union(*([data] * (f.repeats - 1)))
@@ -274,10 +291,13 @@ def run(cfg: RunConfig) -> dict:
             storage_path=storage.uri(cfg.run_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": data},
+        datasets={"train": data, "val": val},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # rank 0 reads all of val
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
+    by_epoch = sorted((m["epoch"], m["val_mse"], c) for c, m in result.best_checkpoints)
+    best_epoch, _, best = min(by_epoch, key=lambda e: (e[1], e[0]))
+    with best.as_directory() as d:
         vae = AutoencoderKL.from_pretrained(Path(d) / "vae").eval()
     torch.manual_seed(0)
     train_px, val_px = _pixels(cfg, "train", 256, train_ids if subset else None), _pixels(cfg, "val", 1024)
@@ -291,6 +311,8 @@ def run(cfg: RunConfig) -> dict:
         "val_images": int(len(val_px)),
         "scaling_factor": scaling,
         "epochs": f.epochs,
+        "epoch": best_epoch,  # the one kept: lowest val MSE of the first val_images val images
+        "val_mse_by_epoch": [v for _, v, _ in by_epoch],
         "train_images": len(train_ids),
         "steps": result.metrics.get("step"),
         "train_mse_last_epoch": result.metrics.get("train_mse"),
