@@ -148,6 +148,13 @@ def vae_section(cfg: RunConfig, figs: Path) -> str:
         f"the mean-colour baseline {fit['baseline_mse']:.4f} (each image replaced by its mean colour); "
         f"{fit['epochs']} epochs; latent scaling factor {fit['scaling_factor']:.3f} (from the data).</p>",
     ]
+    curve = fit.get("val_mse_by_epoch")
+    if curve:
+        per_epoch = ", ".join(f"{v:.4f}" for v in curve)
+        parts.append(
+            f"<p>Kept: epoch {fit['epoch']} of {len(curve)}, the lowest val MSE of the fit "
+            f"(by epoch: {per_epoch}).</p>"
+        )
     sheet = record.parent / "reconstructions.png"
     if sheet.exists():
         atomic_write_bytes(sheet.read_bytes(), figs / "vae_reconstructions.png")

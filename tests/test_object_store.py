@@ -111,7 +111,7 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
     assert manifest.num_rows == 40 and "Synthetic sets" in page
     assert "LEAKCANARY" not in proc.stdout + proc.stderr + page
     fit = json.loads((run / "vae/fit.json").read_text())
-    assert fit["beats_baseline"] and "VAE fitted to the corpus" in page
+    assert fit["beats_baseline"] and "VAE fitted to the corpus" in page and f"Kept: epoch {fit['epoch']} of" in page
     (cache_json,) = [p for p in (run / "cache").glob("tiny-r64-*/cache.json")]
     cache = json.loads(cache_json.read_text())
     once = -(-(cache["train_count"] // 2) // 16)  # one pass: 2 workers, 16 per worker, equal shards

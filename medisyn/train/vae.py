@@ -136,7 +136,7 @@ def fit_loop_per_worker(config: dict) -> None:
             "train_mse": float(torch.stack(mses).mean()) if mses else float("nan"),
             # rank 0 scores the epoch on the val images (Ray Train keeps rank 0's metrics): the stage
             # keeps the epoch that reconstructs them best, not whichever came last
-            "val_mse": _val_mse(vae, ray.train.get_dataset_shard("val")) if rank == 0 else float("nan"),
+            "val_mse": _val_mse(vae, ray.get(config["val"])) if rank == 0 else float("nan"),
             "seconds": time.perf_counter() - started,
             "lr": schedule.get_last_lr()[0],
         }
@@ -150,15 +150,12 @@ def fit_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")
 
 
-def _val_mse(vae, val, batch_size: int = 32) -> float:
-    """The reconstruction MSE of the val images (a Ray dataset shard), in eval mode."""
+def _val_mse(vae, pixels: np.ndarray) -> float:
+    """The reconstruction MSE of the val images, in eval mode (then back to training)."""
     vae.eval()
-    total, count = 0.0, 0
-    for batch in val.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        error, _ = reconstruction_errors(vae, batch["pixels"], batch_size)
-        total, count = total + error * len(batch["pixels"]), count + len(batch["pixels"])
+    error = reconstruction_errors(vae, pixels)[0] if len(pixels) else float("nan")
     vae.train()
-    return total / count if count else float("nan")
+    return error
 
 
 def reconstruction_errors(vae, pixels: np.ndarray, batch_size: int = 32) -> tuple[float, float]:
@@ -269,20 +266,19 @@ def run(cfg: RunConfig) -> dict:
         run_inputs_differ(fit_root, fingerprint)
     ensure_ray()
     res = cfg.train.resolution
-    shards = [storage.uri(p) for p in shard_files(corpus)]
-    split = ray.data.expressions.col("split")
-    data = ray.data.read_parquet(shards, columns=["id", "image", "split"]).filter(expr=split == "train")
+    data = ray.data.read_parquet([storage.uri(p) for p in shard_files(corpus)], columns=["id", "image", "split"])
+    data = data.filter(expr=ray.data.expressions.col("split") == "train")
     if subset:
         data = keep_ids(data, train_ids)
     data = data.map_batches(decode_batch, fn_kwargs={"resolution": res}, batch_size=64).materialize()  # decode once
-    val = ray.data.read_parquet(shards, columns=["image", "split"]).filter(expr=split == "val").limit(f.val_images)
-    val = val.map_batches(decode_batch, fn_kwargs={"resolution": res}, batch_size=64).materialize()
+    val_px = _pixels(cfg, "val", f.val_images)  # scores each epoch, then the epoch kept (fit.json)
     steps_per_epoch = batches_per_worker(data.count() * f.repeats, f.num_workers, f.batch_size)  # the lr schedule's
     if f.repeats > 1:  # held once in the object store, read f.repeats times per epoch (train.repeats' way)
         data = data.union(*([data] * (f.repeats - 1)))
     trainer = TorchTrainer(
         fit_loop_per_worker,
-        train_loop_config={"run": cfg, "steps_per_epoch": steps_per_epoch},
+        # the val images rank 0 scores each epoch on: decoded once, shared through the object store
+        train_loop_config={"run": cfg, "steps_per_epoch": steps_per_epoch, "val": ray.put(val_px)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=f.num_workers, use_gpu=False, resources_per_worker={"CPU": f.cpus_per_worker}
         ),
@@ -291,8 +287,7 @@ def run(cfg: RunConfig) -> dict:
             storage_path=storage.uri(cfg.run_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": data, "val": val},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # rank 0 reads all of val
+        datasets={"train": data},
     )
     result = trainer.fit()
     by_epoch = sorted((m["epoch"], m["val_mse"], c) for c, m in result.best_checkpoints)
@@ -300,7 +295,7 @@ def run(cfg: RunConfig) -> dict:
     with best.as_directory() as d:
         vae = AutoencoderKL.from_pretrained(Path(d) / "vae").eval()
     torch.manual_seed(0)
-    train_px, val_px = _pixels(cfg, "train", 256, train_ids if subset else None), _pixels(cfg, "val", 1024)
+    train_px = _pixels(cfg, "train", 256, train_ids if subset else None)
     scaling = latent_scaling_factor(vae, train_px)
     vae.register_to_config(scaling_factor=scaling)
     val_mse, baseline = reconstruction_errors(vae, val_px)
@@ -311,7 +306,7 @@ def run(cfg: RunConfig) -> dict:
         "val_images": int(len(val_px)),
         "scaling_factor": scaling,
         "epochs": f.epochs,
-        "epoch": best_epoch,  # the one kept: lowest val MSE of the first val_images val images
+        "epoch": best_epoch,  # the one kept: lowest val MSE on these val images
         "val_mse_by_epoch": [v for _, v, _ in by_epoch],
         "train_images": len(train_ids),
         "steps": result.metrics.get("step"),
