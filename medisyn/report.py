@@ -152,8 +152,7 @@ def vae_section(cfg: RunConfig, figs: Path) -> str:
     if curve:
         per_epoch = ", ".join(f"{v:.4f}" for v in curve)
         parts.append(
-            f"<p>Kept: epoch {fit['epoch']} of {len(curve)}, the lowest val MSE of the fit "
-            f"(by epoch: {per_epoch}).</p>"
+            f"<p>Kept: epoch {fit['epoch']} of {len(curve)}, the lowest val MSE of the fit (by epoch: {per_epoch}).</p>"
         )
     sheet = record.parent / "reconstructions.png"
     if sheet.exists():
