@@ -93,6 +93,7 @@ def test_overrides_are_typed():
         (["model.prediction_type=sample"], "model.prediction_type: 'sample' is not a valid choice"),
         (["train.snr_gamma=-1"], "train.snr_gamma: -1.0 must be >= 0"),
         (["vae_fit.repeats=0"], "vae_fit.repeats: 0 must be >= 1"),
+        (["train.caption_balance=2"], "train.caption_balance: 2.0 must be in [0, 1]"),
         (["train.lr_scheduler=step"], "train.lr_scheduler: 'step' is not a valid choice"),
         (["vae_fit.lr_warmup_steps=-1"], "vae_fit.lr_warmup_steps: -1 must be >= 0"),
         (

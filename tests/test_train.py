@@ -132,6 +132,20 @@ def _kill_a_worker_after_the_first_checkpoint(run_dir, killed: dict) -> None:
     killed.update(pid=pid, at=time.time())
 
 
+def test_caption_balance_repeats_the_rows_of_rare_captions():
+    import pyarrow as pa
+
+    from medisyn.train.trainer import caption_repeats, repeat_rows
+
+    counts = {"chest CT": 40, "OCT drusen": 4, "fundus": 10}
+    assert caption_repeats(counts, 0.0) == {"chest CT": 1, "OCT drusen": 1, "fundus": 1}  # the paper's corpus as is
+    assert caption_repeats(counts, 1.0) == {"chest CT": 1, "OCT drusen": 10, "fundus": 4}  # all about equal
+    assert caption_repeats(counts, 0.5) == {"chest CT": 1, "OCT drusen": 3, "fundus": 2}  # square-root balance
+    batch = pa.table({"id": ["a", "b", "c"], "caption": ["chest CT", "OCT drusen", "fundus"]})
+    out = repeat_rows(batch, {"OCT drusen": 3})  # captions not listed stay once
+    assert out.column("id").to_pylist() == ["a", "b", "b", "b", "c"]
+
+
 def test_a_resumed_lr_schedule_takes_the_next_step_at_the_saved_rate():
     """lr_schedule loads the optimizer after building the schedule: built after, the schedule would
     reset the rate to its step-0 value for the first step after a restart."""
@@ -192,6 +206,7 @@ def trained(ingested):
             "select.num_images=10",
             "select.steps=4",
             "select.criterion=fid",  # demo.yaml exports the last epoch; these tests check the FID rule
+            "select.weights=raw",  # demo.yaml exports the EMA; the select test switches to it after the raw export
         ],
     )
     first = cache(cfg)
@@ -259,6 +274,32 @@ def test_the_learning_rate_schedule_runs_over_all_epochs_and_continues_across_th
     assert cfg.train.learning_rate > epochs[0][0]["lr"] > epochs[1][0]["lr"] > epochs[2][0]["lr"] == pytest.approx(0)
     state = torch.load(run_dir / "checkpoints/epoch-002/resume/training_state.pt", weights_only=False)
     assert state["lr_scheduler"]["last_epoch"] == steps[-1]  # saved with the optimizer, for a resume
+
+
+@pytest.mark.ray
+def test_the_training_data_holds_rare_captions_as_often_as_common_ones_with_caption_balance(trained):
+    from collections import Counter
+    from dataclasses import replace
+
+    from medisyn.train.cache import cache_dir, read_train_ids
+    from medisyn.train.trainer import training_data, training_ids
+
+    cfg, *_ = trained
+    cache = cache_dir(cfg)
+    ids = training_ids(cfg, read_train_ids(cache))
+    seen = {}
+    for balance in (0.0, 1.0):
+        run = replace(cfg, train=replace(cfg.train, caption_balance=balance, repeats=2))
+        data, rows = training_data(run, cache, ids)
+        captions = Counter(r["caption"] for r in data.select_columns(["caption"]).take_all())
+        assert sum(captions.values()) == rows  # the epoch length the loop's schedule and bar use
+        seen[balance] = captions
+    natural, balanced = seen[0.0], seen[1.0]
+    assert sum(natural.values()) == 2 * len(ids) and set(natural) == set(balanced)
+    spread = {b: max(c.values()) / min(c.values()) for b, c in seen.items()}
+    assert spread[0.0] > 4 and spread[1.0] < 2  # rare captions now come about as often as common ones
+    rarest = min(natural, key=natural.get)
+    assert balanced[rarest] > natural[rarest] and all(balanced[c] % natural[c] == 0 for c in natural)
 
 
 @pytest.mark.ray

@@ -56,11 +56,15 @@ class TrainConfig:
         "gpu_batch_limit": ">=0",
         "snr_gamma": ">=0",
         "lr_warmup_steps": ">=0",
+        "caption_balance": "0..1",
     }
 
     epochs: int = 15  # checkpoints: one per epoch
     repeats: int = 1  # passes over the train split per epoch (kohya's repeats; small corpora)
     subset_per_caption: int = 0  # train on N images per caption only (0 = all; demo-memorize: 1)
+    # Repeat each caption's images round((n_max / n) ** caption_balance) times per pass: 0 = the
+    # corpus as it is (the paper), 1 = every caption about equally often, 0.5 = square-root balance
+    caption_balance: float = 0.0
     learning_rate: float = 1e-5  # AdamW; the peak of lr_scheduler
     # diffusers' get_scheduler (the training scripts' --lr_scheduler), per optimizer step over all
     # epochs: constant (the paper), constant_with_warmup, linear or cosine (decay to 0 at the end)

@@ -75,11 +75,73 @@ def training_ids(cfg: RunConfig, cached: list[str]) -> list[str]:
     return chosen
 
 
+def caption_repeats(counts: dict[str, int], balance: float) -> dict[str, int]:
+    """How many copies per pass of each caption's images: round((n_max / n) ** balance), at least 1.
+
+    Rare captions (the demo's OCT classes: 4-5 train images against chest CT's 36-43) are
+    otherwise seen too seldom to learn and are drawn as the common look they share words with."""
+    if balance <= 0 or not counts:
+        return dict.fromkeys(counts, 1)
+    most = max(counts.values())
+    return {c: max(1, round((most / n) ** balance)) for c, n in counts.items()}
+
+
+def repeat_rows(batch, factors: dict[str, int], column: str = "caption"):
+    """Ray Data: each row ``factors[caption]`` times (pyarrow batch; captions not listed: once)."""
+    import numpy as np
+
+    times = [factors.get(c, 1) for c in batch.column(column).to_pylist()]
+    return batch.take(np.repeat(np.arange(batch.num_rows), times))
+
+
+def caption_counts(cfg: RunConfig, ids: list[str]) -> dict[str, int]:
+    """Train images per caption among ``ids`` (a pyarrow group-by: one row per caption on the driver)."""
+    from medisyn.records import read_corpus
+
+    table = read_corpus(cfg.run_path / "corpus", columns=["id", "caption"], split="train", ids=ids)
+    grouped = table.group_by("caption").aggregate([("id", "count")])
+    return dict(zip(grouped.column("caption").to_pylist(), grouped.column("id_count").to_pylist(), strict=True))
+
+
+def training_data(cfg: RunConfig, cache, train_ids: list[str]):
+    """The dataset the workers read each epoch, and its rows per epoch.
+
+    Shuffled globally each epoch without an all-to-all (a new file order per execution, then
+    each worker's local buffer); ``train.caption_balance`` repeats rare captions' rows in flight;
+    ``train.repeats`` unions materialized copies."""
+    import ray
+
+    from medisyn.raytools import keep_ids
+
+    t = cfg.train
+    shuffle = ray.data.FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
+    data = ray.data.read_parquet(uri(cache / "latents"), shuffle=shuffle)
+    # only images of the current corpus's train split (the cache may hold ids a re-ingest dropped):
+    # a broadcast semi-join, not a literal list of a million ids
+    data = keep_ids(data, train_ids)
+    rows = len(train_ids)
+    if t.caption_balance > 0:
+        counts = caption_counts(cfg, train_ids)
+        factors = caption_repeats(counts, t.caption_balance)
+        rows = sum(n * factors[c] for c, n in counts.items())
+        log.info("train: caption_balance %.2f: %d rows per pass (was %d)", t.caption_balance, rows, len(train_ids))
+        more = {c: f for c, f in factors.items() if f > 1}  # only these travel with each task
+        data = data.map_batches(repeat_rows, fn_kwargs={"factors": more}, batch_format="pyarrow")
+    if t.repeats > 1:
+        # kohya's repeats are for small corpora: the filtered latents are held once in the object
+        # store and repeated as one dataset, so an epoch is one execution, not one per pass (a
+        # pass over a few dozen images would cost more to start than to train); the workers'
+        # epoch-seeded local buffers mix the copies
+        data = data.materialize()
+        data = data.union(*([data] * (t.repeats - 1)))
+    return data, rows * t.repeats
+
+
 def run(cfg: RunConfig):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from medisyn.raytools import ensure_ray, keep_ids
+    from medisyn.raytools import ensure_ray
     from medisyn.train.loop import TrainJob, batches_per_worker, train_loop_per_worker
     from medisyn.train.vae import check_fitted_vae
 
@@ -122,24 +184,12 @@ def run(cfg: RunConfig):
         return None
     ensure_ray()
     (run_root / "train_log").mkdir(parents=True, exist_ok=True)
-    # only images of the current corpus's train split: the cache may hold ids a re-ingest dropped
-    # Shuffled globally each epoch without an all-to-all: the latent files are read in a new random
-    # order every epoch (a new seed per execution), and each worker mixes rows in a local buffer.
-    shuffle = ray.data.FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
-    data = ray.data.read_parquet(uri(cache / "latents"), shuffle=shuffle)
-    data = keep_ids(data, train_ids)  # a broadcast semi-join, not a literal list of a million ids
-    if t.repeats > 1:
-        # kohya's repeats are for small corpora: the filtered latents are held once in the object
-        # store and repeated as one dataset, so an epoch is one execution, not one per pass (a
-        # pass over a few dozen images would cost more to start than to train); the workers'
-        # epoch-seeded local buffers mix the copies
-        data = data.materialize()
-        data = data.union(*([data] * (t.repeats - 1)))
+    data, rows = training_data(cfg, cache, train_ids)
     job = TrainJob(
         text_cache=uri(cache / "text.parquet"),
         scaling_factor=float(info["scaling_factor"]),
         log_dir=uri(run_root / "train_log"),
-        batches_per_epoch=batches_per_worker(len(train_ids) * t.repeats, t.num_workers, t.per_worker_batch),
+        batches_per_epoch=batches_per_worker(rows, t.num_workers, t.per_worker_batch),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
