@@ -122,3 +122,11 @@ def test_the_vae_fits_the_images_the_unet_trains_on_with_repeats(ingested, tmp_p
     state = torch.load(tmp_path / "vae_fit/epoch-000/state.pt", weights_only=False)
     lrs = state["lr_scheduler"]["_last_lr"]
     assert state["lr_scheduler"]["last_epoch"] == fit["steps"] and lrs[0] == pytest.approx(0, abs=1e-12)
+
+
+def test_the_kept_epoch_is_the_best_scored_one_or_the_last_when_none_is_scored():
+    from medisyn.train.vae import kept_epoch
+
+    nan = float("nan")
+    assert kept_epoch([(0, 0.09, "a"), (1, 0.03, "b"), (2, 0.04, "c")]) == (1, "b")  # a spike at the end
+    assert kept_epoch([(0, nan, "a"), (1, nan, "b"), (2, nan, "c")]) == (2, "c")  # no val images: the last

@@ -6,10 +6,10 @@ With ``vae_fit.enabled`` the stage trains the preset's VAE on the images the U-N
 (the train split, or ``train.subset_per_caption``'s few per caption: demo-memorize's model
 memorises them VAE included, or its reconstructions alone stay too far from them for the audit's
 patch distance to see a copy) at the training resolution, ``vae_fit.repeats`` passes per epoch
-(Ray Train; ``TorchTrainer`` workers, AdamW on ``vae_fit.lr_scheduler`` (the demo's cosine decay
-ends the fit without the spike a constant rate can leave in its last epoch), a checkpoint per
-epoch under ``<run_dir>/vae_fit/``, so a killed worker or a re-submitted job resumes) and writes
-it in the diffusers layout to ``model.vae``, which every later stage then loads (cache, train, select's
+(Ray Train; ``TorchTrainer`` workers, AdamW on ``vae_fit.lr_scheduler``, a checkpoint per
+epoch under ``<run_dir>/vae_fit/``, so a killed worker or a re-submitted job resumes), keeps the
+epoch with the lowest val MSE (a constant rate can end the fit on a spike) and writes it in the
+diffusers layout to ``model.vae``, which every later stage then loads (cache, train, select's
 export, generate through the export).
 
 Loss: MSE of the reconstruction of a posterior sample + ``kl_weight`` × KL (SD's recipe without
@@ -148,6 +148,15 @@ def fit_loop_per_worker(config: dict) -> None:
             torch.save(generator.get_state(), Path(tmp) / f"rng-rank-{rank}.pt")
             ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")
+
+
+def kept_epoch(by_epoch: list[tuple]) -> tuple:
+    """(epoch, checkpoint) of the lowest val MSE among (epoch, val MSE, checkpoint) triples; the
+    last epoch when no epoch has a score (a corpus without val images scores NaN)."""
+    import math
+
+    epoch, _, checkpoint = min(by_epoch, key=lambda e: (e[1] if math.isfinite(e[1]) else math.inf, -e[0]))
+    return epoch, checkpoint
 
 
 def _val_mse(vae, pixels: np.ndarray) -> float:
@@ -291,7 +300,7 @@ def run(cfg: RunConfig) -> dict:
     )
     result = trainer.fit()
     by_epoch = sorted((m["epoch"], m["val_mse"], c) for c, m in result.best_checkpoints)
-    best_epoch, _, best = min(by_epoch, key=lambda e: (e[1], e[0]))
+    best_epoch, best = kept_epoch(by_epoch)
     with best.as_directory() as d:
         vae = AutoencoderKL.from_pretrained(Path(d) / "vae").eval()
     torch.manual_seed(0)
