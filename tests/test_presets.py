@@ -105,3 +105,32 @@ def test_size_conditioning_changes_the_image_and_grouping_does_not(tiny_pipe):
     assert np.abs(mixed[0].astype(int) - other[0].astype(int)).max() > 0  # SDXL's time ids reach the U-Net
     with pytest.raises(ValueError, match="2 prompts but 1 original sizes"):
         generate_images(tiny_pipe, prompts, [1, 2], original_sizes=[(64, 64)], **kw)
+
+
+def test_crop_conditioning_is_the_centre_crop_training_saw(tiny_pipe):
+    """Ingest centre-crops every image, so a wide source trained with a crop corner of (0, x>0);
+    sampling conditions on that corner, not SDXL's (0, 0), which only square sources had."""
+    import torch
+
+    from medisyn.infer.sampling import crop_conditioning, generate_images
+    from medisyn.ingest.transforms import crop_box
+
+    for size in [(192, 256), (180, 320), (256, 160), (512, 512), (225, 300)]:
+        at_ingest = np.asarray(crop_box(*size, 512).crop_top_left)  # what the corpus records
+        for resolution in (64, 128, 512):
+            cache = tuple(np.rint(at_ingest * resolution / 512).astype(int))  # what train.cache trains on
+            assert np.abs(np.subtract(crop_conditioning(size, resolution), cache)).max() <= 1, (size, resolution)
+    assert crop_conditioning((192, 256), 128) == (0, 21) and crop_conditioning((256, 160), 64) == (19, 0)
+    assert crop_conditioning((512, 512), 128) == (0, 0)
+
+    prompt = "Optical coherence tomography image showing drusen."
+    kw = {"resolution": 64, "steps": 3, "guidance_scale": 3.0}
+    ours = generate_images(tiny_pipe, [prompt], [5], original_sizes=[(192, 256)], **kw)[0]
+
+    def direct(crop):
+        return tiny_pipe(prompt, negative_prompt="", height=64, width=64, original_size=(192, 256),
+                         crops_coords_top_left=crop, target_size=(64, 64), num_inference_steps=3, guidance_scale=3.0,
+                         generator=torch.Generator().manual_seed(5), output_type="np").images[0]  # fmt: skip
+
+    assert np.abs(ours.astype(int) - (direct((0, 10)) * 255).round().astype(int)).max() <= 1
+    assert np.abs(ours.astype(int) - (direct((0, 0)) * 255).round().astype(int)).max() > 1

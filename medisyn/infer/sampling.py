@@ -31,6 +31,21 @@ def load_sampler(model_dir: str | Path):
     return pipe.to(device)
 
 
+def crop_conditioning(original_size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """SDXL's ``crops_coords_top_left`` for an image of ``original_size`` made at ``resolution``:
+    the corner of the centre crop ingest cut from such an image, in output pixels.
+
+    SDXL trained on random crops, so (0, 0) there means "uncropped". Ingest crops every image
+    at its centre, so in training the corner is fixed by the source's aspect ratio: (0, 0) only
+    for square sources. Conditioning a 192×256 OCT prompt on (0, 0) asked the demo model for a
+    square-source image, and it drew chest CT (docs/PERFORMANCE.md); the cache scales the
+    recorded corner to the training resolution the same way (``train.cache``).
+    """
+    from medisyn.ingest.transforms import crop_box
+
+    return crop_box(int(original_size[0]), int(original_size[1]), resolution).crop_top_left
+
+
 def to_uint8(images: np.ndarray) -> list[np.ndarray]:
     """Pipeline float images in [0, 1] (NHWC) to uint8 arrays, rounded."""
     return [(np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in images]
@@ -49,8 +64,10 @@ def generate_images(
     """One uint8 H×W×3 image per (prompt, seed), sampled with the pipeline as loaded.
 
     ``original_sizes`` (height, width) per image: SDXL's size conditioning, as training saw each
-    image's true original size (None: the output size). Prompts that share a size go in one
-    pipeline call; every image has its own generator, so grouping changes no pixel."""
+    image's true original size (None: the output size). The crop conditioning is the one
+    training saw for an image of that size (:func:`crop_conditioning`), not SDXL's customary
+    (0, 0). Prompts that share a size go in one pipeline call; every image has its own
+    generator, so grouping changes no pixel."""
     if len(prompts) != len(seeds):
         raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
     sizes = [tuple(s) for s in original_sizes] if original_sizes else [(resolution, resolution)] * len(prompts)
@@ -66,6 +83,7 @@ def generate_images(
             height=resolution,
             width=resolution,
             original_size=size,
+            crops_coords_top_left=crop_conditioning(size, resolution),
             target_size=(resolution, resolution),
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
