@@ -3,7 +3,10 @@
 Lesion colour, outline and texture carry the class (melanoma: large,
 irregular, multi-coloured; nevus: round uniform brown; seborrheic keratosis:
 waxy tan with cracks; BCC: pink pearly with arborising vessels). Skin tone,
-lighting, hairs and position vary per patient/image.
+lighting, the dermatoscope's field of view, hairs and the lesion's size, place
+and pigment vary per patient/image, so two patients' lesions of one class are
+no near copies of each other (the memorization audit's patch distance tells
+them apart; tests/test_phantoms.py).
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ def hairs(rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:
 
 def dermoscopy_image(prng: np.random.Generator, rng: np.random.Generator, dx: str) -> np.ndarray:
     h, w = DERMO_HW
-    tone = SKIN_TONES[int(prng.integers(0, len(SKIN_TONES)))] + prng.normal(0, 6, 3)
+    t = prng.choice(len(SKIN_TONES), 2, replace=False)
+    tone = SKIN_TONES[t[0]] + prng.uniform(0, 1) * (SKIN_TONES[t[1]] - SKIN_TONES[t[0]]) + prng.normal(0, 6, 3)
     img = skin(rng, h, w, tone)
-    cy, cx = h / 2 + rng.uniform(-25, 25), w / 2 + rng.uniform(-35, 35)
+    cy, cx = h / 2 + rng.uniform(-40, 40), w / 2 + rng.uniform(-40, 40)
     ang = rng.uniform(0, np.pi)
+    size = rng.uniform(0.75, 1.3)  # lesions are photographed at several sizes
     if dx == "MEL":  # large, asymmetric, irregular border, several colours
-        r = rng.uniform(55, 75)
+        r = rng.uniform(55, 75) * size
         les = D.blob(h, w, cy, cx, r, rng, 0.35, harmonics=7, aspect=rng.uniform(0.7, 1.0), angle=ang, soft=2)
         img = D.compose(img, les, [95, 55, 40])
         for col in ([35, 22, 25], [70, 80, 110], [150, 60, 60], [40, 30, 30]):
@@ -50,14 +55,14 @@ def dermoscopy_image(prng: np.random.Generator, rng: np.random.Generator, dx: st
         veil = D.blob(h, w, cy + rng.uniform(-20, 20), cx + rng.uniform(-20, 20), r * 0.4, rng, 0.3) * les
         img = D.compose(img, veil * 0.7, [110, 130, 160])  # blue-white veil
     elif dx == "NV":  # small/medium, round, uniform brown with faint network
-        r = rng.uniform(32, 48)
+        r = rng.uniform(32, 48) * size
         les = D.ellipse(h, w, cy, cx, r, r * rng.uniform(0.9, 1.1), ang, soft=4)
         yy, xx = D.grid(h, w)
         warp = 2.5 * D.smooth_noise(rng, h, w, 12)
         net = (np.sin(xx / 2.5 + warp) * np.sin(yy / 2.5 - warp) > 0.3).astype(np.float32) * 0.25
         img = D.compose(img, les, np.array([120, 72, 45], np.float32) * (1 - net[..., None] * les[..., None]))
     elif dx == "SK":  # waxy tan/light-brown plaque with cracks and milia-like cysts
-        r = rng.uniform(45, 65)
+        r = rng.uniform(45, 65) * size
         les = D.blob(h, w, cy, cx, r, rng, 0.12, harmonics=3, aspect=rng.uniform(0.7, 0.9), angle=ang, soft=2)
         img = D.compose(img, les, np.array([175, 135, 85], np.float32) + 18 * D.smooth_noise(rng, h, w, 6)[..., None])
         paths = [
@@ -70,7 +75,7 @@ def dermoscopy_image(prng: np.random.Generator, rng: np.random.Generator, dx: st
         img = D.compose(img, cracks, [85, 60, 40])
         img = D.compose(img, D.dots(rng, h, w, 16, 2.2, weight=les), [245, 240, 225])
     else:  # BCC: pink pearly translucent nodule, arborising vessels, blue-grey ovoid nests
-        r = rng.uniform(40, 58)
+        r = rng.uniform(40, 58) * size
         les = D.ellipse(h, w, cy, cx, r, r * rng.uniform(0.8, 1.1), ang, soft=10)
         img = D.compose(img, les * 0.9, [235, 165, 170])
         paths, widths = [], []
@@ -82,10 +87,14 @@ def dermoscopy_image(prng: np.random.Generator, rng: np.random.Generator, dx: st
             widths += wd
         img = D.compose(img, D.polyline_mask(h, w, paths, widths) * les, [190, 30, 45])
         img = D.compose(img, D.dots(rng, h, w, 5, 5, weight=les) * 0.8, [80, 90, 115])
+    # pigment varies between lesions of one class and across each lesion (darker and lighter lobes)
+    pigment = rng.uniform(0.75, 1.2) * (1 + 0.2 * D.smooth_noise(rng, h, w, 20))[..., None] * rng.normal(1, 0.04, 3)
+    img *= 1 + les[..., None] * (pigment - 1)
     img = D.compose(img, hairs(rng, h, w, int(rng.integers(0, 6))), [45, 35, 30])
-    yy, xx = D.grid(h, w)  # dermatoscope's circular field of view
-    rr = np.sqrt(((yy - h / 2) / (h * 0.62)) ** 2 + ((xx - w / 2) / (w * 0.62)) ** 2)
-    img *= np.clip((1.08 - rr) * 5, 0, 1)[..., None] * prng.uniform(0.9, 1.05)
+    yy, xx = D.grid(h, w)  # dermatoscope's circular field of view, its size and the light vary per image
+    fov = rng.uniform(0.5, 0.8)
+    rr = np.sqrt(((yy - h / 2) / (h * fov)) ** 2 + ((xx - w / 2) / (w * fov)) ** 2)
+    img *= np.clip((1.08 - rr) * 5, 0, 1)[..., None] * rng.uniform(0.8, 1.1) * rng.normal(1, 0.03, 3)
     return D.to_u8(img)
 
 
