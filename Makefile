@@ -27,7 +27,7 @@ browser:
 test: lint browser
 	$(PY) -m pytest
 
-test-fast: lint browser  ## everything but the tests marked slow (end-to-end pipeline, elastic cluster)
+test-fast: lint  ## everything but the tests marked slow (end-to-end pipeline, elastic cluster, job submission, browser)
 	$(PY) -m pytest -m "not slow"
 
 demo: $(STAMP)

@@ -19,6 +19,8 @@ from medisyn.reader.analysis import export
 from medisyn.reader.app import create_app
 from medisyn.reader.study import run
 
+pytestmark = pytest.mark.slow  # a real browser: `make test` runs it, `make test-fast` does not need Chromium
+
 
 @pytest.fixture()
 def served(tmp_path):
