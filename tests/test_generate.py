@@ -252,6 +252,11 @@ def test_two_sets_of_one_name_and_a_set_made_by_other_settings_are_refused(tmp_p
         other = load_config(ROOT / "jobs/configs/demo.yaml", [*base, "generate.sets=[memorization]", override])
         with pytest.raises(ConfigError, match=f"synthetic/memorization was made by other settings.*{differs}"):
             run(other)
+    # a set begun before sampling conditioned on the training crop (its set.json has no such entry)
+    before_fix = {k: v for k, v in made.items() if k != "crop_conditioning"}
+    (folder / "set.json").write_text(__import__("json").dumps(before_fix))
+    with pytest.raises(ConfigError, match="made by other settings.*crop_conditioning: None then, 'centre crop"):
+        run(cfg)
     assert list(folder.iterdir()) == [folder / "set.json"]  # nothing was made or deleted
 
 

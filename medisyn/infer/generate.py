@@ -35,7 +35,7 @@ from upath import UPath
 from medisyn import storage
 from medisyn.config import ConfigError, RunConfig
 from medisyn.infer.prompts import PromptEntry, PromptSet, cap_counts, expand, load_prompt_set, match_to_corpus
-from medisyn.infer.sampling import generate_images, load_sampler
+from medisyn.infer.sampling import CROP_CONDITIONING, generate_images, load_sampler
 from medisyn.records import (
     MANIFEST_SCHEMA,
     atomic_write_bytes,
@@ -193,6 +193,9 @@ def producer(cfg: RunConfig, pset: PromptSet, model: UPath) -> dict:
         "steps": g.steps,
         "resolution": g.resolution,
         "original_size": list(g.original_size),
+        # how sampling conditions on the crop (sampling.crop_conditioning): a set begun under SDXL's
+        # (0, 0), as before 2026-12-06, is refused rather than finished with other conditioning
+        "crop_conditioning": CROP_CONDITIONING,
     }
 
 

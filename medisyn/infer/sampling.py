@@ -31,6 +31,9 @@ def load_sampler(model_dir: str | Path):
     return pipe.to(device)
 
 
+CROP_CONDITIONING = "centre crop of the conditioning size"  # recorded in each set's set.json
+
+
 def crop_conditioning(original_size: tuple[int, int], resolution: int) -> tuple[int, int]:
     """SDXL's ``crops_coords_top_left`` for an image of ``original_size`` made at ``resolution``:
     the corner of the centre crop ingest cut from such an image, in output pixels.
