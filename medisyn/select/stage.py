@@ -84,7 +84,8 @@ def real_statistics(rows, images: dict[str, bytes], *, kind: str, weights: str, 
     from medisyn.infer.sampling import sampling_device
 
     device = sampling_device()[0]
-    extract, metrics = fid.feature_extractor(kind, weights, device), fid.new_metrics(keys_of(rows), device)
+    extract = fid.feature_extractor(kind, weights, device)
+    metrics = fid.new_metrics(keys_of(rows), device, fid.feature_count(kind))
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         pixels = [
@@ -117,7 +118,8 @@ def pipeline_fid(
     from medisyn.infer.sampling import generate_images
 
     device = pipe.device.type
-    extract, metrics = fid.feature_extractor(kind, weights, device), fid.new_metrics(keys_of(rows), device)
+    extract = fid.feature_extractor(kind, weights, device)
+    metrics = fid.new_metrics(keys_of(rows), device, fid.feature_count(kind))
     fid.load_real_state(metrics, real)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -141,7 +143,9 @@ def _resolution(cfg: RunConfig) -> int:
 def features_file(cfg: RunConfig, rows) -> UPath:
     """Where this sample's real statistics are cached: named by what determines them."""
     s = cfg.select
-    key = json.dumps([[r["id"] for r in rows], s.feature_extractor, s.inception_weights, _resolution(cfg)])
+    # the extractor's label, not only its name: a redefined extractor (the offline one's layer) gets new files
+    extractor = fid.extractor_label(s.feature_extractor)
+    key = json.dumps([[r["id"] for r in rows], extractor, s.inception_weights, _resolution(cfg)])
     return cfg.run_path / "select" / f"real-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
