@@ -27,13 +27,13 @@ def test_the_offline_extractor_gives_unit_length_mixed_6e_features_that_fit_its_
     """768 features (Mixed_6e), as ``feature_count`` says, so select's metrics are made that size."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=g)
-    features = fid.feature_extractor("offline", "")(images)
+    extract, metrics = fid.extraction("offline", "", ["all"])
+    features = extract(images)
     assert features.shape == (6, fid.feature_count("offline")) == (6, 768)
     assert torch.allclose(features.norm(dim=1), torch.ones(6), atol=1e-5)
     assert torch.equal(features, fid.feature_extractor("offline", "")(images))  # fixed weights: same features
     assert fid.feature_count("inception") == 2048 and "768" in fid.extractor_label("offline")
-    metrics = fid.new_metrics(["all"], num_features=fid.feature_count("offline"))
     hwc = [im.permute(1, 2, 0).numpy() for im in images]
-    fid.update(metrics, fid.feature_extractor("offline", ""), ["x"] * 6, hwc, real=True)
-    fid.update(metrics, fid.feature_extractor("offline", ""), ["x"] * 3, hwc[:3], real=False)
+    fid.update(metrics, extract, ["x"] * 6, hwc, real=True)
+    fid.update(metrics, extract, ["x"] * 3, hwc[:3], real=False)
     assert math.isfinite(fid.compute(metrics)["all"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +255,7 @@ def test_two_sets_of_one_name_and_a_set_made_by_other_settings_are_refused(tmp_p
             run(other)
     # a set begun before sampling conditioned on the training crop (its set.json has no such entry)
     before_fix = {k: v for k, v in made.items() if k != "crop_conditioning"}
-    (folder / "set.json").write_text(__import__("json").dumps(before_fix))
+    (folder / "set.json").write_text(json.dumps(before_fix))
     with pytest.raises(ConfigError, match="made by other settings.*crop_conditioning: None then, 'centre crop"):
         run(cfg)
     assert list(folder.iterdir()) == [folder / "set.json"]  # nothing was made or deleted
@@ -434,7 +435,6 @@ def test_nodes_that_came_and_went_are_logged(caplog):
 
 
 def test_conditioning_sizes_come_from_the_export_or_the_config(tmp_path):
-    import json
 
     from medisyn.infer.generate import conditioning_sizes
     from medisyn.records import conditioning_size

@@ -5,7 +5,7 @@ torch-fidelity's download or a local file). ``offline`` is the same torchmetrics
 a seeded random-weight InceptionV3: its numbers rank checkpoints of one run but are not
 comparable with published FIDs, and every output says so. It pools Mixed_6e's 768 channels
 (the layer of torchmetrics' own ``feature=768`` option), not pool3's 2048: on a CPU the FID's
-d×d ``eigvals`` is most of a checkpoint's time, and at 768 it is about 20× cheaper.
+d×d ``eigvals`` was most of a checkpoint's time, and at 768 it is 14× cheaper (measured).
 """
 
 from __future__ import annotations
@@ -107,6 +107,11 @@ def to_uint8_nchw(images: list[np.ndarray]):
 def new_metrics(keys: list[str], device: str = "cpu", num_features: int = STANDARD_FEATURES) -> dict:
     """One FID metric per key ("all" and each specialty), on the device that makes the images."""
     return {k: fid_metric(num_features).to(device) for k in keys}
+
+
+def extraction(kind: str, weights: str, keys: list[str], device: str = "cpu") -> tuple:
+    """(the extractor, one FID metric per key sized for its features): what a side's pass needs."""
+    return feature_extractor(kind, weights, device), new_metrics(keys, device, feature_count(kind))
 
 
 def update(metrics: dict, extract, specialties: list[str], images: list[np.ndarray], real: bool) -> None:

@@ -84,8 +84,7 @@ def real_statistics(rows, images: dict[str, bytes], *, kind: str, weights: str, 
     from medisyn.infer.sampling import sampling_device
 
     device = sampling_device()[0]
-    extract = fid.feature_extractor(kind, weights, device)
-    metrics = fid.new_metrics(keys_of(rows), device, fid.feature_count(kind))
+    extract, metrics = fid.extraction(kind, weights, keys_of(rows), device)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         pixels = [
@@ -118,8 +117,7 @@ def pipeline_fid(
     from medisyn.infer.sampling import generate_images
 
     device = pipe.device.type
-    extract = fid.feature_extractor(kind, weights, device)
-    metrics = fid.new_metrics(keys_of(rows), device, fid.feature_count(kind))
+    extract, metrics = fid.extraction(kind, weights, keys_of(rows), device)
     fid.load_real_state(metrics, real)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
