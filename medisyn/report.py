@@ -167,13 +167,15 @@ def fidelity_section(cfg: RunConfig, figs: Path) -> str:
     if not path.exists():
         return "<h2>Prompt fidelity</h2><p class=todo>audit-fidelity has not run.</p>"
     fid = json.loads(path.read_text())
-    real = fid["real_test"]
+    real, decoded = fid["real_test"], fid["real_test_decoded"]
     parts = [
         "<h2>Prompt fidelity</h2>",
         f"<p>A classifier ({html.escape(fid['features'])} features, logistic regression) trained on "
-        f"{fid['real_train_images']:,} real train images labels each synthetic image; real test images "
+        f"{fid['real_train_images']:,} real train images, each also as the model's VAE renders it (a U-Net "
+        f"draws only what its decoder can render), labels each synthetic image; real test images "
         f"({fid['real_test_images']:,}) give its ceiling: specialty {real['specialty']['share']:.0%}, "
-        f"class {real['class']['share']:.0%} correct.</p>",
+        f"class {real['class']['share']:.0%} correct; as the VAE renders them "
+        f"{decoded['specialty']['share']:.0%} and {decoded['class']['share']:.0%}.</p>",
     ]
     for name, s in fid["sets"].items():
         for target in ("specialty", "class"):

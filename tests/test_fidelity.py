@@ -68,3 +68,26 @@ def test_embedder_features_are_unit_length_and_feed_the_same_check():
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     part = {"features": e, "specialty": ["red"] * 6 + ["blue"] * 6, "class": ["red"] * 6 + ["blue"] * 6}
     assert prompt_fidelity(part, part, {"same": part})["sets"]["same"]["specialty"]["n"] == 12
+
+
+def test_decoded_gives_each_image_as_the_vae_renders_it_at_the_training_resolution():
+    """The classifier's second view of the real images: resized, encoded, the posterior mode decoded."""
+    import torch
+
+    from medisyn.audit.fidelity import decoded
+    from medisyn.models import build_pipeline
+    from medisyn.train.cache import load_image
+
+    rng = np.random.default_rng(0)
+    images = _colour((200, 40, 40), rng, 3) + [_png(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))]  # one not square
+    vae = build_pipeline("tiny", 0).vae.eval()
+    out = decoded(images, vae, 32, batch_size=3)  # two batches
+    assert len(out) == 4
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in out])
+    assert pixels.shape == (4, 32, 32, 3) and pixels.dtype == np.uint8
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([load_image(b, 32) for b in images]))
+        want = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    want = ((want + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    assert np.abs(pixels - want).max() <= 1.0  # the same image, channels last, rounded to uint8
+    assert np.abs(pixels.astype(float) - ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5)).mean() > 5  # not the input

@@ -119,6 +119,8 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
     assert log["micro_steps"] == -(-(2 * cache["train_count"] // 2) // 16) >= 2 * once - 1  # train.repeats=2
     fidelity = json.loads((run / "audit/fidelity.json").read_text())
     assert fidelity["real_test"]["specialty"]["share"] > 0.9  # the classifier is sound on real images
+    assert fidelity["real_test_decoded"]["specialty"]["n"] == fidelity["real_test_images"]  # the VAE's view, scored
+    assert "as the VAE renders them" in page
     assert fidelity["sets"]["memorization"]["specialty"]["n"] == 40 and "Prompt fidelity" in page
     memorization = json.loads((run / "audit/memorization/summary.json").read_text())
     assert set(memorization["by_kind"]) == {"synthetic:memorization", "control:test", "control:train-loo"}
