@@ -79,7 +79,8 @@ def test_decoded_gives_each_image_as_the_vae_renders_it_at_the_training_resoluti
     from medisyn.train.cache import load_image
 
     rng = np.random.default_rng(0)
-    images = _colour((200, 40, 40), rng, 3) + [_png(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))]  # one not square
+    odd = _png(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))  # not square
+    images = _colour((200, 40, 40), rng, 3) + [odd]
     vae = build_pipeline("tiny", 0).vae.eval()
     out = decoded(images, vae, 32, batch_size=3)  # two batches
     assert len(out) == 4
