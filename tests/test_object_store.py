@@ -32,6 +32,7 @@ FAST = [
     "vae_fit.epochs=4",  # enough at 64² to beat the mean-colour baseline (or cache refuses the VAE)
     "train.epochs=2",
     "train.repeats=2",
+    "train.caption_balance=0",  # 2 passes of the corpus as it is (the step count below); balance: test_train
     "select.num_images=8",
     "select.steps=4",  # same path as the demo, smaller
     "generate.max_per_prompt=2",
