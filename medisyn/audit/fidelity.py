@@ -203,7 +203,6 @@ def fidelity_task(cfg: RunConfig, inputs: dict) -> dict:
     result |= {
         "features": f.features if f.features == "thumbnail" else f"embedder {cfg.audit_memorization.embedder}",
         "real_train_images": len(train["specialty"]),
-        "decoder": f"the model's VAE at {cfg.train.resolution}²",
         "real_test_images": len(parts["test"]["specialty"]),
         "inputs": inputs,
     }
