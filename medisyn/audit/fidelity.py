@@ -117,20 +117,19 @@ def prompt_fidelity(real_train: dict, real_test: dict, synthetic: dict[str, dict
 
 
 def decoded(images: list[bytes], vae, resolution: int, batch_size: int = 8) -> list[bytes]:
-    """Encoded images -> the same images as ``vae`` renders them: resized to ``resolution``, encoded,
-    the posterior mode decoded (PNG bytes, so every feature extractor reads them as it reads the rest)."""
+    """Encoded images -> the same images as ``vae`` renders them at ``resolution`` (the VAE stage's
+    own reconstruction, as PNG bytes, so every feature extractor reads them as it reads the rest)."""
     import torch
     from PIL import Image
 
-    from medisyn.train.cache import load_image
+    from medisyn.train.vae import decode_batch, reconstruct, to_model_input, to_uint8
 
     out: list[bytes] = []
     for start in range(0, len(images), batch_size):
-        x = np.stack([load_image(b, resolution) for b in images[start : start + batch_size]])
+        pixels = decode_batch({"image": images[start : start + batch_size]}, resolution)["pixels"]
         with torch.no_grad():
-            x = torch.from_numpy(x).to(vae.device, vae.dtype)
-            y = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
-        for a in ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+            recon = to_uint8(reconstruct(vae, to_model_input(pixels, vae.device)))
+        for a in recon:
             buf = io.BytesIO()
             Image.fromarray(a).save(buf, format="PNG", compress_level=1)
             out.append(buf.getvalue())

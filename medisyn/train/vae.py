@@ -170,18 +170,29 @@ def _val_mse(vae, pixels: np.ndarray) -> float:
     return error
 
 
+def reconstruct(vae, x):
+    """Model-input images as ``vae`` renders them: encoded, the posterior's mode decoded (what a
+    reconstruction is: no sampling noise). Float32 out, whatever the VAE's dtype."""
+    return vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float()
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] NCHW tensor -> uint8 NHWC numpy, the layout PIL writes."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def reconstruction_errors(vae, pixels: np.ndarray, batch_size: int = 32) -> tuple[float, float]:
     """(VAE MSE, mean-colour baseline MSE) over uint8 NCHW images, in the [-1, 1] range.
 
-    The VAE decodes its posterior mean (what a reconstruction is); the baseline replaces each
-    image by its own per-channel mean, the best a model that ignores all structure can do."""
+    The VAE's reconstruction is :func:`reconstruct`'s; the baseline replaces each image by its
+    own per-channel mean, the best a model that ignores all structure can do."""
     import torch
 
     errors, baseline = [], []
     with torch.no_grad():
         for start in range(0, len(pixels), batch_size):
             x = to_model_input(pixels[start : start + batch_size], vae.device)
-            recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+            recon = reconstruct(vae, x)
             errors.append(((recon - x) ** 2).mean(dim=(1, 2, 3)))
             baseline.append(((x - x.mean(dim=(2, 3), keepdim=True)) ** 2).mean(dim=(1, 2, 3)))
     return float(torch.cat(errors).mean()), float(torch.cat(baseline).mean())
@@ -350,9 +361,7 @@ def _reconstruction_sheet(vae, pixels: np.ndarray, path: Path) -> None:
     if not len(pixels):
         return
     with torch.no_grad():
-        x = to_model_input(pixels, vae.device)
-        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
-    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        recon = to_uint8(reconstruct(vae, to_model_input(pixels, vae.device)))
     tiles = []
     for label, images in (("val image", pixels.transpose(0, 2, 3, 1)), ("reconstruction", recon)):
         for img in images:
