@@ -40,11 +40,13 @@ def run_stage(name: str, cfg: RunConfig) -> None:
         )
     start, wall = time.perf_counter(), time.time()
     log.info("stage %s: starting (run dir %s)", name, cfg.run_dir)
-    if os.environ.get("RAY_ADDRESS"):  # on a cluster (a submitted job): every node must share the run dir
-        from medisyn.raytools import check_run_dir, check_stage_resources, ensure_ray
+    from medisyn.raytools import check_run_dir, check_stage_resources, ensure_ray, stage_requests
 
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))  # a submitted job
+    if on_cluster or stage_requests(name, cfg, gpus=False):  # a local Ray too: an ask that never fits hangs
         ensure_ray()
-        check_run_dir(cfg.run_dir)
+        if on_cluster:  # every node must share the run dir
+            check_run_dir(cfg.run_dir)
         check_stage_resources(name, cfg)  # fits the cluster at its autoscaling maximum, or stop naming the shortfall
     with stage_lock(cfg.run_path, name):
         _stage_fn(stage)(cfg)

@@ -162,8 +162,8 @@ def stage_requests(stage: str, cfg, gpus: bool) -> list[dict[str, float]]:
     t = cfg.train
     if stage == "ingest":
         return [{"CPU": 1}]
-    if stage == "vae":
-        return [{"CPU": cfg.vae_fit.cpus_per_worker}] * cfg.vae_fit.num_workers
+    if stage == "vae":  # disabled (real runs keep SDXL's VAE): the stage only says so
+        return [{"CPU": cfg.vae_fit.cpus_per_worker}] * cfg.vae_fit.num_workers if cfg.vae_fit.enabled else []
     if stage == "cache":
         return [{"GPU": 1} if gpus else {"CPU": 1}] * cfg.cache.num_actors
     if stage == "train":  # ScalingConfig(use_gpu=train.use_gpu): no fallback to CPUs

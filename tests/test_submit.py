@@ -189,6 +189,7 @@ def test_each_stage_asks_for_what_its_code_requests():
     assert stage_requests("cache", paper, gpus=True) == [{"GPU": 1}] * 4
     assert stage_requests("audit-utility", paper, gpus=True) == [{"CPU": 4, "GPU": 0.5}]
     assert stage_requests("report", paper, gpus=True) == []
+    assert stage_requests("vae", paper, gpus=False) == [] and stage_requests("vae", demo, gpus=False) == [{"CPU": 2.0}]
     # the paper's stages fit the shipped cluster definition, from a head alone
     groups = [(g["resources"], g["max_workers"]) for g in groups_from_launcher_config(_cluster())]
     for stage in ("ingest", "cache", "train", "select", "generate", "audit-memorization", "audit-utility"):
@@ -306,3 +307,30 @@ def test_the_pre_flight_on_a_live_cluster(ray_cluster):
         ConfigError, match=r"stage train asks for 4 x \{CPU: 1, GPU: 1\}.*short of \{CPU: 2, GPU: [34]\}"
     ):
         check_stage_resources("train", load_config(ROOT / PAPER))
+
+
+@pytest.mark.ray
+def test_every_stage_of_the_shipped_demos_fits_two_cpus_and_a_local_run_stops_on_one_that_never_would(
+    ray_cluster, monkeypatch, tmp_path
+):
+    """demo-memorize once asked for Tune trials of 4 CPUs on 2 and sat PENDING for ever: a local run
+    now gets the same pre-flight as a submitted job, and the demos' configs are held to 2 CPUs."""
+    import medisyn.cli as cli
+    from medisyn.raytools import check_stage_resources
+    from medisyn.stages import STAGES
+
+    for name in ("demo.yaml", "demo-memorize.yaml"):
+        cfg = load_config(ROOT / "jobs/configs" / name)
+        for stage in STAGES:
+            check_stage_resources(stage.name, cfg)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ran = []
+    monkeypatch.setattr(cli, "_stage_fn", lambda stage: ran.append)
+    cfg = load_config(
+        ROOT / "jobs/configs/demo-memorize.yaml", [f"run_dir={tmp_path}", "audit_utility.cpus_per_trial=4"]
+    )
+    with pytest.raises(ConfigError, match=r"stage audit-utility asks for 1 x \{CPU: 4(\.0)?\}.*short of \{CPU: 2"):
+        cli.run_stage("audit-utility", cfg)
+    assert ran == []
+    cli.run_stage("report", cfg)  # the driver alone: nothing to check, no Ray needed
+    assert ran == [cfg]
