@@ -122,6 +122,7 @@ def decoded(images: list[bytes], vae, resolution: int, batch_size: int = 8) -> l
     import torch
     from PIL import Image
 
+    from medisyn.ingest.worker import encode_image
     from medisyn.train.vae import decode_batch, reconstruct, to_model_input, to_uint8
 
     out: list[bytes] = []
@@ -129,10 +130,7 @@ def decoded(images: list[bytes], vae, resolution: int, batch_size: int = 8) -> l
         pixels = decode_batch({"image": images[start : start + batch_size]}, resolution)["pixels"]
         with torch.no_grad():
             recon = to_uint8(reconstruct(vae, to_model_input(pixels, vae.device)))
-        for a in recon:
-            buf = io.BytesIO()
-            Image.fromarray(a).save(buf, format="PNG", compress_level=1)
-            out.append(buf.getvalue())
+        out += [encode_image(Image.fromarray(a), "png", 1) for a in recon]
     return out
 
 

@@ -351,21 +351,19 @@ def run(cfg: RunConfig) -> dict:
 
 def _reconstruction_sheet(vae, pixels: np.ndarray, path: Path) -> None:
     """Val images (top) over their reconstructions (bottom): the picture the report shows."""
-    import io
-
     import torch
     from PIL import Image
 
     from medisyn.figures import contact_sheet
+    from medisyn.ingest.worker import encode_image
 
     if not len(pixels):
         return
     with torch.no_grad():
         recon = to_uint8(reconstruct(vae, to_model_input(pixels, vae.device)))
-    tiles = []
-    for label, images in (("val image", pixels.transpose(0, 2, 3, 1)), ("reconstruction", recon)):
-        for img in images:
-            buf = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG")
-            tiles.append((buf.getvalue(), label))
+    tiles = [
+        (encode_image(Image.fromarray(np.ascontiguousarray(img)), "png", 1), label)
+        for label, images in (("val image", pixels.transpose(0, 2, 3, 1)), ("reconstruction", recon))
+        for img in images
+    ]
     contact_sheet(tiles, per_row=len(pixels)).save(path)
