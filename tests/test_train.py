@@ -220,6 +220,17 @@ def trained(ingested):
     return cfg, run_dir, info, result, killed
 
 
+def _images_repeated_at_most(cfg, times: int) -> set[str]:
+    """Train ids whose caption's balance factor is at most ``times``."""
+    from medisyn.records import read_corpus
+    from medisyn.train.trainer import caption_counts, caption_repeats
+
+    table = read_corpus(cfg.run_path / "corpus", columns=["id", "caption"], split="train")
+    ids, captions = table.column("id").to_pylist(), table.column("caption").to_pylist()
+    factors = caption_repeats(caption_counts(cfg, ids), cfg.train.caption_balance)
+    return {i for i, c in zip(ids, captions, strict=True) if factors[c] <= times}
+
+
 def _epoch_logs(run_dir, epochs=(0, 1, 2)):
     log = run_dir / "train_log"
     return [[json.loads((log / f"epoch-{e:03d}-rank-{r}.json").read_text()) for r in (0, 1)] for e in epochs]
@@ -248,7 +259,11 @@ def test_a_worker_killed_from_outside_resumes_without_redoing_an_epoch(trained):
     dropped = [set(epochs[e][0]["dropped_ids"]) | set(epochs[e][1]["dropped_ids"]) for e in (0, 1)]
     for e in (0, 1):
         assert 0.04 < epochs[e][0]["dropped_fraction"] < 0.18
-    assert len(dropped[0] & dropped[1]) < 0.5 * len(dropped[0])  # not the same images every epoch
+    # not the same images every epoch: among images seen at most twice a pass (caption balance repeats
+    # a rare caption's images up to ~40 times, so those are dropped at least once in nearly every epoch)
+    few = _images_repeated_at_most(cfg, 2)
+    dropped = [d & few for d in dropped]
+    assert len(dropped[0]) > 10 and len(dropped[0] & dropped[1]) < 0.5 * len(dropped[0])
     assert result.metrics["epoch"] == 2 and result.metrics["effective_batch"] == 16
 
 
