@@ -223,12 +223,14 @@ def trained(ingested):
 
 def _images_repeated_at_most(cfg, times: int) -> set[str]:
     """Train ids whose caption's balance factor is at most ``times``."""
+    from collections import Counter
+
     from medisyn.records import read_corpus
-    from medisyn.train.trainer import caption_counts, caption_repeats
+    from medisyn.train.trainer import caption_repeats
 
     table = read_corpus(cfg.run_path / "corpus", columns=["id", "caption"], split="train")
     ids, captions = table.column("id").to_pylist(), table.column("caption").to_pylist()
-    factors = caption_repeats(caption_counts(cfg, ids), cfg.train.caption_balance)
+    factors = caption_repeats(Counter(captions), cfg.train.caption_balance)  # counted from the rows read once
     return {i for i, c in zip(ids, captions, strict=True) if factors[c] <= times}
 
 
