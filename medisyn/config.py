@@ -93,6 +93,11 @@ class RunConfig:
                     f"vae_fit.enabled: model.preset {self.model.preset!r} loads a pretrained VAE; "
                     "fitting is for build presets (tiny)"
                 )
+            if self.vae_fit.crop_size > self.train.resolution:
+                raise ConfigError(
+                    f"vae_fit.crop_size: {self.vae_fit.crop_size} is larger than the images it crops "
+                    f"(train.resolution {self.train.resolution})"
+                )
         t = self.train
         measured = get_preset(self.model.preset).get("gpu_batch_limit", {})
         limit = t.gpu_batch_limit or measured.get("gradient_checkpointing" if t.gradient_checkpointing else "eager", 0)

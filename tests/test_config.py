@@ -96,6 +96,8 @@ def test_overrides_are_typed():
         (["train.caption_balance=2"], "train.caption_balance: 2.0 must be in [0, 1]"),
         (["train.lr_scheduler=step"], "train.lr_scheduler: 'step' is not a valid choice"),
         (["vae_fit.lr_warmup_steps=-1"], "vae_fit.lr_warmup_steps: -1 must be >= 0"),
+        (["vae_fit.crop_size=60"], "vae_fit.crop_size: 60 must be 0 (whole images) or a multiple of 8"),
+        (["vae_fit.crop_size=256"], "vae_fit.crop_size: 256 is larger than the images it crops (train.resolution 128)"),
         (
             ["train.lr_scheduler=constant", "train.lr_warmup_steps=10"],
             "train.lr_warmup_steps: 10 needs a schedule with a warmup",

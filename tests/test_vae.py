@@ -21,6 +21,7 @@ def fitted(ingested):
             "model.vae={run_dir}/vae-64",
             "train.resolution=64",
             "vae_fit.epochs=4",  # 2 GroupNorm groups learn the phantoms in a few epochs at 64²
+            "vae_fit.crop_size=32",  # learnt from 32² crops, scored on whole 64² images
             "vae_fit.lr_scheduler=cosine",
         ],
     )
@@ -33,6 +34,7 @@ def test_the_fitted_vae_beats_the_mean_colour_baseline_and_records_its_scale(fit
 
     cfg, fit = fitted
     assert fit["beats_baseline"] and fit["val_mse"] < fit["baseline_mse"], fit
+    assert fit["input_side"] == 32  # the steps saw crops; the score above is of whole images
     assert fit["val_images"] > 20
     vae = AutoencoderKL.from_pretrained(cfg.model.vae)  # plain diffusers layout
     assert vae.config.scaling_factor == pytest.approx(fit["scaling_factor"]) and fit["scaling_factor"] != 0.13025
@@ -116,7 +118,7 @@ def test_the_vae_fits_the_images_the_unet_trains_on_with_repeats(ingested, tmp_p
     fit = fit_vae(cfg)
     assert fit["train_images"] == len(chosen) < len(split) // 3  # one image per caption, not the split
     assert fit["steps"] == -(-3 * len(chosen) // 8)  # 3 passes over them in the one epoch, batches of 8
-    assert fit["fingerprint"]["vae_fit"]["repeats"] == 3
+    assert fit["fingerprint"]["vae_fit"]["repeats"] == 3 and fit["input_side"] == 64  # whole images by default
     import torch
 
     state = torch.load(tmp_path / "vae_fit/epoch-000/state.pt", weights_only=False)
@@ -130,3 +132,27 @@ def test_the_kept_epoch_is_the_best_scored_one_or_the_last_when_none_is_scored()
     nan = float("nan")
     assert kept_epoch([(0, 0.09, "a"), (1, 0.03, "b"), (2, 0.04, "c")]) == (1, "b")  # a spike at the end
     assert kept_epoch([(0, nan, "a"), (1, nan, "b"), (2, nan, "c")]) == (2, "c")  # no val images: the last
+
+
+def test_random_crops_cut_each_image_its_own_window():
+    import torch
+
+    from medisyn.train.vae import random_crops
+
+    x = torch.randn(4, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    places = set()
+    for _ in range(10):
+        crops = random_crops(x, 8, g)
+        assert crops.shape == (4, 3, 8, 8) and crops.is_contiguous(memory_format=torch.channels_last)
+        for image, crop in zip(x, crops, strict=True):  # each crop is a window of its own image
+            found = [
+                (t, left)
+                for t in range(9)
+                for left in range(9)
+                if torch.equal(image[:, t : t + 8, left : left + 8], crop)
+            ]
+            assert len(found) == 1
+            places.add(found[0])
+    assert len(places) > 20  # 40 crops from 81 places: not one fixed window
+    assert random_crops(x, 16, g) is x and random_crops(x, 0, g) is x  # whole images: untouched

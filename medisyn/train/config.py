@@ -127,6 +127,7 @@ class VaeFitConfig:
         "cpus_per_worker": ">0",
         "lr_warmup_steps": ">=0",
         "val_images": ">=1",
+        "crop_size": ">=0",
     }
 
     enabled: bool = False  # fit into model.vae before cache; needs a build preset and model.vae set
@@ -140,10 +141,16 @@ class VaeFitConfig:
     kl_weight: float = 1e-6  # × KL per pixel, added to the reconstruction MSE (SD's weight)
     num_workers: int = 1  # Ray Train workers (DDP on CPU)
     cpus_per_worker: float = 1.0  # also the torch threads of each worker
+    # 0: whole images; else a random crop_size² crop of each image each step (a multiple of 8, at most
+    # train.resolution): the VAE is convolutional, so it learns from crops at (resolution / crop_size)² less
+    # compute a step, as SD's VAE learnt from 256² crops; it is scored and used on whole images
+    crop_size: int = 0
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ConfigError("vae_fit: epochs, batch_size and num_workers must be at least 1")
+        if self.crop_size < 0 or self.crop_size % 8:
+            raise ConfigError(f"vae_fit.crop_size: {self.crop_size} must be 0 (whole images) or a multiple of 8")
         if self.learning_rate <= 0 or self.kl_weight < 0:
             raise ConfigError("vae_fit: learning_rate must be > 0 and kl_weight >= 0")
         check_lr_schedule("vae_fit", self.lr_scheduler, self.lr_warmup_steps)

@@ -5,7 +5,8 @@ The ``tiny`` preset's VAE is random, so without this a demo model can only learn
 With ``vae_fit.enabled`` the stage trains the preset's VAE on the images the U-Net will train on
 (the train split, or ``train.subset_per_caption``'s few per caption: demo-memorize's model
 memorises them VAE included, or its reconstructions alone stay too far from them for the audit's
-patch distance to see a copy) at the training resolution, ``vae_fit.repeats`` passes per epoch
+patch distance to see a copy) at the training resolution (or random ``vae_fit.crop_size``² crops
+of it: a step's cost falls with the pixels), ``vae_fit.repeats`` passes per epoch
 (Ray Train; ``TorchTrainer`` workers, AdamW on ``vae_fit.lr_scheduler``, a checkpoint per
 epoch under ``<run_dir>/vae_fit/``, so a killed worker or a re-submitted job resumes), keeps the
 epoch with the lowest val MSE (a constant rate can end the fit on a spike) and writes it in the
@@ -58,6 +59,20 @@ def to_model_input(pixels: np.ndarray, device):
 
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).float().div_(127.5).sub_(1.0)
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def random_crops(x, size: int, generator):
+    """A ``size``² crop of each image of an NCHW batch at its own random place (``vae_fit.crop_size``),
+    channels-last as :func:`to_model_input` leaves the whole images; ``x`` itself when it is no larger."""
+    import torch
+
+    n, _, h, w = x.shape
+    if size <= 0 or (size >= h and size >= w):
+        return x
+    tops = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
+    crops = torch.stack([x[i, :, t : t + size, left : left + size] for i, (t, left) in enumerate(zip(tops, lefts))])
+    return crops.contiguous(memory_format=torch.channels_last)
 
 
 def vae_objective(vae, kl_weight: float):
@@ -123,7 +138,8 @@ def fit_loop_per_worker(config: dict) -> None:
             local_shuffle_seed=cfg.seed * 100 + epoch * 10 + rank,
         )
         for batch in tqdm(batches, desc=f"vae epoch {epoch}", disable=rank != 0, mininterval=10):
-            x = to_model_input(batch["pixels"], "cpu").to(ray.train.torch.get_device())
+            x = random_crops(to_model_input(batch["pixels"], "cpu"), f.crop_size, generator)
+            x = x.to(ray.train.torch.get_device())
             loss, mse, _ = model(x, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -142,6 +158,7 @@ def fit_loop_per_worker(config: dict) -> None:
             "val_mse": _val_mse(vae, ray.get(config["val"])) if rank == 0 else float("nan"),
             "seconds": time.perf_counter() - started,
             "lr": schedule.get_last_lr()[0],
+            "input_side": int(x.shape[-1]) if losses else 0,  # what the steps saw: vae_fit.crop_size or whole
         }
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -334,6 +351,7 @@ def run(cfg: RunConfig) -> dict:
         "train_images": len(train_ids),
         "steps": result.metrics.get("step"),
         "train_mse_last_epoch": result.metrics.get("train_mse"),
+        "input_side": result.metrics.get("input_side"),  # crops of vae_fit.crop_size, or the whole image
         "fingerprint": fingerprint,
     }
     with tempfile.TemporaryDirectory() as tmp:  # saved locally, then put in place with the record last
