@@ -71,7 +71,8 @@ def random_crops(x, size: int, generator):
         return x
     tops = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
     lefts = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
-    crops = torch.stack([x[i, :, t : t + size, left : left + size] for i, (t, left) in enumerate(zip(tops, lefts))])
+    places = enumerate(zip(tops, lefts, strict=True))
+    crops = torch.stack([x[i, :, t : t + size, left : left + size] for i, (t, left) in places])
     return crops.contiguous(memory_format=torch.channels_last)
 
 
