@@ -142,11 +142,13 @@ def vae_section(cfg: RunConfig, figs: Path) -> str:
         return ""
     fit = json.loads(record.read_text())
     verdict = "beats" if fit["beats_baseline"] else "does <b>not</b> beat"
+    side, res = fit.get("input_side"), fit.get("fingerprint", {}).get("resolution")
+    crops = f" on random {side}² crops of the {res}² images" if side and res and side < res else ""
     parts = [
         "<h3>VAE fitted to the corpus</h3>",
-        f"<p>Reconstruction MSE on {fit['val_images']} val images: <b>{fit['val_mse']:.4f}</b>, which {verdict} "
-        f"the mean-colour baseline {fit['baseline_mse']:.4f} (each image replaced by its mean colour); "
-        f"{fit['epochs']} epochs; latent scaling factor {fit['scaling_factor']:.3f} (from the data).</p>",
+        f"<p>Reconstruction MSE on {fit['val_images']} whole val images: <b>{fit['val_mse']:.4f}</b>, which "
+        f"{verdict} the mean-colour baseline {fit['baseline_mse']:.4f} (each image replaced by its mean colour); "
+        f"{fit['epochs']} epochs{crops}; latent scaling factor {fit['scaling_factor']:.3f} (from the data).</p>",
     ]
     curve = fit.get("val_mse_by_epoch")
     if curve:
