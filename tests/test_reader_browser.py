@@ -1,11 +1,15 @@
 """A reader in a real browser: Playwright driving Debian's Chromium, headless, against the app
 served by uvicorn on 127.0.0.1. The reader opens their link, zooms, pans and windows an image,
 answers, leaves, comes back to where they stopped, answers the rest and submits; the export
-then holds exactly their answers. `make test` installs Chromium when it is missing."""
+then holds exactly their answers. The browser keeps a persistent profile, as a clinical
+workstation's does: the link it writes to its History opens nothing afterwards. `make test`
+installs Chromium when it is missing."""
 
 from __future__ import annotations
 
+import re
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -38,7 +42,7 @@ def served(tmp_path):
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
-    yield out, conn, rid, f"http://127.0.0.1:{sock.getsockname()[1]}/#t={token}"
+    yield out, conn, rid, f"http://127.0.0.1:{sock.getsockname()[1]}/#t={token}", tmp_path / "profile"
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -48,14 +52,16 @@ def test_a_reader_answers_every_image_leaves_resumes_and_submits(served):
 
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed: `make browser` installs it (`make test` runs it first)")
-    out, conn, rid, link = served
+    out, conn, rid, link, profile = served
     classes = READER_STUDIES["oct-condition"][3]
     chosen: dict[str, tuple[str, int]] = {}
     problems: list[str] = []
 
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        browser = p.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, args=CHROMIUM_FLAGS, viewport={"width": 1200, "height": 900}
+        )
+        page = browser.new_page()
         page.on("console", lambda m: m.type == "error" and problems.append(m.text))
         page.on("pageerror", lambda e: problems.append(str(e)))
         page.on("dialog", lambda d: d.accept())
@@ -131,6 +137,22 @@ def test_a_reader_answers_every_image_leaves_resumes_and_submits(served):
         page.click("#submit")
         page.wait_for_selector("body[data-submitted=true]")
         page.screenshot(path=str(out / "browser.png"))
+        assert page.evaluate("sessionStorage.length + localStorage.length") == 0  # no credential a script can read
+        browser.close()
+
+        # the workstation's next user: the profile's History holds the link, which opens nothing now
+        history = sqlite3.connect(profile / "Default" / "History")
+        urls = [u for (u,) in history.execute("SELECT url FROM urls")]
+        history.close()
+        found = {t for u in urls for t in re.findall(r"#t=([A-Za-z0-9_-]+)", u)}
+        assert any(u.startswith(link.split("#")[0]) for u in urls), urls  # the History was written
+        assert found <= {link.split("#t=")[1]}, found
+        browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(link)
+        sync_api.expect(page.locator("#message")).to_contain_text("used up, expired or revoked")
+        assert page.locator("#study").is_hidden()
         browser.close()
 
     assert not problems, problems

@@ -7,13 +7,16 @@ intra-reader agreement on repeated images (share and Cohen's kappa, scikit-learn
 position in the reading order (quarters); and a 95% CI for the real − synthetic accuracy
 difference from a bootstrap that resamples readers and cases (both vary between studies).
 Exports: every answer with its key (``answers.csv``, for the steward, never for readers) and the
-long format MRMC tools read (``mrmc.csv``: reader, modality, case, truth, rating).
+long format MRMC tools read (``mrmc.csv``: reader, modality, case, truth, rating). Every text cell
+a spreadsheet would run as a formula is neutralised (``csv_safe``); ``analysis.json`` is strict
+JSON (an undefined number is ``null`` with a ``*_note`` saying why); every file is 0600.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 from pathlib import Path
 
@@ -43,6 +46,39 @@ COLUMNS = [
     "active_ms",
     "revisions",
 ]
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that begin with ``= + - @``, tab or CR get a leading ``'``: a spreadsheet opening
+    the CSV shows them as text instead of running them (a reader named ``=HYPERLINK(…)``). Item
+    ids are kept as they are, to join back to the database: the database made them from
+    ``[A-Za-z0-9_-]``, which spells no formula call, and new ones begin with a letter or digit."""
+    out = frame.copy()
+    for col in out.columns:
+        if col != "item" and (out[col].dtype == object or pd.api.types.is_string_dtype(out[col].dtype)):
+            out[col] = out[col].map(lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v)
+    return out
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """A frame as RFC 4180 CSV (CRLF rows, so a CR or LF inside a cell is quoted and cannot start
+    a row of its own), formula cells neutralised."""
+    return csv_safe(frame).to_csv(index=False, lineterminator="\r\n")
+
+
+def strict_json(value):
+    """``value`` with every NaN or infinity as None: ``analysis.json`` is shared, and a bare NaN is
+    not JSON."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def answers_frame(conn: sqlite3.Connection, study: str | None = None) -> pd.DataFrame:
@@ -94,13 +130,18 @@ def fleiss(first: pd.DataFrame, classes: list[str]) -> float:
 
     wide = first.pivot_table(index="image", columns="reader", values="answer", aggfunc="first").dropna()
     if wide.shape[1] < 2 or wide.empty:
-        return float("nan")
+        return float("nan")  # analyze writes null with FLEISS_NOTE
     counts = np.stack([(wide.to_numpy() == c).sum(axis=1) for c in classes], axis=1)
     return float(fleiss_kappa(counts, method="fleiss"))
 
 
+FLEISS_NOTE = "undefined: fewer than two submitted readers answered the same images"
+SAME_NOTE = "undefined: the reader gave one answer to every repeated image (no chance agreement to correct)"
+
+
 def intra_reader(answers: pd.DataFrame) -> dict:
-    """Per reader, agreement with themselves on images shown twice: share and Cohen's kappa."""
+    """Per reader, agreement with themselves on images shown twice: share and Cohen's kappa
+    (NaN, with ``kappa_note`` saying why, when the reader gave one answer to every repeat)."""
     from sklearn.metrics import cohen_kappa_score
 
     out = {}
@@ -118,6 +159,8 @@ def intra_reader(answers: pd.DataFrame) -> dict:
             "agreement": float((a == b).mean()),
             "kappa": float("nan") if same else float(cohen_kappa_score(a, b)),
         }
+        if same:
+            out[str(reader)]["kappa_note"] = SAME_NOTE
     return out
 
 
@@ -191,11 +234,13 @@ def summarize(answers: pd.DataFrame, classes: list[str], n_resamples: int = 2000
         }
         for origin in ("real", "synthetic")
     }
+    kappa = fleiss(first, classes)
     return {
         "readers": len(per_reader),
         "per_reader": per_reader,
         "across_readers": across,
-        "fleiss_kappa": fleiss(first, classes),
+        "fleiss_kappa": kappa,
+        **({"fleiss_kappa_note": FLEISS_NOTE} if math.isnan(kappa) else {}),
         "intra_reader": intra_reader(answers),
         "by_position": by_position(first),
         "real_minus_synthetic": bootstrap_difference(first, n_resamples, seed),
@@ -257,9 +302,11 @@ def analyze(reader_dir: Path, n_resamples: int = 2000, seed: int = 0) -> dict:
         summary = summarize(done, json.loads(s["classes"]), n_resamples, seed)
         summary["pending_readers"] = pending
         out[s["name"]] = summary
-        figure(summary, s["name"], reader_dir / f"{s['name']}-accuracy.png")
+        png = reader_dir / f"{s['name']}-accuracy.png"
+        figure(summary, s["name"], png)
+        png.chmod(0o600)
     export(reader_dir, frames)
-    (reader_dir / "analysis.json").write_text(json.dumps(out, indent=2, default=float))
+    db.write_private(reader_dir / "analysis.json", json.dumps(strict_json(out), indent=2, allow_nan=False))
     for name, summary in out.items():
         log.info("reader study %s: %s", name, table_line(summary))
     return out
@@ -275,15 +322,14 @@ def export(reader_dir: Path, frames: dict[str, pd.DataFrame] | None = None) -> l
             conn.close()
     frames_list = [f for f in frames.values() if len(f)]
     answers = pd.concat(frames_list) if frames_list else pd.DataFrame(columns=COLUMNS)
-    folder = reader_dir / "exports"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = db.private_dir(reader_dir / "exports")
     paths = [folder / "answers.csv", folder / "mrmc.csv"]
-    answers.to_csv(paths[0], index=False)
+    db.write_private(paths[0], csv_text(answers))
     submitted = answers[answers["submitted"].astype(bool)] if len(answers) else answers
     mrmc = mrmc_frame(submitted) if len(submitted) else pd.DataFrame(columns=["reader", "modality", "case"])
     if len(submitted):
         mrmc.insert(0, "study", submitted[submitted["showing"] == 1]["study"].to_numpy())
-    mrmc.to_csv(paths[1], index=False)
+    db.write_private(paths[1], csv_text(mrmc))
     return paths
 
 

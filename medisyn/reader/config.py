@@ -28,6 +28,7 @@ class ReaderConfig:
         "image_size": ">=16",
         "port": "1..65535",
         "bootstrap_resamples": ">=1",
+        "link_expiry_hours": ">0",
     }
     enabled: bool = True  # `medisyn pipeline` builds the studies (needs the studies' synthetic set)
     studies_file: str = "paper"  # jobs/configs/reader/<name>.yaml, or a path
@@ -40,6 +41,7 @@ class ReaderConfig:
     host: str = "127.0.0.1"  # serve binds here; put TLS in front of it (README) before leaving localhost
     port: int = 8765
     bootstrap_resamples: int = 2000  # readers x cases resamples of the real - synthetic accuracy difference
+    link_expiry_hours: float = 168.0  # a reader's link works once, within this long of add-reader/reissue
 
     def __post_init__(self):
         if "://" in self.dir:

@@ -5,7 +5,9 @@ the study's classes (a seeded draw). Every image is re-encoded the same way — 
 mode, uncompressed BMP without metadata — so every served file of a study has the same byte
 length and header: a compressed file's size follows its content and would tell origin apart,
 and a colour cast would too, so a study whose real images are grey shows every image in grey.
-Files get random names and one timestamp; the key (origin, class) stays in the database.
+Files get random names and one timestamp; the key (origin, class) stays in the database. Each
+showing is served with its own imperceptible pixel noise (``vary``), so hashing a reader's
+images does not pair an image's two showings. Folders are 0700, files 0600.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ def encode(data: bytes, size: int, grey: bool) -> bytes:
     out = io.BytesIO()
     (im.convert("L") if grey else im).save(out, format="BMP")
     return out.getvalue()
+
+
+def vary(data: bytes, key: str, share: float = 1 / 16) -> bytes:
+    """A BMP's bytes with the lowest bit of ``share`` of its pixel bytes flipped (±1 of 255), at
+    places drawn from ``key``: the showing's item id and the image's secret file name, so a
+    reader, who knows the id but not the name, can neither undo nor predict it. Length and headers
+    stay as they were; row padding is left alone."""
+    offset = int.from_bytes(data[10:14], "little")
+    width = int.from_bytes(data[18:22], "little", signed=True)
+    height = abs(int.from_bytes(data[22:26], "little", signed=True))
+    bpp = int.from_bytes(data[28:30], "little")
+    stride = (width * bpp + 31) // 32 * 4
+    pixels = np.frombuffer(data, np.uint8, count=stride * height, offset=offset).reshape(height, stride).copy()
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:16], "little"))
+    used = pixels[:, : width * bpp // 8]
+    used ^= (rng.random(used.shape) < share).astype(np.uint8)  # a view: flips the bits in ``pixels``
+    return data[:offset] + pixels.tobytes() + data[offset + stride * height :]
 
 
 def _balanced(n: int, classes: tuple[str, ...]) -> dict[str, int]:
@@ -148,15 +167,14 @@ def build_study(cfg, study: Study, conn, out: Path) -> bool:
     order = rng.permutation(len(chosen))  # files written and numbered in a shuffled order
     n_repeat = round(rc.repeat_fraction * len(chosen))
     repeated = set(rng.choice(len(chosen), n_repeat, replace=False).tolist()) if n_repeat else set()
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    images_dir = db.private_dir(out / "images")
     stamp = time.time()
     rows, items = [], []
     for k in order:
         origin, cls, source_id = chosen[k]
         name = db.new_id()
         path = images_dir / f"{name}.bmp"
-        path.write_bytes(encode(raw[(origin, source_id)], rc.image_size, grey))
+        db.write_private(path, encode(raw[(origin, source_id)], rc.image_size, grey))
         os.utime(path, (stamp, stamp))
         rows.append((origin, cls, source_id, name))
         items.append((len(rows), 1))
@@ -212,11 +230,19 @@ def _drop(conn, study: str, out: Path) -> None:
         (out / "images" / f"{name}.bmp").unlink(missing_ok=True)
 
 
+def tighten(out: Path) -> None:
+    """Folders 0700 and files 0600 under ``out``: a study an earlier version built left them
+    readable by every local user."""
+    for path in out.rglob("*"):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+
+
 def run(cfg) -> Path:
     """Build every study of ``reader.studies_file`` (or those named in ``reader.studies``)."""
     studies = load_studies(cfg.reader.studies_file, cfg.reader.studies)
     out = reader_dir(cfg)
     conn = db.connect(out, create=True)
+    tighten(out)
     try:
         for study in studies:
             build_study(cfg, study, conn, out)

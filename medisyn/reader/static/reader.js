@@ -1,6 +1,8 @@
 // The reader's page: one image at a time, zoom/pan/reset, window/level for grey studies, class +
-// confidence, resumable. The token comes from the link's URL fragment (never sent to a server),
-// is kept in this tab's sessionStorage, and travels only in the Authorization header.
+// confidence, resumable. The link's one-time token comes in the URL fragment (never sent to a
+// server); it leaves the address bar at once and is POSTed once, in the Authorization header, to
+// /api/session, which uses it up and sets an HttpOnly session cookie: the copy of the link the
+// browser's history may keep opens nothing afterwards. Nothing is kept in web storage.
 "use strict";
 
 (function () {
@@ -13,15 +15,11 @@
   let activeSince = null;
   let activeMs = 0;
 
-  const hash = new URLSearchParams(location.hash.slice(1));
-  if (hash.get("t")) {
-    sessionStorage.setItem("medisyn-reader-token", hash.get("t"));
-    history.replaceState(null, "", location.pathname); // the token leaves the address bar and history
-  }
-  const token = sessionStorage.getItem("medisyn-reader-token");
+  const link = new URLSearchParams(location.hash.slice(1)).get("t");
+  if (location.hash) history.replaceState(null, "", location.pathname); // the token leaves the address bar
 
   async function api(method, path, body) {
-    const opts = { method, headers: { Authorization: "Bearer " + token }, cache: "no-store" };
+    const opts = { method, headers: {}, cache: "no-store" };
     if (body !== undefined) {
       opts.headers["Content-Type"] = "application/json";
       opts.body = JSON.stringify(body);
@@ -210,8 +208,18 @@
   });
 
   async function start() {
-    if (!token) { $("message").textContent = "Open this page through your personal study link."; return; }
-    const s = await (await api("GET", "/api/session")).json();
+    // a used link (the reader came back through it) still opens the study while this browser's session lasts
+    const res = link
+      ? await fetch("/api/session", { method: "POST", headers: { Authorization: "Bearer " + link }, cache: "no-store" })
+      : await fetch("/api/session", { cache: "no-store" });
+    if (res.status === 401) {
+      $("message").textContent = link
+        ? "This link is used up, expired or revoked. Ask the study's admin for a new link."
+        : "Open this page through your personal study link.";
+      return;
+    }
+    if (!res.ok) throw new Error(res.status + ": " + res.statusText);
+    const s = link ? await (await api("GET", "/api/session")).json() : await res.json();
     state.session = s;
     state.answered = s.answered;
     $("question").textContent = s.question;
