@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,8 @@ import torch
 from medisyn import storage
 from medisyn.config import load_config
 from medisyn.records import CORPUS_SCHEMA, shard_files
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CAPTIONS = ["Dermoscopy image showing melanoma.", "Frontal (AP) chest X-ray image showing edema and cardiomegaly."]
 
@@ -65,11 +68,18 @@ def test_vae_scaling_factor_needs_no_weights():
 
 def _corpus(run_dir, n_train: int = 40, n_val: int = 5, size: int = 128) -> list[dict]:
     """A corpus shard of random ``size``² images (as ingested at ``ingest.size`` = size)."""
+    rows = _corpus_rows(n_train + n_val, size, n_train)
+    storage.write_table(pa.Table.from_pylist(rows, CORPUS_SCHEMA), storage.path(run_dir) / "corpus" / "s-0.parquet")
+    return rows
+
+
+def _corpus_rows(n: int, size: int, n_train: int | None = None) -> list[dict]:
     from PIL import Image
 
+    n_train = n if n_train is None else n_train
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(n_train + n_val):
+    for i in range(n):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
         rows.append(
@@ -89,7 +99,6 @@ def _corpus(run_dir, n_train: int = 40, n_val: int = 5, size: int = 128) -> list
                 "crop_top_left": [0, 2 * i + 1],  # odd: their half at 64 px rounds
             }
         )
-    storage.write_table(pa.Table.from_pylist(rows, CORPUS_SCHEMA), storage.path(run_dir) / "corpus" / "s-0.parquet")
     return rows
 
 
@@ -157,3 +166,118 @@ def test_cache_resumes_a_truncated_latent_shard_and_keeps_the_driver_light(ray_c
         np.testing.assert_array_equal(again[image_id][1], mean)
         np.testing.assert_array_equal(again[image_id][2], logvar)
     assert cache(cfg)["latents_encoded"] == 0
+
+
+def test_the_cache_is_keyed_by_the_vaes_content_not_its_path(tmp_path):
+    """A run directory moved or synced to a bucket keeps its cache: a VAE folder copied elsewhere
+    (new path, new times) names the same cache; another byte in its weights names another."""
+    import os
+    import shutil
+
+    from medisyn.train.cache import model_identity
+
+    vae = tmp_path / "run" / "vae"
+    vae.mkdir(parents=True)
+    (vae / "config.json").write_text('{"scaling_factor": 0.5}')
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (vae / "fit.json").write_text("{}")  # the fit's record: not what encodes
+    here = model_identity(load_config(None, ["model.preset=tiny", f"model.vae={vae}"]).model, 64)
+    moved = tmp_path / "elsewhere" / "copy-of-run" / "vae"
+    shutil.copytree(vae, moved)
+    for f in moved.iterdir():
+        os.utime(f, ns=(1, 1))
+    (moved / "fit.json").write_text('{"val_mse": 0.1}')
+    assert model_identity(load_config(None, ["model.preset=tiny", f"model.vae={moved}"]).model, 64) == here
+    weights = moved / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")  # refit in place: same size, other weights
+    assert model_identity(load_config(None, ["model.preset=tiny", f"model.vae={moved}"]).model, 64) != here
+    # a hub VAE (the paper's) keeps the name its caches had before: no run re-encodes for this change
+    paper = load_config(ROOT / "jobs/configs/paper.yaml")
+    assert model_identity(paper.model, 512) == "sdxl-r512-a355f0cc87"
+
+
+def test_the_encoder_actor_gets_decoded_pixels_from_a_cpu_stage(monkeypatch):
+    """``decode_images`` (a CPU map_batches stage) turns corpus bytes into uint8 pixels at the
+    training resolution; the VAE actor encodes them and decodes nothing itself."""
+    import PIL.Image
+
+    from medisyn.models import load_vae
+    from medisyn.train.cache import VaeEncoder, decode_images, load_image
+
+    rows = _corpus_rows(4, size=32)
+    batch = {k: [r[k] for r in rows] for k in ("id", "image", "caption", "original_size", "crop_top_left")}
+    decoded = decode_images(batch, 16)
+    assert "image" not in decoded and decoded["id"] == batch["id"] and decoded["caption"] == batch["caption"]
+    assert decoded["pixels"].dtype == np.uint8 and decoded["pixels"].shape == (4, 16, 16, 3)
+    np.testing.assert_allclose(decoded["pixels"].transpose(0, 3, 1, 2) / 127.5 - 1.0,
+                               np.stack([load_image(b, 16) for b in batch["image"]]), atol=1e-6)  # fmt: skip
+    cfg = load_config(None, ["model.preset=tiny", "train.resolution=16", "ingest.size=32"])
+    encoder = VaeEncoder(cfg)
+    x = torch.from_numpy(np.stack([load_image(r["image"], 16) for r in rows]))  # the bytes, decoded here
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the actor decoded an image")
+
+    monkeypatch.setattr(PIL.Image, "open", no_decoding)
+    out = encoder(decoded)
+    assert out["mean"].shape == (4, 4, 2, 2) and out["logvar"].dtype == np.float16
+    assert [list(c) for c in out["crop_top_left"]] == [[0, round((2 * i + 1) / 2)] for i in range(4)]
+    with torch.no_grad():
+        want = load_vae(cfg.model).encode(x).latent_dist.mean.numpy().astype(np.float16)
+    np.testing.assert_allclose(out["mean"].astype(np.float32), want.astype(np.float32), atol=2e-3)
+
+
+GPU_NODE, CPU_NODE, HEAD = {"CPU": 192.0, "GPU": 8.0}, {"CPU": 32.0}, {"CPU": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "groups", "gpus"),
+    [
+        ([HEAD, {"CPU": 2.0}], [], 0.0),  # the demo, the tests: a CPU machine
+        ([HEAD, GPU_NODE], [], 8.0),  # a fixed GPU cluster
+        ([HEAD], [(CPU_NODE, 8), (GPU_NODE, 8)], 64.0),  # cluster.yaml from a head alone
+        ([HEAD, GPU_NODE, CPU_NODE], [(CPU_NODE, 8), (GPU_NODE, 8)], 64.0),  # a node up counts against its type
+        ([HEAD, GPU_NODE], [(GPU_NODE, 1)], 8.0),
+        ([HEAD], [(GPU_NODE, -1)], None),  # unbounded
+    ],
+)
+def test_gpu_capacity_counts_what_is_up_and_what_autoscaling_can_add(nodes, groups, gpus):
+    from medisyn.raytools import gpu_capacity
+
+    assert gpu_capacity(nodes, groups) == gpus
+
+
+@pytest.mark.parametrize(
+    ("min_actors", "max_actors", "use_gpu", "gpus", "bounds"),
+    [
+        (1, 0, True, 64.0, (1, 64)),  # default: every GPU the cluster has or can add
+        (4, 0, True, 8.0, (4, 8)),
+        (1, 16, True, 8.0, (1, 8)),  # no actor waits for a GPU that can never come
+        (8, 16, True, 4.0, (4, 4)),
+        (1, 0, True, None, (1, None)),  # an unbounded node type: Ray Data's unbounded pool
+        (2, 6, True, None, (2, 6)),
+        (1, 0, False, 0.0, (1, 1)),  # a CPU cluster: the pool stays small
+        (4, 0, False, 0.0, (1, 1)),  # the paper's minimum on a CPU cluster
+        (1, 2, False, 0.0, (1, 2)),
+    ],
+)
+def test_actor_pools_are_sized_from_the_clusters_gpus(min_actors, max_actors, use_gpu, gpus, bounds):
+    from medisyn.raytools import actor_pool_bounds
+
+    assert actor_pool_bounds(min_actors, max_actors, use_gpu, gpus) == bounds
+
+
+def test_pool_bounds_in_config_and_in_the_stage_preflight():
+    from medisyn.configtools import ConfigError
+    from medisyn.raytools import stage_requests
+
+    paper = load_config(ROOT / "jobs/configs/paper.yaml")
+    assert (paper.cache.min_actors, paper.cache.max_actors) == (4, 0)
+    assert stage_requests("cache", paper, gpus=True) == [{"GPU": 1}] * 4  # the pool's minimum
+    assert stage_requests("cache", paper, gpus=False) == [{"CPU": 1}]  # small on a CPU cluster
+    assert stage_requests("audit-memorization", paper, gpus=True) == [{"GPU": 1}]
+    for section in ("cache", "audit_memorization"):
+        with pytest.raises(ConfigError, match=f"{section}.min_actors: 3 is above {section}.max_actors"):
+            load_config(None, [f"{section}.min_actors=3", f"{section}.max_actors=2"])
+        with pytest.raises(ConfigError, match=f"{section}.max_actors"):
+            load_config(None, [f"{section}.max_actors=-1"])

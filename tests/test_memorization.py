@@ -70,6 +70,77 @@ def test_read_rows_reads_only_the_row_groups_it_needs(tmp_path, monkeypatch):
     assert read[:4] == [[0], [4], [0, 1], [0, 3, 4]]
 
 
+def _unit(rng, n: int, d: int = 16) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_a_search_task_reads_only_its_groups_partition(tmp_path, monkeypatch):
+    """The real store is split by (specialty, image type): a search reads its group's parts, never
+    another group's (at 1M x 512 float32 the whole store is ~2 GB per task), and finds what brute
+    force over its group's train images finds (the group's test images are no keys)."""
+    from medisyn import storage
+    from medisyn.audit.embeddings import EMBEDDING_SCHEMA, _split_by_group, group_name
+    from medisyn.audit.memorization import search_group
+    from medisyn.records import atomic_write_table
+
+    rng = np.random.default_rng(0)
+    kinds = {"a": ("dermatology", "dermoscopy"), "b": ("radiology", "chest x-ray")}
+    groups = {f"{g}{i:03d}": kinds[g] for g in kinds for i in range(60)}
+    ids = sorted(groups)
+    vectors = _unit(rng, len(ids))
+    real = tmp_path / "real"
+    for part in range(3):  # three batches, as embed writes them: each split by group
+        rows = pa.table({"id": ids[part::3], "embedding": list(vectors[part::3])}, EMBEDDING_SCHEMA)
+        for g, table in _split_by_group(rows, groups).items():
+            atomic_write_table(table, real / g / f"part-{part}.parquet")
+    group = group_name(*kinds["a"])
+    train = [i for i in ids if i.startswith("a") and int(i[1:]) < 50]  # a050..a059: the group's test images
+    queries = ["a050", "a051", "a002"]
+    read, original = [], storage.read_table
+    monkeypatch.setattr(
+        storage, "read_table", lambda path, *a, **kw: read.append(str(path)) or original(path, *a, **kw)
+    )
+    found = search_group(str(real), group, train, str(real), queries, 5, False, 7)
+    assert read and all(f"/{group}/" in p for p in read), read
+    assert {p.rsplit("/", 1)[-1] for p in read} == {f"part-{i}.parquet" for i in range(3)}
+    index = {i: n for n, i in enumerate(ids)}
+    keys = np.stack([vectors[index[i]] for i in train])
+    for q, got in zip(queries, found, strict=True):
+        brute = [train[j] for j in np.argsort(-(keys @ vectors[index[q]]), kind="stable")[:5]]
+        assert got == brute, q
+
+
+def test_the_embedder_actor_gets_preprocessed_pixels_and_decodes_nothing(monkeypatch):
+    """CPU tasks decode and preprocess (``preprocess_images``); the actor runs the network only."""
+    import PIL.Image
+    import torch
+
+    from medisyn.audit.embeddings import Embedder, preprocess_images
+
+    rng = np.random.default_rng(0)
+    images = [_png(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(3)]
+    embedder = Embedder("tiny-embedder")
+    batch = preprocess_images({"id": np.array(["x", "y", "z"]), "image": images}, embedder.preprocess)
+    assert set(batch) == {"id", "pixels"} and batch["pixels"].dtype == np.float32
+    side = batch["pixels"].shape[-1]
+    assert batch["pixels"].shape == (3, 3, side, side)
+    for data, pixels in zip(images, batch["pixels"], strict=True):
+        np.testing.assert_array_equal(pixels, embedder.preprocess(Image.open(io.BytesIO(data)).convert("RGB")).numpy())
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the actor decoded an image")
+
+    monkeypatch.setattr(PIL.Image, "open", no_decoding)
+    out = embedder(batch)
+    assert list(out["id"]) == ["x", "y", "z"]
+    e = np.stack(out["embedding"])
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+    with torch.no_grad():
+        direct = embedder.model.encode_image(torch.from_numpy(batch["pixels"]), normalize=True).numpy()
+    np.testing.assert_allclose(e, direct, rtol=1e-5, atol=1e-6)
+
+
 def test_flags_are_counted_per_ct_series_and_by_dropped_duplicates():
     from medisyn.audit.memorization import summarize
 
@@ -185,7 +256,7 @@ def test_a_copy_outside_the_embeddings_top1_is_found_by_the_pixels(planted, tmp_
     """Re-ranking: the plant's embedding points at another image first, its source is within top-k."""
     import pyarrow.parquet as pq
 
-    from medisyn.audit.embeddings import EMBEDDING_SCHEMA, embeddings_dir, read_embeddings
+    from medisyn.audit.embeddings import EMBEDDING_SCHEMA, embeddings_dir, group_name, read_embeddings
     from medisyn.audit.memorization import find_matches
     from medisyn.records import corpus_index, read_corpus
 
@@ -196,8 +267,9 @@ def test_a_copy_outside_the_embeddings_top1_is_found_by_the_pixels(planted, tmp_
     train_ids = [r["id"] for r in group if (r["specialty"], r["image_type"]) == (row["specialty"], row["image_type"])]
     decoy = next(i for i in train_ids if i != source)
     vector = read_embeddings(embeddings_dir(cfg, "real"), [decoy])[decoy]
-    (tmp_path / "q").mkdir()
-    pq.write_table(pa.table({"id": [image_id], "embedding": [vector]}, EMBEDDING_SCHEMA), tmp_path / "q/part-0.parquet")
+    (tmp_path / "q" / group_name(row["specialty"], row["image_type"])).mkdir(parents=True)
+    pq.write_table(pa.table({"id": [image_id], "embedding": [vector]}, EMBEDDING_SCHEMA),
+                   tmp_path / "q" / group_name(row["specialty"], row["image_type"]) / "part-0.parquet")  # fmt: skip
     job = {
         "kind": "decoy",
         "queries": [{"id": image_id, "specialty": row["specialty"], "image_type": row["image_type"]}],
@@ -214,20 +286,30 @@ def test_a_copy_outside_the_embeddings_top1_is_found_by_the_pixels(planted, tmp_
 def test_embeddings_are_parts_and_a_rerun_embeds_only_what_is_missing(planted):
     import pyarrow.parquet as pq
 
-    from medisyn.audit.embeddings import embed, embeddings_dir, files_source, parts, stored_ids
+    from medisyn.audit.embeddings import embed, embeddings_dir, files_source, group_name, parts, stored_ids
+    from medisyn.records import read_manifest
 
     cfg, summary, _ = planted
     folder = embeddings_dir(cfg, "synthetic-planted")
+    manifest = read_manifest(cfg.run_path / "synthetic/planted", ["id", "specialty", "image_type"]).to_pylist()
+    groups = {r["id"]: (r["specialty"], r["image_type"]) for r in manifest}
     ids = sorted(stored_ids(folder))
     before = parts(folder)
-    assert len(ids) == 20 and before
-    embed(cfg, "synthetic-planted", ids, files_source(cfg.run_path / "synthetic/planted"))
+    assert ids == sorted(groups) and before
+    # one folder per (specialty, image type), each part within its group's
+    assert {p.parent.name for p in before} == {group_name(*g) for g in groups.values()}
+    for p in before:
+        assert {group_name(*groups[i]) for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()} == {
+            p.parent.name
+        }
+    embed(cfg, "synthetic-planted", groups, files_source(cfg.run_path / "synthetic/planted"))
     assert parts(folder) == before  # nothing missing: nothing embedded, nothing rewritten
     lost = set(pq.read_table(before[0], columns=["id"]).column("id").to_pylist())
     before[0].unlink()
-    embed(cfg, "synthetic-planted", ids, files_source(cfg.run_path / "synthetic/planted"))
+    embed(cfg, "synthetic-planted", groups, files_source(cfg.run_path / "synthetic/planted"))
     (new,) = set(parts(folder)) - set(before)
     assert set(pq.read_table(new, columns=["id"]).column("id").to_pylist()) == lost and stored_ids(folder) == set(ids)
+    assert new.parent == before[0].parent
     # flag rates by the matched train image's dropped duplicates: the buckets hold every pair
     for entry in summary["by_kind"].values():
         assert sum(b["pairs"] for b in entry["by_match_near_duplicates"].values()) == entry["overall"]["pairs"]
@@ -259,7 +341,7 @@ def test_a_finished_audit_is_not_redone_unless_its_inputs_change(planted, capsys
     record = cfg.run_path / "audit/memorization/summary.json"
     stamp = record.stat().st_mtime_ns
     m = cfg.audit_memorization
-    fewer_actors = dataclasses.replace(cfg, audit_memorization=dataclasses.replace(m, num_actors=1))
+    fewer_actors = dataclasses.replace(cfg, audit_memorization=dataclasses.replace(m, max_actors=1))
     assert memorization.run(fewer_actors)["by_kind"].keys() == summary["by_kind"].keys()
     assert "already done" in capsys.readouterr().out and record.stat().st_mtime_ns == stamp
 

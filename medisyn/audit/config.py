@@ -22,7 +22,8 @@ class MemorizationConfig:
         "control_queries": ">=0",
         "shard_size": ">=1",
         "batch_size": ">=1",
-        "num_actors": ">=1",
+        "min_actors": ">=1",
+        "max_actors": ">=0",
     }
 
     embedder: str = "biomedclip"  # embedder preset (medisyn/presets), or hf-hub:org/repo, local-dir:/path
@@ -35,13 +36,21 @@ class MemorizationConfig:
     control_queries: int = 1000  # held-out test images and left-out train images searched as controls
     shard_size: int = 65536  # train embeddings per block of the exact search
     batch_size: int = 64  # images per embedding call
-    num_actors: int = 4  # embedding actors at most (one GPU each on GPU clusters)
+    # embedding actor pool bounds, one GPU each on GPU clusters (raytools.actor_pool_bounds); max 0 = every GPU
+    # the cluster has or its autoscaler can add (1 actor on a CPU cluster). CPU tasks decode the images.
+    min_actors: int = 1
+    max_actors: int = 0
 
     def __post_init__(self):
         if not self.sets:
             raise ConfigError("audit_memorization.sets: name at least one synthetic set")
         if self.k < 1 or self.grid < 1 or self.shard_size < 1 or self.control_queries < 0:
             raise ConfigError("audit_memorization: k, grid and shard_size must be >= 1, control_queries >= 0")
+        if self.max_actors and self.min_actors > self.max_actors:
+            raise ConfigError(
+                f"audit_memorization.min_actors: {self.min_actors} is above audit_memorization.max_actors "
+                f"({self.max_actors})"
+            )
         if not 0 < self.threshold < 1:
             raise ConfigError(f"audit_memorization.threshold: {self.threshold} is outside (0, 1)")
         valid = preset_names("embedder")

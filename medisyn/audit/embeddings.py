@@ -1,16 +1,24 @@
 """Image embeddings for the audits: computed by a Ray Data actor pool, stored as parquet parts.
 
-A set of embeddings is a folder of ``part-*.parquet`` files (``id``, ``embedding``: unit-length
-float32). Each batch the actors return is written as its own part, atomically, as it arrives,
-so the driver never holds more than one batch, an interrupted run keeps every finished part,
-and a rerun embeds only the ids no part holds yet. Readers stream the parts: a search reads
-one part at a time (its shard of keys), a lookup keeps only the ids it asked for.
+A set of embeddings is a folder with one subfolder per (specialty, image type) — the groups the
+memorization search compares within — of ``part-*.parquet`` files (``id``, ``embedding``:
+unit-length float32). CPU tasks decode and preprocess the images; the actors (a GPU each where
+there are GPUs) only run the embedder. The driver buffers what the actors return per group and
+writes a group's part, atomically, once it holds ``batch_rows`` rows (and every group's rest at
+the end), so an interrupted run keeps every finished part and a rerun embeds only the ids no part
+of their group holds yet. Readers stream the parts of one group: a search task reads its group's
+train keys and queries, not the whole store (≈ 2 GB at 1M × 512 float32).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
+import json
+import re
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,10 +34,40 @@ from medisyn.storage import path as store_path
 EMBEDDING_SCHEMA = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32()))])
 
 
+def group_name(specialty: str | None, image_type: str | None) -> str:
+    """The subfolder of one (specialty, image type): readable, and unique by its digest."""
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{specialty}--{image_type}".lower()).strip("-")[:48]
+    return f"{slug}-{hashlib.sha256(json.dumps([specialty, image_type]).encode()).hexdigest()[:8]}"
+
+
+def preprocess_images(batch: dict, preprocess) -> dict:
+    """Ray Data CPU stage before the embedder actors: ``image`` (encoded bytes) → ``pixels``, the
+    embedder's own preprocessing (decode, resize, crop, normalise: float32 N×3×S×S)."""
+    from PIL import Image
+
+    pixels = [np.asarray(preprocess(Image.open(io.BytesIO(b)).convert("RGB")), np.float32) for b in batch["image"]]
+    return {"id": batch["id"], "pixels": np.stack(pixels)}
+
+
+def _preprocess_of(embedder: str):
+    from medisyn.models import load_embedder
+
+    return load_embedder(embedder)[1]
+
+
+@functools.lru_cache(maxsize=4)
+def preprocess_of(embedder: str):
+    """The embedder's preprocessing transform, from one Ray task (the driver loads no network)."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1)(_preprocess_of).remote(embedder))
+
+
 class Embedder:
     """Ray Data callable class: the embedder loads once per actor; each call embeds a batch.
 
-    Batch in: ``id``, ``image`` (encoded bytes). Batch out: ``id``, ``embedding`` (unit length)."""
+    Batch in: ``id``, ``pixels`` (preprocessed, from :func:`preprocess_images`; the actor decodes
+    nothing). Batch out: ``id``, ``embedding`` (unit length). ``preprocess`` is the embedder's own."""
 
     def __init__(self, embedder: str):
         import torch
@@ -42,10 +80,8 @@ class Embedder:
         self.model = model.to(self.device)
 
     def __call__(self, batch: dict) -> dict:
-        from PIL import Image
-
         torch = self.torch
-        x = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]])
+        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"], dtype=np.float32))
         with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
             e = self.model.encode_image(x.to(self.device), normalize=True)
         return {"id": batch["id"], "embedding": list(e.float().cpu().numpy())}
@@ -55,41 +91,76 @@ def embeddings_dir(cfg: RunConfig, name: str) -> UPath:
     return cfg.run_path / "audit" / "memorization" / "embeddings" / name
 
 
-def parts(folder: UPath) -> list[UPath]:
-    return sorted(p for p in store_path(folder).glob("part-*.parquet") if not p.name.startswith("."))
+def parts(folder: UPath, group: str | None = None) -> list[UPath]:
+    """The parts of one group's subfolder, or (None) of every group's."""
+    pattern = f"{group}/part-*.parquet" if group else "*/part-*.parquet"
+    return sorted(p for p in store_path(folder).glob(pattern) if not p.name.startswith("."))
+
+
+def stored(folder: UPath) -> dict[str, str]:
+    """``{id: group}`` of the embeddings in ``folder`` (reads the id column only)."""
+    return {
+        i: p.parent.name for p in parts(folder) for i in storage.read_table(p, columns=["id"]).column("id").to_pylist()
+    }
 
 
 def stored_ids(folder: UPath) -> set[str]:
-    """Ids with an embedding in ``folder`` (reads the id column only)."""
-    return {i for p in parts(folder) for i in storage.read_table(p, columns=["id"]).column("id").to_pylist()}
+    """Ids with an embedding in ``folder``."""
+    return set(stored(folder))
 
 
-def embed(cfg: RunConfig, name: str, ids: list[str], source, batch_rows: int = 4096) -> UPath:
-    """Embed the ``ids`` no part of ``embeddings/<name>/`` holds yet; returns the folder.
+def _split_by_group(table: pa.Table, groups: dict[str, tuple]) -> dict[str, pa.Table]:
+    keys = np.asarray([group_name(*groups[i]) if i in groups else "" for i in table.column("id").to_pylist()])
+    return {g: table.filter(pa.array(keys == g)) for g in sorted(set(keys.tolist()) - {""})}
+
+
+def _partition_flat_parts(folder: UPath, groups: dict[str, tuple]) -> None:
+    """Parts written before the store was split by group (``<folder>/part-*.parquet``) move into
+    their groups' subfolders under the same name (a rerun after a kill rewrites the same files)."""
+    for flat in sorted(p for p in store_path(folder).glob("part-*.parquet") if not p.name.startswith(".")):
+        for g, table in _split_by_group(storage.read_table(flat), groups).items():
+            atomic_write_table(table, folder / g / flat.name)
+        flat.unlink()
+
+
+def embed(cfg: RunConfig, name: str, groups: dict[str, tuple], source, batch_rows: int = 4096) -> UPath:
+    """Embed the ids of ``groups`` (``{id: (specialty, image type)}``) that no part of their group in
+    ``embeddings/<name>/`` holds yet; returns the folder.
 
     ``source(todo)`` builds the Ray Dataset (``id``, ``image`` bytes) of the ids to embed, so
     images are read by Ray Data tasks on the cluster, never by the driver."""
-    import ray
-
-    from medisyn.raytools import ensure_ray, gpus_available
+    from medisyn.raytools import actor_pool, ensure_ray, gpus_available
 
     folder = embeddings_dir(cfg, name)
     folder.mkdir(parents=True, exist_ok=True)
-    remove_partial_writes(folder)
-    have = stored_ids(folder)
-    todo = sorted(set(ids) - have)
+    _partition_flat_parts(folder, groups)
+    for sub in folder.iterdir():
+        if sub.is_dir():
+            remove_partial_writes(sub)  # writes a killed run did not finish
+    have = {i for i, g in stored(folder).items() if i in groups and group_name(*groups[i]) == g}
+    todo = sorted(set(groups) - have)
     if todo:
         ensure_ray()
         m = cfg.audit_memorization
         use_gpu = gpus_available(cfg.train.use_gpu)
         ds = source(todo).map_batches(
+            preprocess_images, fn_kwargs={"preprocess": preprocess_of(m.embedder)}, batch_size=m.batch_size
+        )
+        ds = ds.map_batches(
             Embedder,
             fn_constructor_args=(m.embedder,),
             batch_size=m.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=m.num_actors),
+            compute=actor_pool(m.min_actors, m.max_actors, use_gpu),
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
+        pending: dict[str, list[pa.Table]] = defaultdict(list)
+
+        def flush(group: str) -> None:
+            table = pa.concat_tables(pending.pop(group))
+            atomic_write_table(table, folder / group / f"part-{uuid.uuid4().hex}.parquet")
+            have.update(table.column("id").to_pylist())
+
         for batch in ds.iter_batches(batch_size=batch_rows, batch_format="numpy"):
             table = pa.table(
                 {
@@ -98,19 +169,28 @@ def embed(cfg: RunConfig, name: str, ids: list[str], source, batch_rows: int = 4
                 },
                 schema=EMBEDDING_SCHEMA,
             )
-            atomic_write_table(table, folder / f"part-{uuid.uuid4().hex}.parquet")
-            have.update(table.column("id").to_pylist())
-    missing = set(ids) - have
+            for g, rows in _split_by_group(table, groups).items():
+                pending[g].append(rows)
+                if sum(t.num_rows for t in pending[g]) >= batch_rows:
+                    flush(g)
+        for g in sorted(pending):
+            flush(g)
+    missing = set(groups) - have
     if missing:
         raise RuntimeError(f"audit-memorization: {len(missing)} images of {name} could not be embedded")
     return folder
 
 
-def _read(part: UPath, ids: set[str] | None) -> pa.Table:
+def _read(part: UPath, ids: pa.Array | None) -> pa.Table:
     table = storage.read_table(part)
     if ids is not None:
-        table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(ids), pa.string())))
+        table = table.filter(pc.is_in(table.column("id"), value_set=ids))
     return table
+
+
+def _id_set(ids) -> pa.Array:
+    """The ids as one arrow array, built once per reader (not once per part)."""
+    return pa.array(list(ids), pa.string())
 
 
 def _matrix(table: pa.Table) -> np.ndarray:
@@ -120,19 +200,20 @@ def _matrix(table: pa.Table) -> np.ndarray:
     return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1).astype(np.float32, copy=False)
 
 
-def read_embeddings(folder: UPath, ids) -> dict[str, np.ndarray]:
-    """``{id: embedding}`` for the given ids only (the parts are read one at a time)."""
-    wanted, out = set(ids), {}
-    for part in parts(folder):
+def read_embeddings(folder: UPath, ids, group: str | None = None) -> dict[str, np.ndarray]:
+    """``{id: embedding}`` for the given ids only (of one group's parts when given; read one at a time)."""
+    wanted, out = _id_set(set(ids)), {}
+    for part in parts(folder, group):
         table = _read(part, wanted)
         out.update(zip(table.column("id").to_pylist(), _matrix(table), strict=True))
     return out
 
 
-def embedding_shards(folder: UPath, ids: set[str]) -> Iterator[tuple[list[str], np.ndarray]]:
-    """The embeddings of ``ids`` one part at a time: (ids, [n, d]) — a search's shards of keys."""
-    for part in parts(folder):
-        table = _read(part, ids)
+def embedding_shards(folder: UPath, ids, group: str | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+    """The embeddings of ``ids`` one part of ``group`` at a time: (ids, [n, d]) — a search's shards of keys."""
+    wanted = _id_set(set(ids))
+    for part in parts(folder, group):
+        table = _read(part, wanted)
         if table.num_rows:
             yield table.column("id").to_pylist(), _matrix(table)
 

@@ -62,13 +62,13 @@ def thumbnails(images: list[bytes], size: int = 16) -> np.ndarray:
 
 def embeddings(images: list[bytes], embedder: str, batch_size: int = 64) -> np.ndarray:
     """Encoded images -> unit-length embeddings, by the memorization audit's ``Embedder``."""
-    from medisyn.audit.embeddings import Embedder
+    from medisyn.audit.embeddings import Embedder, preprocess_images
 
     embed = Embedder(embedder)
-    chunks = [
-        np.stack(embed({"id": [], "image": images[start : start + batch_size]})["embedding"])
-        for start in range(0, len(images), batch_size)
-    ]
+    chunks = []
+    for start in range(0, len(images), batch_size):  # decoded here, as the audit's CPU stage does before its actors
+        pixels = preprocess_images({"id": [], "image": images[start : start + batch_size]}, embed.preprocess)
+        chunks.append(np.stack(embed(pixels)["embedding"]))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
 

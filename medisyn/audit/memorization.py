@@ -4,10 +4,12 @@
    open_clip on real runs; the ``tiny-embedder`` offline) of every real train image, the test
    control and every synthetic image of the audited sets, by a Ray Data actor pool (a GPU each
    where there are GPUs), unit length, written batch by batch as parquet parts under
-   ``audit/memorization/embeddings/<name>/`` (a re-run embeds only ids no part holds).
+   ``audit/memorization/embeddings/<name>/<group>/``, one subfolder per (specialty, image type)
+   (a re-run embeds only ids no part holds).
 2. Exact top-k (k = 50) inner-product search per (specialty, image type), one Ray task per
-   chunk of queries, the train side streamed part by part from the store
-   (:func:`medisyn.audit.neighbours.topk_search`): no step holds a whole group's embeddings.
+   chunk of queries, the train side streamed part by part from its group's subfolder only
+   (:func:`medisyn.audit.neighbours.topk_search`): no step holds a whole group's embeddings,
+   and no task reads another group's.
 3. Patch distance (:func:`medisyn.audit.neighbours.patch_distance`, 4×4 grid) to all k
    neighbours, one Ray task per corpus shard that holds candidates (only the row groups that
    hold them read, only the candidate rows decoded), so the corpus is never read per query;
@@ -43,6 +45,7 @@ from medisyn.audit.embeddings import (
     embedding_shards,
     embeddings_dir,
     files_source,
+    group_name,
     read_embeddings,
 )
 from medisyn.audit.neighbours import patch_distance, topk_search
@@ -74,16 +77,24 @@ SERIES_TYPES = ("computed tomography", "magnetic resonance imaging")  # image ty
 
 
 def search_group(
-    real_dir: str, train_ids: list[str], query_dir: str, query_ids: list[str], k: int, leave_one_out: bool, shard: int
+    real_dir: str,
+    group: str,
+    train_ids: list[str],
+    query_dir: str,
+    query_ids: list[str],
+    k: int,
+    leave_one_out: bool,
+    shard: int,
 ) -> list[list[str]]:
     """Ray task: each query's top-k train ids by embedding within one group, the train side
-    streamed part by part (and ``shard`` rows at a time) from the embeddings store."""
-    wanted = read_embeddings(store_path(query_dir), query_ids)
+    streamed part by part (and ``shard`` rows at a time) from that group's subfolder of the
+    embeddings store; queries and keys are read from ``group``'s parts only."""
+    wanted = read_embeddings(store_path(query_dir), query_ids, group)
     q = np.stack([wanted[i] for i in query_ids])
     seen: list[str] = []
 
     def key_shards():
-        for ids, keys in embedding_shards(store_path(real_dir), set(train_ids)):
+        for ids, keys in embedding_shards(store_path(real_dir), train_ids, group):
             for start in range(0, len(ids), shard):
                 offset = len(seen)
                 seen.extend(ids[start : start + shard])
@@ -140,11 +151,12 @@ def stage_query_images(index: dict, ids: list[str], folder: UPath) -> dict[str, 
 def find_matches(cfg: RunConfig, jobs: list[dict], index: dict, chunk: int = 1024) -> list[dict]:
     """Each query's match among its group's train images: top-k by embedding, re-ranked by pixels.
 
-    A job is ``{"kind", "queries": [{id, specialty, image_type}], "train_ids", "query_dir",
-    "paths": {query id: image file}, "leave_one_out"}``. Searches run as one Ray task per
-    (job, chunk of queries); then every candidate pair is grouped by the corpus shard that
-    holds its train image, and one Ray task per shard computes those patch distances, so the
-    corpus is read once, only where candidates live, and no image passes through the driver."""
+    A job is ``{"kind", "queries": [{id, specialty, image_type}] (of one group), "train_ids",
+    "query_dir", "paths": {query id: image file}, "leave_one_out"}``. Searches run as one Ray task
+    per (job, chunk of queries), each reading its group's embeddings only; then every candidate
+    pair is grouped by the corpus shard that holds its train image, and one Ray task per shard
+    computes those patch distances, so the corpus is read once, only where candidates live, and
+    no image passes through the driver."""
     import ray
 
     m = cfg.audit_memorization
@@ -161,6 +173,7 @@ def find_matches(cfg: RunConfig, jobs: list[dict], index: dict, chunk: int = 102
             rows = job["queries"][start : start + chunk]
             ref = search.remote(
                 real_dir,
+                group_name(rows[0]["specialty"], rows[0]["image_type"]),
                 ids_ref,
                 uri(job["query_dir"]),
                 [r["id"] for r in rows],
@@ -224,7 +237,9 @@ def run(cfg: RunConfig) -> dict:
         "sets": {name: set_identity(cfg.run_path / "synthetic" / name) for name in m.sets},
         "corpus": corpus_identity(corpus),
         # how it is spread over the cluster does not change a distance
-        "settings": {k: v for k, v in to_dict(m).items() if k not in ("shard_size", "batch_size", "num_actors")},
+        "settings": {
+            k: v for k, v in to_dict(m).items() if k not in ("shard_size", "batch_size", "min_actors", "max_actors")
+        },
         "seed": cfg.seed,
     }
     done = finished_with(out / "summary.json", inputs)
@@ -255,12 +270,14 @@ def run(cfg: RunConfig) -> dict:
     ctl_test = test.iloc[sorted(rng.choice(len(test), min(m.control_queries, len(test)), replace=False))]
     loo, ctl_test = loo[cols].to_dict("records"), ctl_test[cols].to_dict("records")
     ensure_ray()
-    real_dir = embed(cfg, "real", train["id"].tolist() + test["id"].tolist(), corpus_source(corpus))
+    group_of = dict(zip(real["id"], zip(real["specialty"], real["image_type"], strict=True), strict=True))
+    real_ids = set(train["id"]) | set(test["id"])
+    real_dir = embed(cfg, "real", {i: group_of[i] for i in real_ids}, corpus_source(corpus))
     index = corpus_index(corpus)
     control_paths = stage_query_images(index, [r["id"] for r in ctl_test + loo], out / "queries")
     kinds = [
-        (f"synthetic:{n}", rows, False, embed(cfg, f"synthetic-{n}", [r["id"] for r in rows], files_source(
-            cfg.run_path / "synthetic" / n)), {r["id"]: r["path"] for r in rows})
+        (f"synthetic:{n}", rows, False, embed(cfg, f"synthetic-{n}", {r["id"]: (r["specialty"], r["image_type"])
+            for r in rows}, files_source(cfg.run_path / "synthetic" / n)), {r["id"]: r["path"] for r in rows})
         for n, rows in sets.items()
     ]  # fmt: skip
     kinds += [("control:test", ctl_test, False, real_dir, control_paths)]

@@ -312,7 +312,8 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> d
     jobs = expand(pset)
     size_of = {j.id: conditioning_size(sizes, j.image_type, g.resolution) for j in jobs}
     done = whole_images(out, jobs, _written(out))
-    todo = [j for j in jobs if j.id not in done]
+    # by conditioning size (stable): a batch of one size is one pipeline call (sampling.generate_images)
+    todo = sorted((j for j in jobs if j.id not in done), key=lambda j: size_of[j.id])
     log.info(
         "generate %s: %d images requested, %d present, %d to make",
         pset.name,

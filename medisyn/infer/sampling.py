@@ -54,6 +54,15 @@ def to_uint8(images: np.ndarray) -> list[np.ndarray]:
     return [(np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in images]
 
 
+def batches_by_size(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices into ``sizes`` in batches of at most ``batch_size``, each of one conditioning size where
+    the counts allow (stable: caller's order within a size). :func:`generate_images` makes one pipeline
+    call per size in a batch, so a batch whose image types interleave runs as several small calls;
+    sorted, a batch is one call except where one size's run ends and the next begins."""
+    order = sorted(range(len(sizes)), key=lambda i: tuple(sizes[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def generate_images(
     pipe,
     prompts: list[str],

@@ -10,8 +10,9 @@ The real side is the same for every checkpoint, so it is extracted once: one Ray
 real images from the corpus itself and writes their running feature sums to
 ``select/real-<digest>.npz`` in the run directory (reused by later runs with the same sample and
 extractor). Then one Ray task per checkpoint (a GPU each where there are GPUs, all the CPUs it
-was given otherwise) loads those sums, generates and extracts only the synthetic side. Only
-paths and numbers pass through the driver.
+was given otherwise) loads those sums, generates and extracts only the synthetic side. The best
+checkpoint is exported by one more Ray task (a GPU node's where there are GPUs). Only paths and
+numbers pass through the driver.
 """
 
 from __future__ import annotations
@@ -113,24 +114,28 @@ def pipeline_fid(
     seed: int,
     sizes: dict[str, list[int]],
 ) -> dict[str, float]:
-    """FID per key of ``pipe``'s images for the rows' captions against the cached real statistics."""
-    from medisyn.infer.sampling import generate_images
+    """FID per key of ``pipe``'s images for the rows' captions against the cached real statistics.
+
+    Row i's image has seed ``seed * 1_000_003 + i`` and its image type's size, whatever batch it
+    falls in; rows are batched by conditioning size (``sampling.batches_by_size``), so a batch is
+    one pipeline call instead of one per image type in it."""
+    from medisyn.infer.sampling import batches_by_size, generate_images
 
     device = pipe.device.type
     extract, metrics = fid.extraction(kind, weights, keys_of(rows), device)
     fid.load_real_state(metrics, real)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
+    size_of = [conditioning_size(sizes, r["image_type"], resolution) for r in rows]
+    for idx in batches_by_size(size_of, batch_size):
         fake = generate_images(
             pipe,
-            [r["caption"] for r in batch],
-            [seed * 1_000_003 + start + i for i in range(len(batch))],
+            [rows[i]["caption"] for i in idx],
+            [seed * 1_000_003 + i for i in idx],
             resolution=resolution,
             steps=steps,
             guidance_scale=guidance_scale,
-            original_sizes=[conditioning_size(sizes, r["image_type"], resolution) for r in batch],
+            original_sizes=[size_of[i] for i in idx],
         )
-        fid.update(metrics, extract, [r["specialty"] for r in batch], fake, real=False)
+        fid.update(metrics, extract, [rows[i]["specialty"] for i in idx], fake, real=False)
     return fid.compute(metrics)
 
 
@@ -202,15 +207,17 @@ def score_checkpoint(cfg: RunConfig, checkpoint: str, rows, real_file: str, size
     }
 
 
-def export_pipeline(cfg: RunConfig, checkpoint: UPath, out: UPath, sizes: dict[str, list[int]]) -> UPath:
+def export_pipeline(cfg: RunConfig, checkpoint: str, out: str, sizes: dict[str, list[int]]) -> str:
     """Base text encoders, tokenizers, VAE and scheduler + the fine-tuned U-Net, diffusers layout.
 
-    Saved on this node, then put in place with ``medisyn.json`` last: a folder holding it is whole."""
+    Saved on this node, then put in place with ``medisyn.json`` last: a folder holding it is whole.
+    Runs as a Ray task (:func:`export`): the pipeline loads in fp32 (≈ 19 GB of RAM at SDXL size)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from medisyn.models import load_pipeline, save_pipeline
 
+    checkpoint, out = storage.path(checkpoint), storage.path(out)
     pipe = load_pipeline(cfg.model)
     # bf16 as the checkpoint stores it (~5 GB at SDXL size); from_pretrained loads it in any dtype
     with storage.local_dir(unet_dir(checkpoint, cfg.select.weights)) as d:
@@ -229,7 +236,20 @@ def export_pipeline(cfg: RunConfig, checkpoint: UPath, out: UPath, sizes: dict[s
             )
         )
         storage.upload_dir(tmp, out, last=EXPORT_RECORD)
-    return out
+    return storage.uri(out)
+
+
+def export(cfg: RunConfig, checkpoint: UPath, sizes: dict[str, list[int]]) -> UPath:
+    """Export ``checkpoint`` to ``<run_dir>/model`` in one Ray task (a GPU node's where the cluster has
+    GPUs), never in the driver; only the folder's path comes back."""
+    import ray
+
+    from medisyn.raytools import ensure_ray, gpus_available
+
+    ensure_ray()
+    task = ray.remote(num_gpus=1 if gpus_available(cfg.train.use_gpu) else 0, num_cpus=1)(export_pipeline)
+    out = storage.uri(cfg.run_path / "model")
+    return storage.path(ray.get(task.remote(cfg, storage.uri(checkpoint), out, sizes)))
 
 
 def run(cfg: RunConfig) -> dict:
@@ -274,7 +294,7 @@ def run(cfg: RunConfig) -> dict:
     task = ray.remote(num_gpus=gpus, num_cpus=1)(score_checkpoint)
     scores = ray.get([task.remote(cfg_ref, storage.uri(c), rows_ref, storage.uri(real_file), sizes) for c in ckpts])
     best = min(scores, key=lambda s: (np.nan_to_num(s["fid"], nan=np.inf), s["checkpoint"]))
-    model_dir = export_pipeline(cfg, cfg.run_path / "checkpoints" / best["checkpoint"], cfg.run_path / "model", sizes)
+    model_dir = export(cfg, cfg.run_path / "checkpoints" / best["checkpoint"], sizes)
     selection = {
         "criterion": "fid",
         "feature_extractor": label,
@@ -303,7 +323,7 @@ def run(cfg: RunConfig) -> dict:
 def _export_last(cfg: RunConfig, ckpts: list, sizes: dict, fingerprint: dict, done_file: UPath) -> dict:
     """``select.criterion: last``: export the last epoch without generating or scoring anything."""
     last = ckpts[-1]
-    model_dir = export_pipeline(cfg, last, cfg.run_path / "model", sizes)
+    model_dir = export(cfg, last, sizes)
     selection = {
         "criterion": "last",
         "feature_extractor": "none (select.criterion=last: the last epoch is exported, no FID is computed)",

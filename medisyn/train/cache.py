@@ -2,18 +2,20 @@
 
 - Latents: for every train image, the VAE posterior's mean and log-variance (fp16), not a
   sample — training draws a fresh latent from them at every step. Ray Data streams the
-  corpus through an actor pool (one GPU per actor on GPU clusters) and writes parquet.
+  corpus through CPU tasks that decode the images, then an actor pool (one GPU per actor on GPU
+  clusters, as many as the cluster has or can add) that encodes them, and writes parquet.
 - Text: for every *unique* caption (a million images share a few hundred templated
   captions) and for "", both text encoders' hidden states (concatenated, as SDXL's U-Net
   reads them) and the pooled embedding of the second encoder. One Ray task loads the two
   text encoders and tokenizers only (no U-Net, no VAE) on a worker, never on the driver.
 
-Keyed by model identity and training resolution (``cache/<identity>/``); latents are keyed by
-image id inside it, so a re-run encodes only images not yet cached (the train split minus the
-cached ids, a broadcast anti-join: never a literal list of a million ids in the plan), and a
-changed model or resolution writes a new cache beside the old one. ``cache.json`` records the
-train ids' count and digest; the ids themselves are ``train_ids.parquet`` beside it. Every file
-goes through :mod:`medisyn.storage`, so the run directory may be an object-store URI.
+Keyed by model identity (a VAE directory by its content, not its path) and training resolution
+(``cache/<identity>/``); latents are keyed by image id inside it, so a re-run encodes only images
+not yet cached (the train split minus the cached ids, a broadcast anti-join: never a literal list
+of a million ids in the plan), and a changed model or resolution writes a new cache beside the
+old one. ``cache.json`` records the train ids' count and digest; the ids themselves are
+``train_ids.parquet`` beside it. Every file goes through :mod:`medisyn.storage`, so the run
+directory may be an object-store URI.
 """
 
 from __future__ import annotations
@@ -35,13 +37,33 @@ from medisyn.records import atomic_write_table, atomic_write_text, read_corpus, 
 log = logging.getLogger(__name__)
 
 
-def model_identity(model: ModelConfig, resolution: int) -> str:
-    """Folder name of a cache: which networks and which training resolution it belongs to."""
-    vae = model.vae
-    if vae and storage.path(vae).is_dir():  # a VAE directory (a fitted one may be refit in place): key by its weights
-        from medisyn.train.vae import vae_fingerprint
+VAE_FILES = ("config.json", "*.safetensors", "*.bin")  # what a VAE directory's encoding depends on
 
-        vae = f"{vae}@{vae_fingerprint(vae)}"
+
+def dir_content(folder: str | UPath, patterns: tuple[str, ...] = VAE_FILES) -> list[list]:
+    """``[[name, bytes, sha256], ...]`` of a directory's files matching ``patterns``, by name: what it
+    holds, not where it sits or when it was written, so a copy elsewhere has the same content."""
+    folder = storage.path(folder)
+    files = sorted({p.name: p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}.items())
+    out = []
+    for name, path in files:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        out.append([name, path.stat().st_size, h.hexdigest()])
+    return out
+
+
+def model_identity(model: ModelConfig, resolution: int) -> str:
+    """Folder name of a cache: which networks and which training resolution it belongs to.
+
+    A VAE directory (a fitted one may be refit in place) is named by its files' names, sizes and
+    digests, not by its path: a run directory moved or copied to a bucket keeps its cache. A hub
+    id (or "", the preset's) is named as it is."""
+    vae: str | dict = model.vae
+    if vae and storage.path(vae).is_dir():
+        vae = {"files": dir_content(vae)}
     key = json.dumps(
         {"preset": model.preset, "base": model.base, "vae": vae, "seed": model.seed, "resolution": resolution},
         sort_keys=True,
@@ -66,22 +88,36 @@ def read_train_ids(cache: str | UPath) -> list[str]:
     return storage.read_table(storage.path(cache) / TRAIN_IDS, columns=["id"]).column("id").to_pylist()
 
 
-def load_image(data: bytes, resolution: int) -> np.ndarray:
-    """Corpus bytes → float32 CHW in [-1, 1] at the training resolution (antialiased)."""
+def load_pixels(data: bytes, resolution: int) -> np.ndarray:
+    """Corpus bytes → uint8 H×W×3 at the training resolution (antialiased)."""
     from PIL import Image
 
     im = Image.open(io.BytesIO(data)).convert("RGB")
     if im.size != (resolution, resolution):
         im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
-    return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_image(data: bytes, resolution: int) -> np.ndarray:
+    """Corpus bytes → float32 CHW in [-1, 1] at the training resolution (antialiased)."""
+    return load_pixels(data, resolution).astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def decode_images(batch: dict, resolution: int) -> dict:
+    """Ray Data CPU stage before the encoder actors: ``image`` (corpus bytes) → ``pixels`` (uint8
+    N×r×r×3, a quarter of float32's bytes in the object store). Decoding here, on as many CPU tasks
+    as the cluster runs, keeps it out of the GPU actors, which reserve no CPU."""
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out["pixels"] = np.stack([load_pixels(b, resolution) for b in batch["image"]])
+    return out
 
 
 class VaeEncoder:
     """Ray Data callable class: loads the VAE once per actor, encodes a batch per call.
 
-    Batch in: ``id``, ``image`` (corpus bytes), ``caption``, ``original_size``, ``crop_top_left``.
-    Batch out: ``id``, ``caption``, ``original_size``, ``crop_top_left`` (scaled to the training
-    resolution), ``mean`` and ``logvar`` (float16, 4 × r/8 × r/8).
+    Batch in: ``id``, ``pixels`` (uint8 N×r×r×3, from :func:`decode_images`), ``caption``,
+    ``original_size``, ``crop_top_left``. Batch out: ``id``, ``caption``, ``original_size``,
+    ``crop_top_left`` (scaled to the training resolution), ``mean`` and ``logvar`` (float16, 4 × r/8 × r/8).
     """
 
     def __init__(self, cfg: RunConfig):
@@ -98,9 +134,10 @@ class VaeEncoder:
 
     def __call__(self, batch: dict) -> dict:
         torch = self.torch
-        x = np.stack([load_image(b, self.resolution) for b in batch["image"]])
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)  # uint8 over the bus
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0  # load_image's mapping to [-1, 1]
         with torch.no_grad():
-            dist = self.vae.encode(torch.from_numpy(x).to(self.device, self.dtype)).latent_dist
+            dist = self.vae.encode(x.to(self.dtype)).latent_dist
         scale = self.resolution / self.ingest_size
         crops = np.stack([np.asarray(c, dtype=np.float32) for c in batch["crop_top_left"]]) * scale
         return {
@@ -207,7 +244,7 @@ def run(cfg: RunConfig) -> dict:
     import ray
     from ray.data.expressions import col
 
-    from medisyn.raytools import ensure_ray, gpus_available, keep_ids
+    from medisyn.raytools import actor_pool, ensure_ray, gpus_available, keep_ids
     from medisyn.train.vae import check_fitted_vae
 
     check_fitted_vae(cfg)
@@ -239,11 +276,13 @@ def run(cfg: RunConfig) -> dict:
         ds = ds.filter(expr=col("split") == "train")
         if done:  # what a previous run cached: an anti-join against the ids, put in the object store once
             ds = keep_ids(ds, done, drop=True)
+        c = cfg.cache
+        ds = ds.map_batches(decode_images, fn_kwargs={"resolution": cfg.train.resolution}, batch_size=c.batch_size)
         ds = ds.map_batches(
             VaeEncoder,
             fn_constructor_args=(cfg,),
-            batch_size=cfg.cache.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.cache.num_actors),
+            batch_size=c.batch_size,
+            compute=actor_pool(c.min_actors, c.max_actors, use_gpu),
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
