@@ -197,10 +197,10 @@ def _source(value: str, default: str, what: str) -> str:
     """A hub id or an existing local directory; a path-like value that does not exist is an error."""
     src = value or default
     if "://" in src:  # an object-store folder (s3://): a per-node local copy (storage.cached_copy)
-        from medisyn.storage import cached_copy
+        from medisyn.storage import cached_copy, diffusers_files
 
-        try:
-            return str(cached_copy(src))
+        try:  # only the weights from_pretrained loads (no fp16 variants, .bin or single-file checkpoints)
+            return str(cached_copy(src, diffusers_files))
         except FileNotFoundError:
             raise FileNotFoundError(f"model.{what}: {src!r} does not exist") from None
     looks_local = src.startswith((".", "/", "~")) or src.count("/") != 1

@@ -38,6 +38,54 @@ def gpus_available(wanted: bool = True) -> bool:
     )
 
 
+def _same_shape(node: dict[str, float], shape: dict[str, float]) -> bool:
+    return all(abs(node.get(k, 0.0) - v) < 1e-9 for k, v in shape.items() if k in ("CPU", "GPU"))
+
+
+def gpu_capacity(nodes: list[dict[str, float]], groups: list[tuple[dict[str, float], int]] = ()) -> float | None:
+    """GPUs of the ``nodes`` up now plus those the autoscaler may still add (``groups``: node shape,
+    most workers of that shape, -1 unbounded; nodes up of a group's shape count against its most).
+    None: unbounded. A pure function, as :func:`resource_shortfall`."""
+    total = sum(float(n.get("GPU", 0.0)) for n in nodes)
+    unmatched = [dict(n) for n in nodes]
+    for shape, most in groups:
+        up = [n for n in unmatched if _same_shape(n, shape)]
+        for n in up:
+            unmatched.remove(n)
+        if float(shape.get("GPU", 0.0)) <= 0:
+            continue
+        if most < 0:
+            return None
+        total += float(shape["GPU"]) * max(most - len(up), 0)
+    return total
+
+
+def actor_pool_bounds(min_actors: int, max_actors: int, use_gpu: bool, gpus: float | None) -> tuple[int, int | None]:
+    """(min, max) actors of a one-GPU-per-actor pool on a cluster of ``gpus`` GPUs now or reachable
+    (None: unbounded; max None: Ray Data's unbounded pool). ``max_actors`` 0 means every such GPU;
+    a set maximum is cut to them, so no actor waits for a GPU that can never come. On a CPU cluster
+    (``use_gpu`` false) the pool stays small: ``max_actors``, or 1 when 0. A pure function."""
+    if not use_gpu:
+        most: int | None = max_actors or 1
+    elif gpus is None:
+        most = max_actors or None
+    else:
+        reachable = max(1, int(gpus))
+        most = min(max_actors, reachable) if max_actors else reachable
+    least = min(min_actors, most) if most else min_actors
+    return least, most
+
+
+def actor_pool(min_actors: int, max_actors: int, use_gpu: bool):
+    """Ray Data's ``ActorPoolStrategy`` for :func:`actor_pool_bounds` on the live cluster."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    least, most = actor_pool_bounds(min_actors, max_actors, use_gpu, gpu_capacity(nodes, autoscaling_groups()))
+    log.info("actor pool: %d to %s actors (%s)", least, most or "unbounded", "one GPU each" if use_gpu else "CPU")
+    return ray.data.ActorPoolStrategy(min_size=least, max_size=most)
+
+
 # Where `publish_autoscaling_groups` leaves the cluster launcher's worker types in the GCS key-value store.
 KV_NAMESPACE, KV_GROUPS = "medisyn", "autoscaling_groups"
 
@@ -164,8 +212,9 @@ def stage_requests(stage: str, cfg, gpus: bool) -> list[dict[str, float]]:
         return [{"CPU": 1}]
     if stage == "vae":  # disabled (real runs keep SDXL's VAE): the stage only says so
         return [{"CPU": cfg.vae_fit.cpus_per_worker}] * cfg.vae_fit.num_workers if cfg.vae_fit.enabled else []
-    if stage == "cache":
-        return [{"GPU": 1} if gpus else {"CPU": 1}] * cfg.cache.num_actors
+    if stage == "cache":  # the encoder pool at its minimum (raytools.actor_pool_bounds)
+        least = actor_pool_bounds(cfg.cache.min_actors, cfg.cache.max_actors, gpus, None)[0]
+        return [{"GPU": 1} if gpus else {"CPU": 1}] * least
     if stage == "train":  # ScalingConfig(use_gpu=train.use_gpu): no fallback to CPUs
         return [{"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0}] * t.num_workers
     if stage == "select":
@@ -175,8 +224,9 @@ def stage_requests(stage: str, cfg, gpus: bool) -> list[dict[str, float]]:
         return [{"GPU": 1} if gpus else {"CPU": g.cpus_per_actor}] * g.min_actors
     if stage == "audit-fidelity":
         return [{"CPU": 1, "GPU": 1 if gpus and cfg.audit_fidelity.features == "embedder" else 0}]
-    if stage == "audit-memorization":
-        return [{"GPU": 1} if gpus else {"CPU": 1}]
+    if stage == "audit-memorization":  # the embedder pool at its minimum
+        m = cfg.audit_memorization
+        return [{"GPU": 1} if gpus else {"CPU": 1}] * actor_pool_bounds(m.min_actors, m.max_actors, gpus, None)[0]
     if stage == "audit-utility":  # its GPU use follows the cluster, not train.use_gpu
         u = cfg.audit_utility
         return [{"CPU": u.cpus_per_trial, "GPU": u.gpus_per_trial if gpus else 0}]
@@ -284,3 +334,64 @@ def _node_sees(node_id: str, path: str) -> bool:
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
     )
     return bool(ray.get(probe.remote(path)))
+
+
+def check_sources(sources: dict[str, tuple[str, str]], nodes: list[str] | None = None, sees=None) -> None:
+    """Stop before any ingest work when a node cannot read a source repository.
+
+    ``sources``: ``{repository name: (root, label CSV)}``, local paths or URIs. The driver lists the
+    repositories itself; every other node must see each root as a folder and read its label CSV, or
+    its tasks would fail on every file they are given (a node without the mount, a node without the
+    bucket's credentials). ``nodes`` and ``sees(nodes, sources) -> for each node, the names it can read``
+    default to the live cluster's other nodes and one task pinned to each (:func:`visible_sources`)."""
+    from medisyn.configtools import ConfigError
+
+    if not sources:
+        return
+    if nodes is None:
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if not nodes:
+        return
+    seen = dict(zip(nodes, (sees or _node_sources)(nodes, sources), strict=True))
+    for node in nodes:
+        blind = [name for name in sources if name not in seen[node]]
+        if blind:
+            nodes_blind = sum(1 for n in nodes if blind[0] not in seen[n])
+            raise ConfigError(
+                f"ingest: node {node[:12]}… cannot read repository {blind[0]!r} ({sources[blind[0]][0]}: its root "
+                f"folder or label CSV){f' nor {len(blind) - 1} other(s)' if len(blind) > 1 else ''}; "
+                f"{nodes_blind} of {len(nodes) + 1} nodes cannot. Every node reads sources: mount the repository on "
+                "every node at the same path, or give an object-store URI (s3://bucket/repo) every node can read"
+            )
+
+
+def visible_sources(sources: dict[str, tuple[str, str]]) -> list[str]:
+    """The names of ``sources`` whose root is a folder and whose label CSV reads, from this process."""
+    from medisyn import storage
+
+    names = []
+    for name, (root, csv) in sources.items():
+        try:
+            if storage.path(root).is_dir():
+                with storage.path(csv).open("rb") as f:
+                    f.read(1)
+                names.append(name)
+        except Exception:  # missing, unmounted, no permission, no credentials: not visible
+            pass
+    return names
+
+
+def _node_sources(nodes: list[str], sources: dict[str, tuple[str, str]]) -> list[list[str]]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(visible_sources)
+    return ray.get(
+        [
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(sources)
+            for n in nodes
+        ]
+    )

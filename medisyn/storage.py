@@ -19,13 +19,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
 from upath import UPath
 
 LOCAL_PROTOCOLS = ("", "file", "local")
@@ -142,43 +145,102 @@ def local_dir(p: str | os.PathLike):
 
 
 def _cache_root() -> Path:
-    """Where per-node copies of remote inputs live (``MEDISYN_CACHE``, else the temp dir)."""
-    return Path(os.environ.get("MEDISYN_CACHE", Path(tempfile.gettempdir()) / "medisyn-cache"))
+    """Where per-node copies of remote inputs live: ``MEDISYN_CACHE_DIR`` (a node-local NVMe disk on
+    the cluster, set by cluster.yaml's start commands; ``MEDISYN_CACHE`` is read too), else
+    ``<temp dir>/medisyn-cache``."""
+    env = os.environ.get("MEDISYN_CACHE_DIR") or os.environ.get("MEDISYN_CACHE")
+    return Path(env) if env else Path(tempfile.gettempdir()) / "medisyn-cache"
 
 
-def cached_copy(p: str | os.PathLike) -> Path:
+# The weight files a model folder may carry that `from_pretrained` (no variant, safetensors preferred)
+# never reads once the folder has its plain safetensors: other formats, fp16/ema variants, single-file
+# checkpoints. ONNX/Flax/TF weights and the PyTorch pickles are what diffusers' own download skips.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".msgpack", ".onnx", ".pb", ".h5")
+_PLAIN_SAFETENSORS = re.compile(
+    r"(diffusion_pytorch_model|model|pytorch_model)(-\d{5}-of-\d{5})?\.safetensors"
+)  # diffusion_pytorch_model.safetensors, model-00001-of-00002.safetensors; not name.fp16.safetensors
+
+
+def diffusers_files(names: list[str]) -> list[str]:
+    """The files of a diffusers model folder (relative POSIX names) that ``from_pretrained`` loads
+    without a ``variant``: in a folder that holds a plain safetensors weight file (see
+    ``_PLAIN_SAFETENSORS``), every other weight file is left out (``*.fp16.safetensors``, ``*.bin``,
+    ``*.ckpt``, ``*.msgpack``, ``*.onnx``, …); a folder with only ``.bin`` weights keeps them. Beside
+    a ``model_index.json`` (a pipeline's root) single-file checkpoints are left out too: the pipeline
+    loads its components' folders. Configs, tokenizers and other small files are always kept."""
+    by_folder: dict[str, list[str]] = {}
+    for name in names:
+        by_folder.setdefault(name.rpartition("/")[0], []).append(name)
+    keep = []
+    for folder, files in by_folder.items():
+        base = {f.rpartition("/")[2] for f in files}
+        plain = any(_PLAIN_SAFETENSORS.fullmatch(b) for b in base) or (folder == "" and "model_index.json" in base)
+        for f in files:
+            b = f.rpartition("/")[2]
+            if plain and b.endswith(_WEIGHT_SUFFIXES) and not _PLAIN_SAFETENSORS.fullmatch(b):
+                continue
+            keep.append(f)
+    return sorted(keep)
+
+
+def _download(fs, pairs: list[tuple[str, str]]) -> None:
+    """Fetch ``(remote path, local path)`` pairs in one batch (s3fs runs them concurrently)."""
+    for _, local in pairs:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+    if pairs:
+        fs.get([r for r, _ in pairs], [lp for _, lp in pairs])
+
+
+def cached_copy(p: str | os.PathLike, select: Callable[[list[str]], list[str]] | None = None) -> Path:
     """A local folder with the contents of ``p``: the folder itself when local; for a remote one a
     copy downloaded once per node and kept, keyed by the URI and its files' sizes and ETags, so a
     folder rewritten under the same name (a refit VAE, a new export) is downloaded again. For
-    read-only inputs that many tasks on a node load, such as a model."""
+    read-only inputs that many tasks on a node load, such as a model.
+
+    ``select`` picks the files to fetch from the folder's relative names (``diffusers_files``: only
+    what ``from_pretrained`` loads). The processes of a node that ask at once (8 train workers,
+    generate actors) share one download: the first takes a file lock in the cache folder and the
+    others wait for it, then find the copy complete."""
     p = path(p)
     if not is_remote(p):
         return Path(p.path)
-    listing = sorted(
-        (name, info.get("size"), str(info.get("ETag") or info.get("LastModified") or ""))
-        for name, info in p.fs.find(p.path, detail=True, refresh=True).items()
-    )
-    if not listing:
+    base = p.path.rstrip("/")
+    found = {
+        name[len(base) + 1 :]: info
+        for name, info in p.fs.find(base, detail=True, refresh=True).items()
+        if info.get("type", "file") == "file" and name.startswith(base + "/")
+    }
+    if not found:
         raise FileNotFoundError(f"{uri(p)}: no such folder")
+    names = sorted(found) if select is None else sorted(select(sorted(found)))
+    listing = [
+        (n, found[n].get("size"), str(found[n].get("ETag") or found[n].get("LastModified") or "")) for n in names
+    ]
     key = hashlib.sha256(json.dumps([uri(p), listing]).encode()).hexdigest()[:16]
     root = _cache_root()
     local = root / key / p.name
-    if not (local.parent / ".complete").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
-        p.fs.get(p.path.rstrip("/") + "/", str(tmp / p.name), recursive=True)
-        (tmp / ".complete").touch()
-        try:
-            os.replace(tmp, local.parent)
-        except OSError:  # another task on this node finished the same download first
-            shutil.rmtree(tmp, ignore_errors=True)
+    if (local.parent / ".complete").exists():
+        return local
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / f".{key}.lock"):  # flock: released if the holder dies
+        if not (local.parent / ".complete").exists():  # the lock's previous holder did not finish it
+            tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
+            try:
+                _download(p.fs, [(f"{base}/{n}", str(tmp / p.name / n)) for n in names])
+                (tmp / p.name).mkdir(exist_ok=True)
+                (tmp / ".complete").touch()
+                shutil.rmtree(local.parent, ignore_errors=True)  # a copy a killed process left unfinished
+                os.replace(tmp, local.parent)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return local
 
 
 @contextlib.contextmanager
-def cached_dir(p: str | os.PathLike):
+def cached_dir(p: str | os.PathLike, select: Callable[[list[str]], list[str]] | None = None):
     """:func:`cached_copy` as a context manager (the copy stays for the node's next reader)."""
-    yield cached_copy(p)
+    yield cached_copy(p, select)
 
 
 def upload_dir(local: str | os.PathLike, p: str | os.PathLike, last: str = "") -> None:
@@ -243,16 +305,39 @@ def stat_ns(p: str | os.PathLike) -> tuple[int, int]:
 
 def cached_file(p: str | os.PathLike) -> Path:
     """A local path with the bytes of file ``p``: ``p`` itself when local, else a copy downloaded
-    once per node (keyed by URI; the writer never changes a file under one name), for readers
-    that need a real file (``np.load(mmap_mode="r")``)."""
+    once per node (keyed by URI; the writer never changes a file under one name; one download
+    under a file lock however many processes ask), for readers that need a real file
+    (``np.load(mmap_mode="r")``)."""
     p = path(p)
     if not is_remote(p):
         return Path(p.path)
     root = _cache_root()
-    local = root / hashlib.sha256(uri(p).encode()).hexdigest()[:16] / p.name
-    if not local.exists():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
-        p.fs.get_file(p.path, str(tmp))
-        os.replace(tmp, local)
+    key = hashlib.sha256(uri(p).encode()).hexdigest()[:16]
+    local = root / key / p.name
+    if local.exists():
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / f".{key}.lock"):
+        if not local.exists():
+            tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+            p.fs.get_file(p.path, str(tmp))
+            os.replace(tmp, local)
     return local
+
+
+@contextlib.contextmanager
+def local_file(p: str | os.PathLike, suffix: str = ""):
+    """A local path with the bytes of file ``p`` for the block: ``p`` itself when local, else a
+    download into the cache folder (node-local disk), removed after the block. For files read once
+    by libraries that open paths (OpenSlide needs one); the name is ``source<suffix>``, never the
+    source's. A missing or unreadable ``p`` raises (``FileNotFoundError``, ``PermissionError``, …)."""
+    p = path(p)
+    if not is_remote(p):
+        yield Path(p.path)
+        return
+    root = _cache_root() / "sources"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".src-", dir=root) as tmp:
+        local = Path(tmp) / f"source{suffix}"
+        p.fs.get_file(p.path, str(local))
+        yield local

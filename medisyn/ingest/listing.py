@@ -9,10 +9,13 @@ is all later stages, logs and the rejects table ever show. The mapping back to p
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
+from upath import UPath
 
+from medisyn import storage
 from medisyn.configtools import ConfigError, build, load_yaml_file
 from medisyn.ingest.config import IngestConfig, RepositoryConfig
 from medisyn.ingest.split import patient_hash, split_for
@@ -35,11 +38,21 @@ def source_ref(repo: str, relpath: str, salt: str) -> str:
     return f"{repo}/{digest[:16]}"
 
 
-def load_repositories(cfg: IngestConfig, resolve=Path) -> tuple[tuple[RepositoryConfig, Path], ...]:
-    """Inline repositories plus those of ``repositories_file``, each with its root folder."""
-    out = [(r, Path(r.path)) for r in cfg.repositories]
+def _root(path: str, folder: UPath | None) -> UPath:
+    """A repository root: a URI (``s3://bucket/repo``) or an absolute path as given, a relative path
+    against ``folder`` (the repositories file's, which may itself be a URI), else the working directory."""
+    if "://" in path or os.path.isabs(path) or folder is None:
+        return storage.path(path)
+    return folder / path
+
+
+def load_repositories(cfg: IngestConfig, resolve=str) -> tuple[tuple[RepositoryConfig, UPath], ...]:
+    """Inline repositories plus those of ``repositories_file``, each with its root folder (local or a
+    URI: :mod:`medisyn.storage`). ``resolve`` fills placeholders in the file's name (``{run_dir}``) and
+    must keep a URI a URI."""
+    out = [(r, _root(r.path, None)) for r in cfg.repositories]
     if cfg.repositories_file:
-        f = resolve(cfg.repositories_file)
+        f = storage.path(os.fspath(resolve(cfg.repositories_file)))
         if not f.is_file():
             raise ConfigError(f"ingest.repositories_file: {str(f)!r} not found")
         data = load_yaml_file(f, "ingest.repositories_file") or {}
@@ -47,8 +60,7 @@ def load_repositories(cfg: IngestConfig, resolve=Path) -> tuple[tuple[Repository
             raise ConfigError(f"{f}: expected a mapping with a 'repositories' list")
         for i, entry in enumerate(data["repositories"] or []):
             repo = build(RepositoryConfig, entry, f"{f.name}: repositories[{i}]")
-            root = Path(repo.path)
-            out.append((repo, root if root.is_absolute() else f.parent / root))
+            out.append((repo, _root(repo.path, f.parent)))
     if not out:
         raise ConfigError("ingest: no repositories; set ingest.repositories or ingest.repositories_file")
     names = [r.name for r, _ in out]
@@ -58,14 +70,16 @@ def load_repositories(cfg: IngestConfig, resolve=Path) -> tuple[tuple[Repository
     return tuple(out)
 
 
-def read_label_table(repo: RepositoryConfig, root: Path) -> pd.DataFrame:
-    """The label CSV as strings, its required columns checked (a missing one names the file)."""
-    csv = root / repo.labels_csv
+def read_label_table(repo: RepositoryConfig, root: str | os.PathLike) -> pd.DataFrame:
+    """The label CSV as strings, its required columns checked (a missing one names the file). Read
+    through :mod:`medisyn.storage`: a local file or an object."""
+    csv = storage.path(root) / repo.labels_csv
     if not csv.is_file():
         raise ConfigError(f"repository {repo.name!r}: labels_csv {str(csv)!r} not found")
     where = f"repository {repo.name!r}: labels_csv {csv.name}"
     try:
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False, encoding=repo.encoding)
+        with csv.open("rb") as f:
+            table = pd.read_csv(f, dtype=str, keep_default_na=False, encoding=repo.encoding)
     except UnicodeDecodeError:
         raise ConfigError(
             f"{where} is not {repo.encoding} text; set the repository's encoding (e.g. latin-1)"
@@ -113,14 +127,32 @@ def _labels(repo: RepositoryConfig, row: dict) -> tuple[str, ...]:
     return tuple(phrases)
 
 
-def list_repository(
-    repo: RepositoryConfig, root: Path, cfg: IngestConfig
-) -> tuple[list[Item], list[dict], dict[str, str]]:
-    """(items to read, listing rejects, {ref: relative path}) for one repository.
+def _files(repo: RepositoryConfig, root: UPath) -> list[tuple[str, str, bool]]:
+    """(relative POSIX path, what a worker opens, inside the root) of each file ``repo.glob`` matches,
+    sorted. Local: the resolved path (a symbolic link that leaves the root is outside). An object store
+    has no links: its URI, from one listing of the prefix (``fs.glob``), not a request per file."""
+    if not storage.is_remote(root):
+        base = Path(root.path)
+        inside = base.resolve()
+        found = sorted((p.relative_to(base).as_posix(), p) for p in base.glob(repo.glob) if p.is_file())
+        return [(rel, str(p.resolve()), p.resolve().is_relative_to(inside)) for rel, p in found]
+    base = root.path.rstrip("/")
+    root.fs.invalidate_cache(base)  # this process may have listed it before the bucket changed
+    found = root.fs.glob(f"{base}/{repo.glob}", detail=True)
+    rels = sorted(name[len(base) + 1 :] for name, info in found.items() if info.get("type") == "file")
+    return [(rel, storage.uri(root / rel), True) for rel in rels]
 
-    Each file on disk pairs with the label row of its own path or of its nearest listed
+
+def list_repository(
+    repo: RepositoryConfig, root: str | os.PathLike, cfg: IngestConfig
+) -> tuple[list[Item], list[dict], dict[str, str]]:
+    """(items to read, listing rejects, {ref: relative path}) for one repository, a local folder or
+    an object-store prefix (``s3://bucket/repo``).
+
+    Each file pairs with the label row of its own path or of its nearest listed
     ancestor folder (label tables of DICOM series often list the series folder).
     """
+    root = storage.path(root)
     if not root.is_dir():
         raise ConfigError(f"repository {repo.name!r}: path {str(root)!r} is not a folder")
     table = read_label_table(repo, root)
@@ -132,10 +164,8 @@ def list_repository(
         if key in rows and any(rows[key][f].strip() != row[f].strip() for f in fields):
             conflicting.add(key)
         rows.setdefault(key, row)
-    inside = root.resolve()
-    files = sorted((p.relative_to(root).as_posix(), p) for p in root.glob(repo.glob) if p.is_file())
     items, rejects, source_map, used = [], [], {}, set()
-    for rel, path in files:
+    for rel, path, inside in _files(repo, root):
         ref = source_ref(repo.name, rel, cfg.split_salt)
         source_map[ref] = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         key = next((k for k in [rel, *map(str, PurePosixPath(rel).parents)] if k in rows), None)
@@ -145,7 +175,7 @@ def list_repository(
         except UnicodeEncodeError:
             rejects.append({"source_ref": ref, "stage": "listing", "reason": "file name is not valid UTF-8"})
             continue
-        if not path.resolve().is_relative_to(inside):
+        if not inside:
             reason = "outside the repository root (a symbolic link that leaves it)"
             rejects.append({"source_ref": ref, "stage": "listing", "reason": reason})
             continue
@@ -188,7 +218,7 @@ def list_repository(
         items.append(
             Item(
                 ref,
-                str((root / rel).resolve()),
+                path,
                 repo.name,
                 hashed,
                 split,

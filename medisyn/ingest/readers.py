@@ -2,9 +2,11 @@
 
 Every failure a real repository throws at us (truncated, empty, not DICOM, no pixel data, a
 transfer syntax without a decoder, a slide OpenSlide cannot open) becomes ``Rejected`` with
-a fixed, human reason. Reasons and metadata are built by this module only — never from a
-header value or an exception text that could carry a path or a patient's name — because
-they end up in the rejects table and in logs.
+a fixed, human reason. An error of the file system rather than of the file (missing, no
+permission, an I/O error: an ``OSError`` with an ``errno``) is raised as it is: the worker
+fails its unit on it instead of rejecting a file that may be fine. Reasons and metadata are
+built by this module only — never from a header value or an exception text that could carry
+a path or a patient's name — because they end up in the rejects table and in logs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ class Rejected(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def io_error(exc: BaseException) -> bool:
+    """True for an error of the file system (``errno`` set: ENOENT, EACCES, EIO, ESTALE), which
+    says nothing about the file's content; decoders raise ``OSError`` without one for bad bytes."""
+    return isinstance(exc, OSError) and exc.errno is not None
 
 
 def _check_size(path: Path) -> None:
@@ -69,10 +77,14 @@ def _read_dataset(path: Path):
     except InvalidDicomError:
         pass  # no preamble/file meta: common in old archives; accept only if it really is an image
     except Exception as exc:
+        if io_error(exc):
+            raise
         raise Rejected(f"corrupt DICOM header ({type(exc).__name__})") from None
     try:
         ds = pydicom.dcmread(path, force=True)
-    except Exception:
+    except Exception as exc:
+        if io_error(exc):
+            raise
         raise Rejected("not DICOM") from None
     if not any(tag in ds for tag in ("SOPClassUID", "Modality", "StudyInstanceUID", "PixelData")):
         raise Rejected("not DICOM")
@@ -200,6 +212,8 @@ def read_image(
     except Rejected:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if io_error(exc):
+            raise
         raise Rejected(f"unreadable or truncated image ({type(exc).__name__})") from None
     if arr.ndim == 3 and intensity in ("percentile", "minmax") and _grey_as_rgb(arr):
         arr = arr.mean(axis=2, dtype=np.float32)  # channels equal up to JPEG rounding: one grey image
@@ -242,6 +256,8 @@ def iter_wsi_patches(
     try:
         slide = openslide.OpenSlide(str(path))
     except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError) as exc:
+        if io_error(exc):
+            raise
         raise Rejected(f"unreadable slide ({type(exc).__name__})") from None
     try:
         level = min(level, slide.level_count - 1)

@@ -17,7 +17,7 @@ class Item:
     """One source file to read; everything a worker needs, nothing identifying but the path."""
 
     ref: str  # repo/<16 hex>: the file's only name outside the driver
-    path: str  # absolute path, used only to open the file
+    path: str  # absolute path or object URI (s3://…), used only to open the file
     repo: str
     patient: str  # salted hash
     split: str
@@ -57,17 +57,6 @@ class Unit:
     dir: str
     settings: UnitSettings
     items: tuple[Item, ...]
-
-
-@dataclass(frozen=True)
-class FinalizeJob:
-    """A staging shard to turn into a corpus shard, minus its duplicates ``{ref: (reason, kept ref)}``."""
-
-    id: str
-    staging: str
-    corpus: str
-    rejects: str
-    dropped: dict[str, tuple[str, str]]
 
 
 def unit_id(repo: str, items: list[Item], settings: UnitSettings) -> str:

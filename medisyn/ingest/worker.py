@@ -1,19 +1,26 @@
-"""The per-task work of ingest: a unit of files in, one staging shard out (then one corpus shard).
+"""The per-task work of ingest: a unit of files in, one staging shard out (compacted by ingest.compact).
 
 Tasks receive typed units (:mod:`medisyn.ingest.units`) built on the driver. Every output file
 is written through :mod:`medisyn.storage` (a temporary name, then renamed), so a killed task
 leaves nothing half-written, on a local disk or an object store; the ``.json`` marker is
 written last. Shards are written and read a row group at a time, so a task's memory is
-bounded by ``ingest.row_group_rows``, not by the size of a slide. Errors are caught per file
-(never per block), so one bad file costs one reject row, not its neighbours.
+bounded by ``ingest.row_group_rows``, not by the size of a slide. Content errors are caught
+per file (never per block), so one bad file costs one reject row, not its neighbours. A file
+that cannot be fetched or opened at all (missing, an unmounted repository, an I/O or
+object-store error) fails the whole unit instead (:class:`SourceUnreadable`): no marker is
+written, so a rerun reads its files again rather than keeping them as rejects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
+import os
 import time
+from pathlib import PurePosixPath
 
 import imagehash
 import numpy as np
@@ -21,9 +28,9 @@ import pyarrow as pa
 from PIL import Image
 
 from medisyn import storage
-from medisyn.ingest.readers import Rejected, iter_wsi_patches, read_dicom, read_image
+from medisyn.ingest.readers import Rejected, io_error, iter_wsi_patches, read_dicom, read_image
 from medisyn.ingest.transforms import resize_center_crop_info
-from medisyn.ingest.units import FinalizeJob, Item, Unit, UnitSettings
+from medisyn.ingest.units import Item, Unit, UnitSettings
 from medisyn.records import CORPUS_SCHEMA, REJECT_SCHEMA, atomic_write_table, atomic_write_text
 
 # staging = corpus columns + what dedup needs (perceptual hash, grey thumbnail)
@@ -45,20 +52,51 @@ def encode_image(img: Image.Image, fmt: str, png_level: int) -> bytes:
     return buf.getvalue()
 
 
-def _images(item: Item, s: UnitSettings):
-    """(uint8 image, ref suffix) for every image of one source file; background patches as None."""
+class SourceUnreadable(RuntimeError):
+    """A source file that could not be fetched or opened: its unit fails and writes no marker. The
+    message names the repository, the file's ``source_ref`` and the node, never a path."""
+
+
+def _unreadable(item: Item, exc: BaseException) -> SourceUnreadable:
+    code = errno.errorcode.get(exc.errno, "") if isinstance(exc, OSError) and exc.errno else ""
+    return SourceUnreadable(
+        f"repository {item.repo!r}: source {item.ref} could not be read on node {os.uname().nodename} "
+        f"({type(exc).__name__}{' ' + code if code else ''}); its unit wrote nothing and is read again by the next "
+        "run. Is the repository mounted, or its bucket readable, on every node?"
+    )
+
+
+@contextlib.contextmanager
+def _source(item: Item):
+    """A local path with the bytes of the item's file for the block: a local file as it is, an object
+    (``s3://``) downloaded to node-local disk for this file only. Missing, unmounted, no permission, an
+    object-store error: :class:`SourceUnreadable` here, before any reader, so no such file is a reject."""
+    with contextlib.ExitStack() as stack:
+        try:
+            local = stack.enter_context(storage.local_file(item.path, PurePosixPath(item.path).suffix))
+            with open(local, "rb"):
+                pass
+        except Exception as exc:
+            raise _unreadable(item, exc) from None
+        yield local
+
+
+def _images(item: Item, s: UnitSettings, path: str | os.PathLike | None = None):
+    """(uint8 image, ref suffix) for every image of one source file (read from ``path``, by default
+    ``item.path``); background patches as None."""
+    path = item.path if path is None else path
     if s.kind == "dicom":
         frames = read_dicom(
-            item.path, frames=s.frames, intensity=s.intensity, window=s.window, pct=s.pct, max_pixels=s.max_pixels
+            path, frames=s.frames, intensity=s.intensity, window=s.window, pct=s.pct, max_pixels=s.max_pixels
         )
         for arr, meta in frames:
             yield arr, (f"#frame={meta['frame']}" if meta["frames"] > 1 else "")
     elif s.kind == "image":
-        arr, _ = read_image(item.path, intensity=s.intensity, pct=s.pct, max_pixels=s.max_pixels)
+        arr, _ = read_image(path, intensity=s.intensity, pct=s.pct, max_pixels=s.max_pixels)
         yield arr, ""
     else:
         for arr, meta in iter_wsi_patches(
-            item.path,
+            path,
             level=s.wsi_level,
             patch=s.wsi_patch_size,
             overlap=s.wsi_overlap,
@@ -104,32 +142,34 @@ def process_unit(row: dict) -> dict:
     buffer: list[dict] = []
     with storage.parquet_writer(out / f"{uid}.parquet", STAGING_SCHEMA) as writer:
         for item in unit.items:
-            try:
-                for arr, suffix in _images(item, s):
-                    if arr is None:
-                        counts["background"] += 1
-                        continue
-                    try:
-                        buffer.append(_row(item, s, arr, suffix))
-                        counts["accepted"] += 1
-                    except Exception as exc:  # one bad frame or patch: reject it, keep the rest
-                        rejects.append(
-                            {
-                                "source_ref": item.ref + suffix,
-                                "series": item.series,
-                                "stage": "transform",
-                                "reason": f"transform failed ({type(exc).__name__})",
-                            }
-                        )
-                    if len(buffer) >= s.row_group_rows:
-                        writer.write_table(pa.Table.from_pylist(buffer, STAGING_SCHEMA))
-                        buffer = []
-            except Rejected as exc:
-                rejects.append({"source_ref": item.ref, "stage": "read", "reason": exc.reason})
-            except Exception as exc:
-                rejects.append(
-                    {"source_ref": item.ref, "stage": "read", "reason": f"unexpected read error ({type(exc).__name__})"}
-                )
+            with _source(item) as local:
+                try:
+                    for arr, suffix in _images(item, s, local):
+                        if arr is None:
+                            counts["background"] += 1
+                            continue
+                        try:
+                            buffer.append(_row(item, s, arr, suffix))
+                            counts["accepted"] += 1
+                        except Exception as exc:  # one bad frame or patch: reject it, keep the rest
+                            rejects.append(
+                                {
+                                    "source_ref": item.ref + suffix,
+                                    "series": item.series,
+                                    "stage": "transform",
+                                    "reason": f"transform failed ({type(exc).__name__})",
+                                }
+                            )
+                        if len(buffer) >= s.row_group_rows:
+                            writer.write_table(pa.Table.from_pylist(buffer, STAGING_SCHEMA))
+                            buffer = []
+                except Rejected as exc:
+                    rejects.append({"source_ref": item.ref, "stage": "read", "reason": exc.reason})
+                except Exception as exc:
+                    if io_error(exc):  # the file system failed mid-read (EIO, a stale NFS handle): not the file
+                        raise _unreadable(item, exc) from None
+                    reason = f"unexpected read error ({type(exc).__name__})"
+                    rejects.append({"source_ref": item.ref, "stage": "read", "reason": reason})
         if buffer:
             writer.write_table(pa.Table.from_pylist(buffer, STAGING_SCHEMA))
     counts["rejected"] = len(rejects)
@@ -137,33 +177,3 @@ def process_unit(row: dict) -> dict:
     atomic_write_table(pa.Table.from_pylist(rejects, REJECT_SCHEMA), out / f"{uid}.rejects.parquet")
     atomic_write_text(json.dumps(counts), out / f"{uid}.json")
     return counts
-
-
-def finalize_unit(row: dict) -> dict:
-    """Ray Data ``map`` function: a staging shard minus duplicates becomes a corpus shard.
-
-    Row: ``{"job": FinalizeJob}``. Writes ``corpus/<id>.parquet`` and ``rejects/<id>.parquet``
-    (read rejects + duplicates). The staging shard is copied one row group at a time (one
-    slide's shard can hold 20,000 patches, ~8 GB), so the corpus shard keeps its row groups.
-    """
-    job: FinalizeJob = row["job"]
-    uid, dropped = job.id, job.dropped
-    staged = storage.parquet_file(storage.path(job.staging) / f"{uid}.parquet")
-    kept, duplicates = 0, []
-    with storage.parquet_writer(storage.path(job.corpus) / f"{uid}.parquet", CORPUS_SCHEMA) as writer:
-        for g in range(staged.num_row_groups):
-            # one thread: a row group's column chunks decoded in turn, so the peak does not depend on timing
-            group = staged.read_row_group(g, columns=CORPUS_SCHEMA.names, use_threads=False)
-            refs = group.column("source_ref").to_pylist()
-            keep = np.array([r not in dropped for r in refs], dtype=bool)
-            duplicates += [r for r in refs if r in dropped]
-            if keep.any():
-                writer.write_table(group.filter(pa.array(keep)).cast(CORPUS_SCHEMA))
-                kept += int(keep.sum())
-            del group  # before the next read: at most one row group is held
-    rejects = storage.read_table(storage.path(job.staging) / f"{uid}.rejects.parquet").to_pylist()
-    rejects += [
-        {"source_ref": r, "stage": "dedup", "reason": f"{dropped[r][0]} of {dropped[r][1]}"} for r in duplicates
-    ]
-    atomic_write_table(pa.Table.from_pylist(rejects, REJECT_SCHEMA), storage.path(job.rejects) / f"{uid}.parquet")
-    return {"unit": uid, "corpus": kept, "duplicates": len(duplicates)}
