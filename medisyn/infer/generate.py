@@ -82,7 +82,9 @@ class ImageGenerator:
     """
 
     def __init__(self, cfg: RunConfig, job: SetJob):
-        with storage.cached_dir(job.model_dir) as local:  # downloaded once per node from an object store
+        with storage.cached_dir(
+            job.model_dir, storage.diffusers_files
+        ) as local:  # downloaded once per node from an object store
             self.pipe = load_sampler(local)
         self.out, self.checkpoint, self.settings = storage.path(job.out), job.checkpoint, cfg.generate
         # one marker per actor: shows the pool's size afterwards
