@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medisyn-installed
 
-.PHONY: test demo demo-memorize test-fast lint clean-demo browser
+.PHONY: test demo demo-memorize test-fast lint clean-demo browser wheelhouse bench-gpu bench-gpu-dry
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,21 @@ demo-memorize: $(STAMP)
 
 clean-demo:
 	rm -rf runs/demo
+
+# GPU figures in one visit (README, "GPU figures in one visit"). On a machine with a package index,
+# `make wheelhouse` fetches into wheelhouse/py3XX every wheel a GPU node lacks, for PY=3.11 or PY=3.12
+# (both by default); HAVE=FILE, a `pip freeze` taken on the node, leaves out what the node has. On the
+# node, `make bench-gpu` installs from there with no network and runs every GPU benchmark (~10 min on
+# one H100) into BENCH_OUT; `make bench-gpu-dry` is the same script on tiny sizes, on CPU (a minute or two).
+WHEEL_PYTHONS = $(if $(filter 3.%,$(PY)),$(PY),3.11 3.12)
+BENCH_OUT ?= runs/bench-gpu
+
+wheelhouse:
+	@for v in $(WHEEL_PYTHONS); do \
+	  $(PYTHON) scripts/wheelhouse.py --python $$v $(if $(HAVE),--have $(HAVE)) || exit 1; done
+
+bench-gpu:
+	scripts/bench-gpu.sh $(BENCH_OUT)
+
+bench-gpu-dry: $(STAMP)
+	PYTHON=$(abspath $(PY)) scripts/bench-gpu.sh $(BENCH_OUT)-dry --dry-run

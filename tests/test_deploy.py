@@ -215,6 +215,47 @@ def rayjob_problems(doc: dict) -> list[str]:
     return found
 
 
+QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity_bytes(q: str | int) -> int:
+    """A Kubernetes memory quantity (``220Gi``, ``64M``, ``1000``) in bytes."""
+    s = str(q)
+    for suffix in sorted(QUANTITY, key=len, reverse=True):
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * QUANTITY[suffix])
+    return int(s)
+
+
+def shm_problems(cluster: dict) -> list[str]:
+    """GPU pods whose object store would not live in /dev/shm: Ray puts the store in /dev/shm only when
+    /dev/shm holds ``object-store-memory`` (services.py: else disk, or a refusal above 10 GB), and a
+    pod's own /dev/shm is 64 MiB unless a memory-backed emptyDir is mounted there."""
+    found = []
+    for g in cluster.get("workerGroupSpecs", []):
+        pod = g["template"]["spec"]
+        container = pod["containers"][0]
+        if not container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu"):
+            continue
+        name = g["groupName"]
+        store = int((g.get("rayStartParams") or {}).get("object-store-memory", 0))
+        if not store:
+            found.append(f"{name}: no object-store-memory in rayStartParams")
+            continue
+        mount = [m for m in container.get("volumeMounts", []) if m.get("mountPath") == "/dev/shm"]
+        volume = [v for v in pod.get("volumes", []) if mount and v.get("name") == mount[0]["name"]]
+        empty = volume[0].get("emptyDir") if volume else None
+        if not empty or empty.get("medium") != "Memory":
+            found.append(f"{name}: /dev/shm is not a memory-backed emptyDir")
+            continue
+        size = quantity_bytes(empty.get("sizeLimit", 0))
+        if not store <= size <= 1.25 * store:
+            found.append(f"{name}: /dev/shm sizeLimit {size} bytes does not match object-store-memory {store}")
+        if quantity_bytes(container["resources"]["limits"]["memory"]) < 2 * size:
+            found.append(f"{name}: /dev/shm takes more than half the pod's memory limit")
+    return found
+
+
 def shipped_rayjob() -> dict:
     return yaml.safe_load((ROOT / "deploy/rayjob.yaml").read_text())
 
@@ -234,6 +275,24 @@ def test_the_rayjob_uses_only_documented_fields_and_runs_the_paper_pipeline():
     assert env["excludes"] == yaml.safe_load((ROOT / "jobs/runtime_env.yaml").read_text())["excludes"]
     gpu = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu-workers"][0]
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert shm_problems(spec["rayClusterSpec"]) == []
+    assert int(gpu["rayStartParams"]["object-store-memory"]) == 200 * 2**30
+
+
+def test_the_shm_check_catches_a_missing_or_mismatched_dev_shm():
+    cluster = shipped_rayjob()["spec"]["rayClusterSpec"]
+    gpu = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu-workers"][0]
+    gpu["template"]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"] = "64Gi"  # below the 200 GiB store
+    assert shm_problems(cluster) == [
+        f"gpu-workers: /dev/shm sizeLimit {64 * 2**30} bytes does not match object-store-memory {200 * 2**30}"
+    ]
+    del gpu["template"]["spec"]["volumes"][0]["emptyDir"]["medium"]  # a disk-backed emptyDir
+    assert shm_problems(cluster) == ["gpu-workers: /dev/shm is not a memory-backed emptyDir"]
+    gpu["template"]["spec"]["containers"][0]["volumeMounts"] = []
+    assert shm_problems(cluster) == ["gpu-workers: /dev/shm is not a memory-backed emptyDir"]
+    gpu["rayStartParams"] = {}
+    assert shm_problems(cluster) == ["gpu-workers: no object-store-memory in rayStartParams"]
+    assert quantity_bytes("220Gi") == 220 * 2**30 and quantity_bytes("64M") == 64 * 10**6
 
 
 def test_the_rayjob_check_catches_unknown_fields_and_bad_values():
