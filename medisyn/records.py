@@ -4,9 +4,14 @@ This is the bottom of the code base (DESIGN §9): it imports no stage and no con
 paths, not a ``RunConfig``, so ingest writes and every later stage (cache, select, generate,
 the audits, the report) reads the same contract through the same functions.
 
-A corpus is a folder of parquet shards (``corpus/<unit>.parquet``) with :data:`CORPUS_SCHEMA`.
-Shards are read in sorted path order and rows in file order, so a seeded sample of the corpus
-is the same on every machine. Files whose name starts with ``.`` are temporary writes.
+A corpus is a folder of parquet shards (``corpus/part-*.parquet``) with :data:`CORPUS_SCHEMA`
+and one index (``corpus/_index/<digest>.parquet``, :data:`INDEX_SCHEMA`: every column but the
+image, plus where the row lives), both listed in ``_shards.json``. Metadata reads answer from the
+index (one file, whatever the number of shards); image reads open only the shards holding the
+wanted rows, once each. A folder without an index (an older corpus) is read by scanning its
+shards. Shards are read in sorted path order and rows in file order (the index keeps that order),
+so a seeded sample of the corpus is the same on every machine. Files whose name starts with ``.``
+are temporary writes; names starting with ``_`` are not shards.
 """
 
 from __future__ import annotations
@@ -59,6 +64,11 @@ CORPUS_SCHEMA = pa.schema(
         ("crop_top_left", pa.list_(pa.int32())),  # (top, left) of the crop after resizing
     ]
 )
+# the corpus index: every corpus column but the image, and where the row is (shard name, row group, row in the shard)
+INDEX_SCHEMA = pa.schema(
+    [f for f in CORPUS_SCHEMA if f.name != "image"]
+    + [pa.field("shard", pa.string()), pa.field("row_group", pa.int32()), pa.field("row", pa.int32())]
+)
 REJECT_SCHEMA = pa.schema([("source_ref", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -109,6 +119,13 @@ def remove_partial_writes(folder: str | Path) -> int:
 
 
 SHARD_LIST = "_shards.json"  # written last by the stage that owns a folder: the shards that are current
+INDEX_DIR = "_index"  # corpus/_index/<digest>.parquet: named by its content, listed in _shards.json
+
+
+def _listing(folder) -> dict | None:
+    """The folder's ``_shards.json`` (None when it has none)."""
+    record = store_path(folder) / SHARD_LIST
+    return json.loads(record.read_text()) if record.is_file() else None
 
 
 def shard_files(folder: str | Path) -> list[Path]:
@@ -118,32 +135,86 @@ def shard_files(folder: str | Path) -> list[Path]:
     shards beside the old ones and publishes them by rewriting that list, atomically, only when
     the run has succeeded, so a failed or refused run leaves the previous result in force."""
     folder = store_path(folder)
-    if (folder / SHARD_LIST).is_file():
-        return [folder / name for name in sorted(json.loads((folder / SHARD_LIST).read_text())["shards"])]
-    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+    listing = _listing(folder)
+    if listing is not None:
+        return [folder / name for name in sorted(listing["shards"])]
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
 
 
-def publish_shards(folder: str | Path, names: list[str]) -> None:
-    """Make ``names`` the folder's current shards (see :func:`shard_files`), then delete the rest."""
+def index_file(folder: str | Path):
+    """The folder's corpus index (``_index/<digest>.parquet``), or None for a folder without one."""
+    listing = _listing(folder)
+    return store_path(folder) / listing["index"] if listing and listing.get("index") else None
+
+
+def publish_shards(folder: str | Path, names: list[str], index: str | None = None) -> None:
+    """Make ``names`` (and the corpus ``index``, a path under the folder) the folder's current
+    shards (see :func:`shard_files`), then delete the rest. A list that has not changed is not
+    rewritten, so a rerun that changes nothing leaves the folder as it was."""
     folder = store_path(folder)
-    atomic_write_text(json.dumps({"shards": sorted(names)}, indent=0), folder / SHARD_LIST)
+    text = json.dumps({"shards": sorted(names)} | ({"index": index} if index else {}), indent=0)
+    record = folder / SHARD_LIST
+    if not (record.is_file() and record.read_text() == text):
+        atomic_write_text(text, record)
     for f in folder.glob("*.parquet"):
         if f.name not in names:
+            f.unlink()
+    for f in (folder / INDEX_DIR).glob("*.parquet") if (folder / INDEX_DIR).is_dir() else []:
+        if f"{INDEX_DIR}/{f.name}" != index:
             f.unlink()
 
 
 def read_shards(folder: str | Path, columns: list[str] | None = None, filter=None) -> pa.Table:
-    """All shards of ``folder`` as one table, read shard by shard with an optional row filter.
+    """All shards of ``folder`` as one table, with an optional row filter.
 
-    ``filter`` is a pyarrow compute expression (``pc.field("split") == "train"``): rows are
-    dropped per shard, so only the selected rows are ever held at once. Raises
+    ``filter`` is a pyarrow compute expression (``pc.field("split") == "train"``). A corpus with
+    an index answers from it: the index alone for metadata columns, plus one open per shard that
+    holds a selected row when ``image`` is asked for. Otherwise shards are read one by one and
+    rows dropped per shard, so only the selected rows are ever held at once. Raises
     FileNotFoundError naming the folder when it holds no shard.
     """
+    index = index_file(folder)
+    if index is not None:
+        return _read_by_index(folder, index, columns, filter)
     files = shard_files(folder)
     if not files:
         raise FileNotFoundError(f"no parquet shards in {folder}")
     tables = [storage.read_table(f, columns=columns, filters=filter) for f in files]
     return pa.concat_tables(tables)
+
+
+def _read_by_index(folder, index, columns: list[str] | None, filter) -> pa.Table:
+    """Rows of an indexed corpus: metadata from the index, image bytes from the rows' shards."""
+    columns = list(CORPUS_SCHEMA.names if columns is None else columns)
+    if "image" not in columns:
+        return storage.read_table(index, columns=columns, filters=filter)
+    meta = [c for c in columns if c != "image"]
+    located = storage.read_table(index, columns=list(dict.fromkeys(["shard", "row", *meta])), filters=filter)
+    images = _images_at(folder, located.column("shard").to_pylist(), located.column("row").to_pylist())
+    fields = [CORPUS_SCHEMA.field(c) for c in columns]
+    arrays = [pa.array(images, pa.binary()) if c == "image" else located.column(c) for c in columns]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _images_at(folder, shards: list[str], rows: list[int]) -> list[bytes]:
+    """Image bytes of (shard name, row) pairs, in their order: one open per shard, up to 16 shards
+    at a time (on an object store each open is a few requests' latency, not bandwidth)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    by_shard: dict[str, list[int]] = {}
+    for i, shard in enumerate(shards):
+        by_shard.setdefault(shard, []).append(i)
+
+    def take(item):
+        shard, at = item
+        return at, _take_rows(store_path(folder) / shard, [rows[i] for i in at], ["image"])
+
+    out: list = [None] * len(rows)
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(by_shard)))) as pool:
+        for at, picked in pool.map(take, by_shard.items()):
+            for i, data in zip(at, picked.column("image").to_pylist(), strict=True):
+                out[i] = data
+    return out
 
 
 def read_corpus(
@@ -156,7 +227,8 @@ def read_corpus(
     """Rows of the corpus folder, optionally one split, the given image ids and/or rows matching
     a pyarrow expression (``where``), in shard order.
 
-    Read columns only what you need: ``image`` is the only large one.
+    Read columns only what you need: ``image`` is the only large one (and the only one that
+    opens shards of an indexed corpus).
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -205,7 +277,15 @@ def conditioning_size(sizes: dict[str, list[int]], image_type: str, default: int
 
 
 def corpus_index(corpus: str | Path) -> dict[str, tuple[str, int]]:
-    """``{id: (shard path, row)}``: where each corpus image lives, from the id columns only."""
+    """``{id: (shard path, row)}``: where each corpus image lives, from the index (or, for a
+    corpus without one, from every shard's id column)."""
+    index = index_file(corpus)
+    if index is not None:
+        t = storage.read_table(index, columns=["id", "shard", "row"])
+        uris = {name: storage.uri(store_path(corpus) / name) for name in set(t.column("shard").to_pylist())}
+        return {
+            i: (uris[s], r) for i, s, r in zip(*(t.column(c).to_pylist() for c in ("id", "shard", "row")), strict=True)
+        }
     out = {}
     for shard in shard_files(corpus):
         for row, image_id in enumerate(storage.read_table(shard, columns=["id"]).column("id").to_pylist()):
@@ -213,9 +293,8 @@ def corpus_index(corpus: str | Path) -> dict[str, tuple[str, int]]:
     return out
 
 
-def read_rows(shard: str | Path, rows: list[int]) -> dict[str, bytes]:
-    """``{id: image bytes}`` of the given rows of a corpus shard, reading only the row groups
-    that hold them (a shard's other images are never read)."""
+def _take_rows(shard, rows: list[int], columns: list[str]) -> pa.Table:
+    """The given rows of one shard, in that order, reading only the row groups that hold them."""
     pf = storage.parquet_file(shard)
     starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
     group_of = {r: int(np.searchsorted(starts, r, side="right")) - 1 for r in rows}
@@ -223,15 +302,28 @@ def read_rows(shard: str | Path, rows: list[int]) -> dict[str, bytes]:
     first, at = {}, 0  # each selected group's first row in the table read below
     for g in groups:
         first[g], at = at, at + int(starts[g + 1] - starts[g])
-    table = pf.read_row_groups(groups, columns=["id", "image"])
-    picked = table.take([first[group_of[r]] + r - int(starts[group_of[r]]) for r in rows])
+    table = pf.read_row_groups(groups, columns=columns)
+    return table.take([first[group_of[r]] + r - int(starts[group_of[r]]) for r in rows])
+
+
+def read_rows(shard: str | Path, rows: list[int]) -> dict[str, bytes]:
+    """``{id: image bytes}`` of the given rows of a corpus shard, reading only the row groups
+    that hold them (a shard's other images are never read)."""
+    picked = _take_rows(shard, rows, ["id", "image"])
     return dict(zip(picked.column("id").to_pylist(), picked.column("image").to_pylist(), strict=True))
 
 
 def read_images(corpus: str | Path, ids: set[str] | list[str]) -> dict[str, bytes]:
-    """``{id: image bytes}`` for the given ids: each shard's id column is scanned, and only the
-    row groups holding wanted ids have their images read (a filter on ``id`` would read them all)."""
-    wanted, out = set(ids), {}
+    """``{id: image bytes}`` for the given ids, reading only the row groups that hold them (a filter
+    on ``id`` would read them all): the index says where they are, and each shard holding one is
+    opened once. A corpus without an index has every shard's id column scanned instead."""
+    wanted = set(ids)
+    index = index_file(corpus)
+    if index is not None:
+        t = storage.read_table(index, columns=["id", "shard", "row"], filters=pc.field("id").isin(sorted(wanted)))
+        images = _images_at(corpus, t.column("shard").to_pylist(), t.column("row").to_pylist())
+        return dict(zip(t.column("id").to_pylist(), images, strict=True))
+    out = {}
     for shard in shard_files(corpus):
         shard_ids = storage.read_table(shard, columns=["id"]).column("id").to_pylist()
         rows = [row for row, image_id in enumerate(shard_ids) if image_id in wanted]

@@ -82,3 +82,13 @@ def test_bench_ingest_small(ray_cluster, capsys):
     assert all(r["images"] == 8 and r["per_core"] > 0 for r in results)
     out = capsys.readouterr().out
     assert "scaling efficiency 1 -> 2 workers" in out and "faster" in out
+
+
+def test_bench_corpus_tiny_local(capsys):
+    from medisyn.ingest.corpus_bench import run
+
+    before, after = run(rows=2000, shard_rows=512, wanted=100, before_shards=50)
+    assert (before["layout"], before["shards"], after["layout"], after["shards"]) == ("before", 125, "after", 4)
+    assert all(r["metadata_s"] > 0 and r["images_s"] > 0 for r in (before, after)) and after["metadata_ratio"] > 0
+    out = capsys.readouterr().out
+    assert "on local disk" in out and "timed on 50 of 125 shards, scaled x2.5" in out and "after vs before" in out

@@ -167,33 +167,63 @@ def test_no_identifier_in_any_output_byte(ingested, phantom_root, capfd):
         assert needle.decode() not in out + err
 
 
+def test_corpus_is_compacted_into_shards_of_shard_rows_with_an_index(ingested):
+    """ingest.shard_rows (demo: 128) sizes the corpus shards, not the units (64 here); the index
+    lists every row in corpus order with its shard, row group and row."""
+    from medisyn.records import INDEX_SCHEMA, index_file, shard_files
+
+    cfg, run_dir, summary = ingested
+    shards = shard_files(run_dir / "corpus")
+    total = summary["pairs"]["total"]
+    assert cfg.ingest.shard_rows == 128 and len(shards) == -(-total // 128)
+    assert len(list((run_dir / "ingest/staging").glob("*.json"))) > 3 * len(shards)
+    metas = [pq.ParquetFile(p).metadata for p in shards]
+    assert [m.num_rows for m in metas[:-1]] == [128] * (len(shards) - 1) and sum(m.num_rows for m in metas) == total
+    groups = [m.row_group(g).num_rows for m in metas for g in range(m.num_row_groups)]
+    assert max(groups) == cfg.ingest.shard_row_group_rows == 16
+    index = pq.read_table(index_file(run_dir / "corpus"))
+    assert index.schema.equals(INDEX_SCHEMA) and index.num_rows == total
+    ids = [i for p in shards for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
+    assert index.column("id").to_pylist() == ids
+    assert set(index.column("shard").to_pylist()) == {p.name for p in shards}
+    assert len(shard_files(run_dir / "rejects")) == len(shards) + 1  # the shards' rejects and the listing's
+
+
 def test_rerun_resumes_without_duplicating(ingested):
     cfg, run_dir, summary = ingested
-    before = {f.name: f.read_bytes() for f in (run_dir / "corpus").glob("*.parquet")}
-    victim = sorted(before)[3]
-    (run_dir / "corpus" / victim).unlink()  # a lost corpus shard
-    (run_dir / "ingest/staging" / victim.replace(".parquet", ".json")).unlink()  # and its unit unfinished
+    corpus = run_dir / "corpus"
+
+    def files():
+        return {
+            f.relative_to(corpus).as_posix(): (f.read_bytes(), f.stat().st_mtime_ns)
+            for f in corpus.rglob("*")
+            if f.is_file()
+        }
+
+    before = files()
+    assert ingest(cfg)["accounting"] == summary["accounting"]
+    assert files() == before  # a rerun that changes nothing rewrites nothing: shards, index, shard list
+    shards = sorted(n for n in before if n.startswith("part-"))
+    assert len(shards) >= 3 and sum(n.startswith("_index/") for n in before) == 1
+    victim = shards[1]
+    (corpus / victim).unlink()  # a lost corpus shard
+    sorted((run_dir / "ingest/staging").glob("*.json"))[3].unlink()  # and a unit unfinished
     again = ingest(cfg)
-    after = {f.name: f.read_bytes() for f in (run_dir / "corpus").glob("*.parquet")}
-    assert set(after) == set(before)
-
-    def ids(blob):
-        return pq.read_table(io.BytesIO(blob), columns=["id"]).column("id").to_pylist()
-
-    assert ids(after[victim]) == ids(before[victim])
-    assert again["accounting"] == summary["accounting"]
+    after = files()
+    assert set(after) == set(before) and again["accounting"] == summary["accounting"]
+    assert after[victim][0] == before[victim][0]  # remade identically
+    assert {n: v for n, v in after.items() if n != victim} == {n: v for n, v in before.items() if n != victim}
 
     # outputs cut short after a finished run: a staging shard (its marker says done) and a
-    # corpus shard (its fingerprint is current) are both redone, whole and equal, not trusted
-    staged, final = sorted(before)[1], sorted(before)[5]
-    for f in (run_dir / "ingest/staging" / staged, run_dir / "corpus" / final):
+    # corpus shard (its name is current) are both redone, whole and equal, not trusted
+    staged = run_dir / "ingest/staging" / (sorted((run_dir / "ingest/staging").glob("*.json"))[2].stem + ".parquet")
+    for f in (staged, corpus / shards[2]):
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 2])
     third = ingest(cfg)
-    after = {f.name: f.read_bytes() for f in (run_dir / "corpus").glob("*.parquet")}
+    after = files()
     assert set(after) == set(before) and third["accounting"] == summary["accounting"]
-    for name in (staged, final):
-        assert ids(after[name]) == ids(before[name])
+    assert {n: v[0] for n, v in after.items()} == {n: v[0] for n, v in before.items()}
 
 
 def _write_bad_repos(root: Path) -> Path:
@@ -349,3 +379,98 @@ def test_sources_above_max_pixels_are_rejected_from_their_header(phantom_root, t
     item = Item("ctpa/x", str(ct), "ctpa", "p", "train", ("a",), "c.")
     with pytest.raises(Rejected, match="too many pixels"):
         list(_images(item, _settings(repo, cfg)))
+
+
+def test_a_source_that_cannot_be_read_fails_its_unit_not_the_file(ray_cluster, tmp_path):
+    """A missing file (a node without the mount) is no reject: the unit writes no marker, so the next
+    run reads it again, and the stage stops with one line naming the repository and the file's ref."""
+    from medisyn.configtools import ConfigError
+    from medisyn.ingest.pipeline import STAGING_FORMAT, _read_units
+    from medisyn.ingest.units import Item, Unit, UnitSettings
+    from medisyn.ingest.worker import SourceUnreadable, process_unit
+
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    pixels = dict(frames="all", intensity="auto", size=64, png_compress_level=1, image_format="auto")
+    settings = UnitSettings(
+        kind="image", specialty="dermatology", image_type="dermoscopy", window=(700, 100), pct=(0.5, 99.5),
+        wsi_level=0, wsi_patch_size=512, wsi_overlap=0.0, wsi_tissue_fraction=0.5, row_group_rows=64,
+        max_pixels=10**8, format=STAGING_FORMAT, **pixels,
+    )  # fmt: skip
+
+    def unit(uid, *names):
+        items = [
+            Item(f"derm/{i:016x}", str(tmp_path / n), "derm", "p", "train", ("x",), "c.") for i, n in enumerate(names)
+        ]
+        return Unit(uid, str(tmp_path / "staging"), settings, tuple(items))
+
+    counts = process_unit({"unit": unit("u-ok", "good.png", "empty.png")})  # bad bytes stay a reject
+    assert (counts["accepted"], counts["rejected"]) == (1, 1) and (tmp_path / "staging/u-ok.json").exists()
+    gone = tmp_path / "unmounted" / "LEAKCANARY-patient.png"
+    with pytest.raises(SourceUnreadable, match=r"repository 'derm': source derm/0000000000000001 .*FileNotFoundError"):
+        process_unit({"unit": unit("u-gone", "good.png", str(gone))})
+    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == [
+        "u-ok.json",
+        "u-ok.parquet",
+        "u-ok.rejects.parquet",
+    ]  # no marker, no shard: nothing of the failed unit
+    with pytest.raises(ConfigError, match=r"^ingest: repository 'derm': source derm/0+1 could not be read") as err:
+        _read_units([unit("u-gone", "good.png", str(gone))], 0)
+    assert "LEAKCANARY" not in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "staging/u-gone.json").exists()
+
+
+def test_repositories_in_a_bucket_ingest_to_the_same_corpus(
+    ray_cluster, s3_server, ingested, phantom_root, tmp_path, monkeypatch
+):
+    """Repositories read from s3:// (listed, label CSVs read and files fetched through medisyn.storage)
+    give the corpus a local read of the same files gives; a zero-byte file is still a reject, a
+    missing object fails its unit."""
+    import yaml
+
+    from medisyn import storage
+    from medisyn.ingest import pipeline
+
+    def map_with_s3(key, rows, fn, max_tasks=0):
+        """The session's Ray workers may predate the S3 server (a worker without its address fails its
+        unit: NoCredentialsError); a cluster's nodes have their own credentials."""
+        ds = ray_cluster.data.from_items([{key: r} for r in rows], override_num_blocks=max(len(rows), 1))
+        return ds.map(fn, num_cpus=1, runtime_env={"env_vars": s3_server}).take_all() if rows else []
+
+    monkeypatch.setattr(pipeline, "_ray_map", map_with_s3)
+    from medisyn.ingest.listing import load_repositories
+    from medisyn.ingest.pipeline import _settings
+    from medisyn.ingest.units import Item, Unit
+    from medisyn.ingest.worker import SourceUnreadable, process_unit
+    from medisyn.records import read_corpus
+
+    names = ("oct", "brain-mri")  # PNGs with a planted empty file; DICOM series
+    bucket = storage.path("s3://medisyn-test/sources")
+    doc = yaml.safe_load((phantom_root / "repositories.yaml").read_text())
+    repos = [r for r in doc["repositories"] if r["name"] in names]  # paths relative to the file: to the bucket
+    storage.write_bytes(yaml.safe_dump({"repositories": repos}).encode(), bucket / "repositories.yaml")
+    for name in names:
+        storage.upload_dir(phantom_root / name, bucket / name)
+    cfg = load_config(
+        ROOT / "jobs/configs/demo.yaml",
+        [f"run_dir={tmp_path / 'run'}", f"ingest.repositories_file={storage.uri(bucket / 'repositories.yaml')}"],
+    )
+    summary = ingest(cfg)
+    _, local_run, _ = ingested
+    local = read_corpus(local_run / "corpus", ["id", "source", "source_ref"]).to_pandas()
+    local = local[local.source.isin(names)]
+    remote = read_corpus(tmp_path / "run/corpus", ["id", "source", "source_ref"]).to_pandas()
+    assert len(remote) == summary["pairs"]["total"] > 20
+    assert sorted(zip(remote.source_ref, remote.id, strict=True)) == sorted(
+        zip(local.source_ref, local.id, strict=True)
+    )
+    source_map = pq.read_table(tmp_path / "run/private/source_map.parquet").to_pandas()
+    assert not source_map.path.str.contains("s3:|medisyn-test").any()  # paths relative to the repository
+    rejects = _read_dir(tmp_path / "run/rejects")
+    assert "empty file (0 bytes)" in set(rejects.reason)
+    (repo,) = [r for r, _ in load_repositories(cfg.ingest) if r.name == "oct"]
+    item = Item("oct/0", storage.uri(bucket / "oct/nothing.png"), "oct", "p", "train", ("x",), "c.")
+    with pytest.raises(SourceUnreadable, match="repository 'oct': source oct/0 could not be read"):
+        process_unit({"unit": Unit("u-s3", str(tmp_path / "staging"), _settings(repo, cfg), (item,))})
+    assert not (tmp_path / "staging/u-s3.json").exists()
+    storage.remove_tree(bucket)

@@ -1,5 +1,5 @@
-"""Finalizing a staging shard holds a row group at a time, never the shard: one whole-slide image
-can give 20,000 patches (~8 GB encoded) in a single staging shard."""
+"""Compacting a staging shard into a corpus shard holds a row group at a time, never the shard: one
+whole-slide image can give 20,000 patches (~8 GB encoded) in a single staging shard."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ SHARD_BYTES = ROWS * IMAGE_BYTES
 BOUND = 48 * 2**20
 UID = "wsi-slide-0123456789abcdef"
 
-# Runs finalize_unit in a fresh interpreter, once on a one-row-group shard (which pages in the
+# Runs compact_shard in a fresh interpreter, once on a one-row-group shard (which pages in the
 # code and libraries), then on the slide's shard, whose peaks are measured: pyarrow's pool peak
 # (the image bytes live there, unseen by tracemalloc) and the growth of the resident high-water
 # mark (VmHWM, per process image: getrusage's ru_maxrss would carry over the forking pytest
@@ -30,16 +30,18 @@ UID = "wsi-slide-0123456789abcdef"
 MEASURE = """
 import json, sys
 import pyarrow as pa
-from medisyn.ingest.units import FinalizeJob
-from medisyn.ingest.worker import finalize_unit
+from medisyn.ingest.compact import CompactJob, compact_shard
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 warm, spec = json.loads(sys.argv[1])
-finalize_unit({"job": FinalizeJob(**warm)})
-spec["dropped"] = {k: tuple(v) for k, v in spec["dropped"].items()}
+def job(spec):
+    dropped = {uid: {k: tuple(v) for k, v in d.items()} for uid, d in spec.pop("dropped").items()}
+    slices = tuple(map(tuple, spec.pop("slices")))
+    return CompactJob(**spec, slices=slices, dropped=dropped)
+compact_shard(job(warm))
 rss = hwm()
-result = finalize_unit({"job": FinalizeJob(**spec)})
+result = compact_shard(job(spec)).num_rows
 print(json.dumps({
     "arrow_peak": pa.default_memory_pool().max_memory(),  # this interpreter's peak: either call's
     "rss_growth": hwm() - rss,
@@ -94,25 +96,34 @@ def test_finalizing_a_slide_shard_streams_row_groups(tmp_path):
     assert storage.path(root / "staging" / f"{UID}.parquet").stat().st_size > 0.95 * SHARD_BYTES
     dropped = {ref: ("near duplicate", refs[i - 1]) for i, ref in enumerate(refs) if i % 7 == 3}
     folders = {k: storage.uri(root / k) for k in ("staging", "corpus", "rejects")}
-    specs = [{"id": "warm-up", **folders, "dropped": {}}, {"id": UID, **folders, "dropped": dropped}]
+    kept = [i for i, ref in enumerate(refs) if ref not in dropped]
+    specs = [
+        {"name": "w.parquet", **folders, "row_group_rows": GROUP, "slices": [["warm-up", 0, GROUP]], "dropped": {}},
+        {
+            "name": "s.parquet",
+            **folders,
+            "row_group_rows": GROUP,
+            "slices": [[UID, 0, len(kept)]],
+            "dropped": {UID: dropped},
+        },
+    ]
     proc = subprocess.run(
         [sys.executable, "-c", MEASURE, json.dumps(specs)], capture_output=True, text=True, timeout=600, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"finalize of a {SHARD_BYTES / 2**20:.0f} MiB shard: {measured}")
+    print(f"compaction of a {SHARD_BYTES / 2**20:.0f} MiB shard: {measured}")
     assert measured["arrow_peak"] < BOUND, measured
     assert measured["rss_growth"] < BOUND + 16 * 2**20, measured  # a little slack for the interpreter's own heap
-    assert measured["result"] == {"unit": UID, "corpus": ROWS - len(dropped), "duplicates": len(dropped)}
+    assert measured["result"] == ROWS - len(dropped)  # index rows: one per row kept
 
-    kept = [i for i, ref in enumerate(refs) if ref not in dropped]
-    shard = storage.parquet_file(root / "corpus" / f"{UID}.parquet")
+    shard = storage.parquet_file(root / "corpus" / "s.parquet")
     assert shard.schema_arrow.equals(CORPUS_SCHEMA, check_metadata=False)  # no phash, no thumbnail
     assert max(shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)) <= GROUP
-    ids = storage.read_table(root / "corpus" / f"{UID}.parquet", columns=["id"]).column("id").to_pylist()
+    ids = storage.read_table(root / "corpus" / "s.parquet", columns=["id"]).column("id").to_pylist()
     assert ids == [f"{i:032x}" for i in kept]  # exactly the rows not dropped, in order
     last = shard.read_row_group(shard.num_row_groups - 1, columns=["id", "image"]).to_pylist()
     assert all(r["image"] == _image(int(r["id"], 16)) for r in last)
-    rejects = storage.read_table(root / "rejects" / f"{UID}.parquet").to_pylist()
+    rejects = storage.read_table(root / "rejects" / "s.parquet").to_pylist()
     assert [r["source_ref"] for r in rejects] == [ref for ref in refs if ref in dropped]
     assert rejects[0] == {"source_ref": refs[3], "stage": "dedup", "reason": f"near duplicate of {refs[2]}"}

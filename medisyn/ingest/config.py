@@ -100,6 +100,8 @@ class IngestConfig:
         "max_tasks": ">=0",
         "files_per_task": ">=1",
         "row_group_rows": ">=1",
+        "shard_rows": ">=1",
+        "shard_row_group_rows": ">=1",
         "png_compress_level": "0..9",
         "max_pixels": ">=64",
     }
@@ -126,6 +128,8 @@ class IngestConfig:
     max_tasks: int = 0  # concurrent ingest tasks (0 = one per CPU of the cluster)
     files_per_task: int = 16  # source files per Ray task (and per staging shard); slides: 1
     row_group_rows: int = 64  # parquet row group size: bounds a task's memory on huge multi-frame files and slides
+    shard_rows: int = 1024  # rows per corpus shard: ~150-480 MB of 512² images (grey PNG ~150 KiB, colour WebP ~480)
+    shard_row_group_rows: int = 16  # corpus row group: reading one image by id reads this many (~2-8 MB)
     max_pixels: int = 100_000_000  # a DICOM (rows x columns x frames) or image above this is a reject, not a decode
 
     def __post_init__(self):

@@ -4,12 +4,14 @@
       → Ray Data map: read + transform + encode, one task per unit of files → staging shards
       → duplicates found across all repositories: exact from the pixel hashes (driver),
         near by one Ray task per image type (pHash + thumbnail columns; only drops return)
-      → Ray Data map: staging shard minus duplicates → corpus shard + rejects shard
+      → Ray tasks, one per corpus shard: staging shards minus duplicates, compacted into
+        shards of ``ingest.shard_rows`` rows (+ their rejects) → one corpus index
       → summary.json and a printed table
 
 Memory stays bounded: tasks stream row groups to disk and return only counts; the driver
-reads only hash and label columns, never images. Re-running skips finished units and
-finalized shards, so an interrupted ingest resumes without duplicating a shard.
+reads only hash and label columns and index rows, never images. Re-running skips finished
+units and corpus shards already written (their names hash their content), so an interrupted
+ingest resumes without duplicating a shard and a rerun that changes nothing rewrites nothing.
 """
 
 from __future__ import annotations
@@ -17,26 +19,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import time
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 from upath import UPath
 
 from medisyn.config import ConfigError, RunConfig
+from medisyn.ingest.compact import COMPACT_FORMAT, CompactJob, compact_shard, plan_shards, shard_index, shard_name
 from medisyn.ingest.dedup import find_exact_duplicates, near_duplicates_in_files
 from medisyn.ingest.listing import list_repository, load_repositories
 from medisyn.ingest.summary import summarize, write_summary
-from medisyn.ingest.units import FinalizeJob, Item, Unit, UnitSettings, unit_id
-from medisyn.ingest.worker import finalize_unit, process_unit
+from medisyn.ingest.units import Item, Unit, UnitSettings, unit_id
+from medisyn.ingest.worker import process_unit
 from medisyn.records import (
+    INDEX_DIR,
     REJECT_SCHEMA,
     SHARD_LIST,
     atomic_write_table,
-    atomic_write_text,
+    index_file,
     publish_shards,
     shard_files,
 )
-from medisyn.storage import parquet_file, parquet_is_whole, read_table, uri
+from medisyn.storage import parquet_is_whole, read_table, uri
 
 log = logging.getLogger(__name__)
 STAGING_FORMAT = 4  # bump when the staging shard layout changes, so old shards are not reused
@@ -96,6 +103,18 @@ def _ray_map(key: str, rows: list, fn, max_tasks: int = 0) -> list[dict]:
     return ds.map(fn, num_cpus=1, compute=compute).take_all()
 
 
+def _read_units(units: list[Unit], max_tasks: int) -> None:
+    """Ray Data map #1. A source a task cannot fetch or open fails its unit (no marker: the next run
+    reads it again) and the stage, as one line naming the repository, the file's ref and the node."""
+    try:
+        _ray_map("unit", units, process_unit, max_tasks)
+    except Exception as exc:  # Ray Data wraps the task's error; its text keeps the worker's message
+        found = re.search(r"SourceUnreadable: (.+)", str(exc))
+        if found is None:
+            raise
+        raise ConfigError(f"ingest: {found.group(1).strip()}") from None
+
+
 def _dedup(
     units: list[Unit], staging: UPath, max_distance: int, max_rms: float, repo_order: list[str]
 ) -> dict[str, dict[str, list[str]]]:
@@ -143,6 +162,54 @@ def _dedup(
     return dropped
 
 
+def _compact(cfg: RunConfig, d: dict[str, UPath], kept: list[tuple[str, int]], dropped) -> tuple[list[str], str]:
+    """Write the corpus shards the plan names that are not there yet, and the corpus index; returns
+    (shard names, index path under the corpus folder), for :func:`publish_shards`. The driver holds
+    only index rows: images stream through one Ray task per shard (:mod:`medisyn.ingest.compact`)."""
+    import ray
+
+    started = time.perf_counter()
+    size = cfg.ingest.shard_row_group_rows
+    jobs = []
+    for position, slices in enumerate(plan_shards(kept, cfg.ingest.shard_rows)):
+        units_dropped = {uid: {ref: tuple(v) for ref, v in dropped[uid].items()} for uid, _, _ in slices}
+        name = shard_name(position, slices, units_dropped, size)
+        jobs.append(
+            CompactJob(name, uri(d["staging"]), uri(d["corpus"]), uri(d["rejects"]), tuple(slices), units_dropped, size)
+        )
+    names = [j.name for j in jobs]
+    old = index_file(d["corpus"])
+    known = {}  # index rows of shards the published index already holds: they are not read again
+    if old is not None and parquet_is_whole(old):
+        table = read_table(old)
+        shard = np.asarray(table.column("shard").to_pylist(), dtype=object)
+        bounds = [0, *(np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist(), len(shard)]  # a shard's rows are adjacent
+        known = {shard[a]: table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a}
+    pieces: dict[str, pa.Table] = {}
+    todo = []
+    for job in jobs:
+        if parquet_is_whole(d["corpus"] / job.name) and parquet_is_whole(d["rejects"] / job.name):
+            pieces[job.name] = known[job.name] if job.name in known else shard_index(d["corpus"], job.name, size)
+        else:
+            todo.append(job)
+    log.info("ingest: %d corpus shards, %d to write", len(jobs), len(todo))
+    task = ray.remote(num_cpus=1)(compact_shard)
+    limit = cfg.ingest.max_tasks or len(todo) or 1
+    waiting, running = list(todo), {}
+    while waiting or running:
+        while waiting and len(running) < limit:
+            job = waiting.pop(0)
+            running[task.remote(job)] = job.name
+        done, _ = ray.wait(list(running), num_returns=1)
+        pieces[running.pop(done[0])] = ray.get(done[0])
+    digest = hashlib.sha256(json.dumps([COMPACT_FORMAT, names]).encode()).hexdigest()[:16]
+    index = f"{INDEX_DIR}/{digest}.parquet"
+    if not parquet_is_whole(d["corpus"] / index):
+        atomic_write_table(pa.concat_tables([pieces[n] for n in names]), d["corpus"] / index)
+    log.info("ingest: corpus compacted into %d shards in %.1f s", len(names), time.perf_counter() - started)
+    return names, index
+
+
 def _staged(staging: UPath, uid: str) -> bool:
     """A unit counts as done only when its marker is there and its shards read back whole; a
     truncated or corrupt one is processed again (and said so), never trusted."""
@@ -156,12 +223,15 @@ def _staged(staging: UPath, uid: str) -> bool:
 
 
 def run(cfg: RunConfig) -> dict:
-    from medisyn.raytools import ensure_ray
+    from medisyn.raytools import check_sources, ensure_ray
 
     d = ingest_dirs(cfg)
     for p in d.values():
         p.mkdir(parents=True, exist_ok=True)
-    repos = load_repositories(cfg.ingest, cfg.resolve)  # config errors stop here, before any work
+    # config errors stop here, before any work; a URI stays a URI (cfg.resolve makes a local Path)
+    repos = load_repositories(cfg.ingest, lambda p: p.replace("{run_dir}", cfg.run_dir))
+    ensure_ray()  # every node must read every repository, or the stage stops now, naming the node
+    check_sources({repo.name: (uri(root), uri(root / repo.labels_csv)) for repo, root in repos})
     listing_rejects, source_map, units = [], [], []
     for repo, root in repos:
         items, rejects, refs = list_repository(repo, root, cfg.ingest)
@@ -178,8 +248,7 @@ def run(cfg: RunConfig) -> dict:
 
     todo = [u for u in units if not _staged(d["staging"], u.id)]
     log.info("ingest: %d units, %d already done, %d to process", len(units), len(units) - len(todo), len(todo))
-    ensure_ray()
-    _ray_map("unit", todo, process_unit, cfg.ingest.max_tasks)
+    _read_units(todo, cfg.ingest.max_tasks)
     unit_counts = [json.loads((d["staging"] / f"{u.id}.json").read_text()) for u in units]
 
     dropped = _dedup(
@@ -189,44 +258,24 @@ def run(cfg: RunConfig) -> dict:
         cfg.ingest.near_duplicate_rms,
         [repo.name for repo, _ in repos],
     )
-    state_file = d["ingest"] / "finalized.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    # a corpus shard is final for a given set of duplicates to drop; rewrite it when that set changes
-    fingerprints = {u.id: hashlib.sha256(json.dumps(dropped[u.id], sort_keys=True).encode()).hexdigest() for u in units}
-    jobs = [
-        FinalizeJob(
-            uid,
-            uri(d["staging"]),
-            uri(d["corpus"]),
-            uri(d["rejects"]),
-            {ref: tuple(v) for ref, v in dropped[uid].items()},
-        )
-        for uid, fp in fingerprints.items()
-        if not (
-            state.get(uid) == fp
-            and parquet_is_whole(d["corpus"] / f"{uid}.parquet")
-            and parquet_is_whole(d["rejects"] / f"{uid}.parquet")
-        )
-    ]
-    log.info("ingest: %d shards to finalize", len(jobs))
-    _ray_map("job", jobs, finalize_unit, cfg.ingest.max_tasks)
-    atomic_write_text(json.dumps(fingerprints, indent=0), state_file)
-
-    current = sorted(f"{u.id}.parquet" for u in units)
-    accepted = sum(parquet_file(d["corpus"] / name).metadata.num_rows for name in current)
-    if accepted == 0:  # an all-rejecting run never replaces a corpus: the previous one stays in force
+    kept = sorted((u.id, c["accepted"] - len(dropped[u.id])) for u, c in zip(units, unit_counts, strict=True))
+    if sum(n for _, n in kept) == 0:  # an all-rejecting run never replaces a corpus: the previous one stays in force
         reasons = Counter(r["reason"] for r in listing_rejects)
-        for name in current:
-            reasons.update(read_table(d["rejects"] / name, columns=["reason"]).column("reason").to_pylist())
+        for u in units:
+            staged = read_table(d["staging"] / f"{u.id}.rejects.parquet", columns=["reason"])
+            reasons.update(staged.column("reason").to_pylist())
+            reasons.update(f"{reason} of {other}" for reason, other in dropped[u.id].values())
         top = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3))
-        kept = len(shard_files(d["corpus"])) if (d["corpus"] / SHARD_LIST).is_file() else 0
+        kept_shards = len(shard_files(d["corpus"])) if (d["corpus"] / SHARD_LIST).is_file() else 0
         raise ConfigError(  # the CLI prints it as one line: the input, not the code, is at fault
             f"ingest: every image was rejected ({sum(reasons.values())} rejects; most common: {top or 'no files'}); "
-            + (f"the previous corpus ({kept} shards) is kept" if kept else "no corpus was written")
+            + (f"the previous corpus ({kept_shards} shards) is kept" if kept_shards else "no corpus was written")
         )
+    current, index = _compact(cfg, d, kept, dropped)
+    listing_name = "listing.parquet"
     listing_name = "listing.parquet"
     atomic_write_table(pa.Table.from_pylist(listing_rejects, REJECT_SCHEMA), d["rejects"] / listing_name)
-    publish_shards(d["corpus"], current)
+    publish_shards(d["corpus"], current, index)
     publish_shards(d["rejects"], [*current, listing_name])
 
     summary = summarize(d["corpus"], d["rejects"], unit_counts, files=len(source_map))

@@ -1,6 +1,7 @@
 """The ingest summary: the shape of the paper's Extended Data Tables 1–2, plus what was dropped.
 
-Reads only small columns of the shards (never the images), so it is cheap at any scale.
+Reads only small columns (never the images): the corpus's from its index (one file, however
+many shards), the rejects' from their shards (one per corpus shard), so it is cheap at any scale.
 """
 
 from __future__ import annotations
