@@ -23,7 +23,7 @@ from medisyn.stages import STAGE_BY_NAME, STAGES, Stage, not_built_message
 
 log = logging.getLogger("medisyn")
 
-READER_ACTIONS = ("build", "serve", "add-reader", "analyze", "export")
+READER_ACTIONS = ("build", "serve", "add-reader", "revoke", "reissue", "analyze", "export")
 
 
 def _stage_fn(stage: Stage):
@@ -100,16 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--study", help="add-reader: the study the reader reads (reader.studies_file's names)")
     rd.add_argument("--name", default="", help="add-reader: the reader's name or pseudonym, shown in exports")
     rd.add_argument("--admin", action="store_true", help="add-reader: an admin credential (progress, exports)")
-    rd.add_argument("--base-url", default="", help="add-reader: the address readers open (default http://host:port)")
+    rd.add_argument(
+        "--base-url", default="", help="add-reader, reissue: the address readers open (default http://host:port)"
+    )
+    rd.add_argument("--reader", default="", help="revoke, reissue: the reader's (or admin's) name, or its id")
     _config_args(rd)
     _config_args(sub.add_parser("pipeline", help="every built stage in order"))
     show = sub.add_parser("config", help="print the resolved, validated config and exit")
     _config_args(show)
     bench = sub.add_parser(
-        "bench", help="throughput benchmarks (ingest, dedup, train, generate, select, audit, bootstrap, classifier)"
+        "bench",
+        help="throughput benchmarks (ingest, dedup, corpus, train, generate, select, audit, bootstrap, classifier, "
+        "embed)",
     )
     bench.add_argument(
-        "what", choices=["ingest", "dedup", "train", "generate", "select", "audit", "bootstrap", "classifier"]
+        "what",
+        choices=[
+            *("ingest", "dedup", "corpus", "train", "generate", "select", "audit", "bootstrap", "classifier", "embed")
+        ],
+    )
+    bench.add_argument("--rows", type=int, default=200_000, help="synthetic corpus rows (corpus)")
+    bench.add_argument("--s3", action="store_true", help="put the corpus on a local S3 server (moto; corpus)")
+    bench.add_argument(
+        "--before-shards", type=int, default=0, help="time the old layout on this many shards, scaled (corpus; 0: all)"
     )
     bench.add_argument(
         "--images",
@@ -132,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--loop-resamples", type=int, default=0, help="resamples the scikit-learn loop times (0: all; bootstrap)"
     )
     bench.add_argument("--arch", default="resnet50", help="torchvision ResNet (classifier)")
+    bench.add_argument("--ddp", action="store_true", help="one-process DDP, as the training loop (train)")
+    bench.add_argument("--accumulation", type=int, default=1, help="micro-steps per optimizer step (train)")
+    bench.add_argument(
+        "--embedder", default="", help="embedder preset, or open_clip model with random weights (embed; ViT-B-16)"
+    )
+    bench.add_argument("--json", default="", help="also write the figures to this JSON file (every bench)")
     _config_args(bench)
     return parser
 
@@ -185,44 +204,74 @@ def _dispatch(args, cfg: RunConfig) -> int:
         if args.what == "ingest":
             from medisyn.ingest.bench import run as bench_ingest
 
-            bench_ingest(cfg, images=args.images or 256)
+            result = bench_ingest(cfg, images=args.images or 256)
         elif args.what == "dedup":
             from medisyn.ingest.dedup_bench import run as bench_dedup
 
-            bench_dedup(args.images or 200_000, k=cfg.ingest.near_duplicate_bits, rms=cfg.ingest.near_duplicate_rms)
+            result = bench_dedup(
+                args.images or 200_000, k=cfg.ingest.near_duplicate_bits, rms=cfg.ingest.near_duplicate_rms
+            )
+        elif args.what == "corpus":
+            from medisyn.ingest.corpus_bench import run as bench_corpus
+
+            result = bench_corpus(args.rows, s3=args.s3, before_shards=args.before_shards)
         elif args.what == "train":
             from medisyn.train.bench import run as bench_train
 
-            bench_train(args.preset, args.batch, args.resolution, args.steps)
+            bench_train(args.preset, args.batch, args.resolution, args.steps, args.ddp, args.accumulation, args.json)
         elif args.what == "audit":
             from medisyn.audit.bench import search
 
-            search(n_real=args.images or 100_000)
+            result = search(n_real=args.images or 100_000)
         elif args.what == "bootstrap":
             from medisyn.audit.bench import bootstrap
 
-            bootstrap(args.resamples, loop_resamples=args.loop_resamples)
+            result = bootstrap(args.resamples, loop_resamples=args.loop_resamples)
         elif args.what == "classifier":
             from medisyn.audit.bench import classifier
 
-            classifier(args.arch, args.resolution, args.batch, args.steps)
+            result = classifier(args.arch, args.resolution, args.batch, args.steps)
         elif args.what == "select":
             from medisyn.select.bench import run as bench_select
 
-            bench_select(args.preset, args.images, args.checkpoints, args.steps, args.resolution)
+            result = bench_select(args.preset, args.images, args.checkpoints, args.steps, args.resolution)
+        elif args.what == "embed":
+            from medisyn.audit.embed_bench import run as bench_embed
+
+            result = bench_embed(args.embedder, args.images, args.batch, args.steps, args.resolution)
         else:
             from medisyn.infer.bench import run as bench_generate
 
-            bench_generate(args.preset, args.batch, args.resolution, args.steps)
+            result = bench_generate(args.preset, args.batch, args.resolution, args.steps)
+        if args.json and args.what != "train":  # train writes its own (each recipe's peak and memory plan)
+            write_bench_json(args.json, args.what, result)
     else:
         run_stage(args.command, cfg)
     return 0
 
 
+def write_bench_json(path: str, what: str, result) -> None:
+    """One bench's figures as JSON, with this process's peak memory: each bench of
+    ``scripts/bench-gpu.sh`` runs in its own process, so the peak is that bench's."""
+    import json
+    import resource
+    from pathlib import Path
+
+    doc = {"bench": what, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}  # KiB
+    torch = sys.modules.get("torch")  # imported by the bench if it needed it; never imported here for nothing
+    if torch is not None and torch.cuda.is_available():
+        doc.update(device=torch.cuda.get_device_name(), peak_gpu_gb=torch.cuda.max_memory_allocated() / 1e9)
+    else:
+        doc["device"] = "cpu"
+    doc["results"] = result
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x)) + "\n")
+
+
 def _reader(args, cfg: RunConfig) -> int:
     """The reader study's actions besides build (the pipeline's stage): they run on the study's
     host, against its local SQLite file, never on a Ray cluster."""
-    from medisyn.reader import db
     from medisyn.reader.study import reader_dir
 
     folder = reader_dir(cfg)
@@ -230,23 +279,10 @@ def _reader(args, cfg: RunConfig) -> int:
         from medisyn.reader.app import serve
 
         serve(folder, cfg.reader.host, cfg.reader.port)
-    elif args.action == "add-reader":
-        if not args.admin and not args.study:
-            print("medisyn: reader add-reader: name the study with --study (or --admin)", file=sys.stderr)
-            return 2
-        conn = db.connect(folder)
-        try:
-            reader_id, token = db.add_reader(conn, args.study, args.name or ("admin" if args.admin else ""), args.admin)
-        except KeyError as exc:
-            print(f"medisyn: reader add-reader: {exc.args[0]}", file=sys.stderr)
-            return 2
-        finally:
-            conn.close()
-        if args.admin:
-            print(f"admin {reader_id}: token {token}  (send it as 'Authorization: Bearer <token>'; it is shown once)")
-        else:
-            base = (args.base_url or f"http://{cfg.reader.host}:{cfg.reader.port}").rstrip("/")
-            print(f"reader {reader_id} ({args.study}): {base}/#t={token}  (a secret link; it is shown once)")
+    elif args.action in ("add-reader", "revoke", "reissue"):
+        from medisyn.reader.cli import links
+
+        return links(args, cfg, folder)
     elif args.action == "analyze":
         from medisyn.reader.analysis import analyze, table_line
 

@@ -21,7 +21,7 @@ from medisyn.presets import get_preset, preset_names
 from medisyn.reader.config import ReaderConfig
 from medisyn.select.config import SelectConfig
 from medisyn.storage import path as store_path
-from medisyn.train.config import CacheConfig, TrainConfig, VaeFitConfig
+from medisyn.train.config import CacheConfig, TrainConfig, VaeFitConfig, check_memory_plan
 
 __all__ = ["ConfigError", "ModelConfig", "PhantomsConfig", "RunConfig", "load_config", "to_dict"]
 
@@ -98,16 +98,7 @@ class RunConfig:
                     f"vae_fit.crop_size: {self.vae_fit.crop_size} is larger than the images it crops "
                     f"(train.resolution {self.train.resolution})"
                 )
-        t = self.train
-        measured = get_preset(self.model.preset).get("gpu_batch_limit", {})
-        limit = t.gpu_batch_limit or measured.get("gradient_checkpointing" if t.gradient_checkpointing else "eager", 0)
-        if t.use_gpu and limit and t.per_worker_batch > limit:
-            raise ConfigError(
-                f"train.per_worker_batch: {t.per_worker_batch} is above the per-GPU limit {limit} for preset "
-                f"{self.model.preset!r}{' with' if t.gradient_checkpointing else ' without'} gradient checkpointing "
-                "(measured on 80 GB, docs/PERFORMANCE.md); reach the effective batch by accumulation, set "
-                "train.gradient_checkpointing=true, or raise train.gpu_batch_limit for a larger GPU"
-            )
+        check_memory_plan(self.model.preset, self.train)  # GPU configs only; the lines are in the message
 
     @property
     def run_path(self):

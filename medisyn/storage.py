@@ -87,9 +87,20 @@ def read_table(p: str | os.PathLike, **kwargs) -> pa.Table:
     return pq.read_table(p.path, **kwargs)
 
 
+READ_BLOCK = 1 << 20  # an object store's read-ahead for parquet: s3fs's default 50 MiB block per read
+
+
 def parquet_file(p: str | os.PathLike) -> pq.ParquetFile:
+    """A parquet file to read a footer or a few row groups from. On an object store the file is opened
+    with a 1 MiB block: s3fs reads ahead 50 MiB by default, so reading one image's row group of a
+    corpus shard would fetch a large part of the shard."""
     p = path(p)
-    return pq.ParquetFile(p.path, filesystem=p.fs) if is_remote(p) else pq.ParquetFile(p.path)
+    if not is_remote(p):
+        return pq.ParquetFile(p.path)
+    try:
+        return pq.ParquetFile(p.fs.open(p.path, "rb", block_size=READ_BLOCK))
+    except TypeError:  # a filesystem without buffered files (memory://)
+        return pq.ParquetFile(p.path, filesystem=p.fs)
 
 
 def write_table(table: pa.Table, p: str | os.PathLike, **kwargs) -> None:

@@ -19,7 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module's layer is that of the longest prefix that matches its dotted name.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("records", ("medisyn.records", "medisyn.storage", "medisyn.configtools", "medisyn.stages", "medisyn.presets")),
+    (
+        "records",
+        (
+            "medisyn.records",
+            "medisyn.images",
+            "medisyn.storage",
+            "medisyn.configtools",
+            "medisyn.stages",
+            "medisyn.presets",
+        ),
+    ),
     ("configs", ("medisyn.config", "medisyn.*.config")),
     ("shared", ("medisyn.models", "medisyn.raytools", "medisyn.figures")),
     ("phantoms", ("medisyn.phantoms",)),
@@ -84,6 +94,57 @@ def violations(sources: dict[str, tuple[str, bool]]) -> list[str]:
             if theirs is not None and theirs > own:
                 out.append(f"{module}:{line} imports {target} ({LAYERS[own][0]} -> {LAYERS[theirs][0]})")
     return out
+
+
+STAGE_PACKAGES = ("phantoms", "ingest", "train", "infer", "select", "audit", "reader")
+
+# What one stage package may import from another's room (DESIGN §9); shared I/O and model helpers live in
+# the layers below (records, images, models). Anything else is a stage reaching into another's room.
+ACROSS_STAGES = {
+    ("select", "medisyn.infer.sampling"),  # select scores checkpoints with the one generation function
+    ("select", "medisyn.train.trainer"),  # the checkpoints Ray Train wrote
+    ("infer", "medisyn.ingest.transforms"),  # the centre crop's geometry, for SDXL's crop conditioning
+    ("train", "medisyn.train"),
+}
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "medisyn" and parts[1] in STAGE_PACKAGES else None
+
+
+def crossings(sources: dict[str, tuple[str, bool]]) -> list[str]:
+    """Imports from one stage package into another's that ACROSS_STAGES does not name."""
+    out = []
+    for module, (source, is_package) in sorted(sources.items()):
+        own = stage_of(module)
+        for line, target in imports_of(module, source, is_package):
+            theirs = stage_of(target)
+            if (
+                own
+                and theirs
+                and theirs != own
+                and not any(own == o and (target == t or target.startswith(t + ".")) for o, t in ACROSS_STAGES)
+            ):
+                out.append(f"{module}:{line} imports {target} ({own} -> {theirs}'s room)")
+    return out
+
+
+def test_no_stage_reaches_into_another_stages_room():
+    """Shared image I/O (``medisyn.images``) and the VAE's helpers and identity (``medisyn.models``)
+    sit below the stages: fidelity and the VAE fit once imported them from ingest's worker and from
+    train's vae and cache modules."""
+    problems = crossings(package_sources())
+    assert not problems, "stage-to-stage imports DESIGN §9 does not name:\n" + "\n".join(problems)
+    fake = {
+        "medisyn.audit.fidelity": ("def f():\n    from medisyn.train.vae import reconstruct\n", False),
+        "medisyn.train.vae": ("from medisyn.ingest.worker import encode_image\n", False),
+        "medisyn.select.stage": ("from medisyn.infer.sampling import generate_images\n", False),
+    }
+    assert crossings(fake) == [
+        "medisyn.audit.fidelity:2 imports medisyn.train.vae (audit -> train's room)",
+        "medisyn.train.vae:1 imports medisyn.ingest.worker (train -> ingest's room)",
+    ]
 
 
 def package_sources() -> dict[str, tuple[str, bool]]:

@@ -174,7 +174,7 @@ def test_the_cache_is_keyed_by_the_vaes_content_not_its_path(tmp_path):
     import os
     import shutil
 
-    from medisyn.train.cache import model_identity
+    from medisyn.models import model_identity
 
     vae = tmp_path / "run" / "vae"
     vae.mkdir(parents=True)
@@ -201,8 +201,9 @@ def test_the_encoder_actor_gets_decoded_pixels_from_a_cpu_stage(monkeypatch):
     training resolution; the VAE actor encodes them and decodes nothing itself."""
     import PIL.Image
 
+    from medisyn.images import load_image
     from medisyn.models import load_vae
-    from medisyn.train.cache import VaeEncoder, decode_images, load_image
+    from medisyn.train.cache import VaeEncoder, decode_images
 
     rows = _corpus_rows(4, size=32)
     batch = {k: [r[k] for r in rows] for k in ("id", "image", "caption", "original_size", "crop_top_left")}

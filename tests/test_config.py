@@ -58,7 +58,8 @@ def test_paper_yaml_holds_the_papers_numbers():
     )
     assert p.model.preset == "sdxl" and "fp16-fix" in p.model.vae
     # the dataclass defaults are the paper's numbers too, so a bare config is the paper's recipe
-    assert to_dict(load_config(None).train) == to_dict(p.train)
+    local = {"checkpoint_local_dir": p.train.checkpoint_local_dir}  # a node's disk, not one of the paper's numbers
+    assert to_dict(load_config(None).train) | local == to_dict(p.train)
 
 
 def test_overrides_are_typed():
@@ -190,26 +191,6 @@ def test_cli_config_error_stops_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'train.epoch'; did you mean 'train.epochs'?" in proc.stderr
     assert not run_dir.exists()
-
-
-def test_gpu_batch_above_the_measured_limit_is_refused():
-    paper = load_config(PAPER)
-    assert (paper.train.per_worker_batch, paper.train.accumulation, paper.train.effective_batch) == (16, 2, 128)
-    with pytest.raises(
-        ConfigError, match=r"train.per_worker_batch: 32 is above the per-GPU limit 16 for preset 'sdxl'"
-    ):
-        load_config(PAPER, ["train.per_worker_batch=32"])
-    # measured to fit: gradient checkpointing at 32, an explicitly raised limit, CPU runs, the tiny preset
-    assert (
-        load_config(PAPER, ["train.per_worker_batch=32", "train.gradient_checkpointing=true"]).train.accumulation == 1
-    )
-    with pytest.raises(ConfigError, match="limit 32 for preset 'sdxl' with gradient checkpointing"):
-        load_config(
-            PAPER, ["train.per_worker_batch=64", "train.effective_batch=256", "train.gradient_checkpointing=true"]
-        )
-    assert load_config(PAPER, ["train.per_worker_batch=32", "train.gpu_batch_limit=40"]).train.per_worker_batch == 32
-    assert load_config(PAPER, ["train.per_worker_batch=32", "train.use_gpu=false"]).train.per_worker_batch == 32
-    assert load_config(PAPER, ["train.per_worker_batch=32", "model.preset=tiny"]).train.per_worker_batch == 32
 
 
 def test_exponent_numbers_without_a_dot_are_numbers():

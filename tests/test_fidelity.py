@@ -75,8 +75,8 @@ def test_decoded_gives_each_image_as_the_vae_renders_it_at_the_training_resoluti
     import torch
 
     from medisyn.audit.fidelity import decoded
+    from medisyn.images import load_image
     from medisyn.models import build_pipeline
-    from medisyn.train.cache import load_image
 
     rng = np.random.default_rng(0)
     odd = _png(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))  # not square

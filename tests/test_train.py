@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from medisyn.train.loop import add_time_ids, dropout_mask, loss_weights, sample_latents, training_target
+
+PAPER = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "paper.yaml")
 
 
 def test_latents_are_fresh_draws_from_the_moments():
@@ -77,6 +80,150 @@ def test_min_snr_weights_cap_the_easy_steps_and_are_off_at_gamma_zero():
     wv = loss_weights(v, timesteps, 5.0)
     assert wv[-1] == pytest.approx((snr[-1] / (snr[-1] + 1)).item(), rel=1e-5)  # v: min(snr, g) / (snr + 1)
     assert wv[0] == pytest.approx(5.0 / (snr[0].item() + 1), rel=1e-5)
+
+
+def _paper_train(**changes):
+    from dataclasses import replace
+
+    from medisyn.config import load_config
+
+    return replace(load_config(PAPER).train, **changes)
+
+
+def test_the_memory_plan_counts_ddp_buckets_accumulation_and_ema_for_sdxl():
+    from medisyn.train.config import memory_plan
+
+    # the measured reference: one GPU, no DDP, no accumulation, eager 16 (bench: 67 GB); 10.3 GB = 4 B x 2,567,463,684
+    alone = memory_plan("sdxl", _paper_train(num_workers=1, effective_batch=16, gradient_checkpointing=False))
+    lines = dict(alone.lines)
+    assert lines["U-Net weights, fp32 (2,567,463,684 parameters)"] == pytest.approx(10.27, abs=0.01)
+    assert lines["AdamW moments, fp32 (two per weight)"] == pytest.approx(20.54, abs=0.01)
+    assert alone.total_gb - lines["reserve: 10% of the GPU (CUDA context, fragmentation, workspaces)"] == (
+        pytest.approx(68.7, abs=0.1)  # 67 GB measured
+    )
+    # the paper's old settings (4 workers x 16 x 2 accumulation, eager), DDP as it was: +10.3 buckets +10.3 held
+    old = memory_plan("sdxl", _paper_train(gradient_checkpointing=False), bucket_view=False)
+    assert old.total_gb - alone.total_gb == pytest.approx(2 * 10.27, abs=0.01) and not old.fits
+    # gradients as bucket views: the held gradients are the buckets
+    viewed = memory_plan("sdxl", _paper_train(gradient_checkpointing=False))
+    assert viewed.total_gb - alone.total_gb == pytest.approx(10.27, abs=0.01) and not viewed.fits
+    ema = memory_plan("sdxl", _paper_train(ema_decay=0.999))
+    assert ema.total_gb - memory_plan("sdxl", _paper_train()).total_gb == pytest.approx(10.27, abs=0.01)
+    # paper.yaml: gradient checkpointing, 16 x 4 x 2 = 128, with a margin on 80 GB
+    paper = memory_plan("sdxl", _paper_train())
+    assert paper.fits and paper.total_gb == pytest.approx(72.3, abs=0.1)
+    # activations scale with the latent area; sdxl-random plans as sdxl
+    half = memory_plan("sdxl", _paper_train(resolution=256))
+    assert paper.total_gb - half.total_gb == pytest.approx(16 * 1.13 * 0.75, abs=0.01)
+    assert memory_plan("sdxl-random", _paper_train()).total_gb == paper.total_gb
+
+
+def test_the_memory_plan_of_the_tiny_preset_and_its_parameter_counts_match_the_networks():
+    from diffusers import UNet2DConditionModel
+
+    from medisyn.presets import get_preset
+    from medisyn.train.config import memory_plan
+
+    for name in ("tiny", "sdxl-random"):  # built on the meta device: no memory, no weights
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(get_preset(name)["build"]["unet"])
+        assert sum(p.numel() for p in unet.parameters()) == get_preset(name)["memory"]["unet_parameters"]
+    assert get_preset("sdxl")["memory"] == get_preset("sdxl-random")["memory"]
+    plan = memory_plan(
+        "tiny", _paper_train(resolution=128, mixed_precision="fp32", ema_decay=0.5, gradient_checkpointing=False)
+    )
+    lines = dict(plan.lines)
+    assert lines["U-Net weights, fp32 (1,714,532 parameters)"] == pytest.approx(4 * 1_714_532 / 1e9)
+    assert "EMA copy, fp32" in lines and not any("autocast" in w for w in lines)  # fp32: no bf16 copies
+    assert lines["activations: 16 x 0.0042 GB (eager, 128²)"] == pytest.approx(16 * 0.0021 * 2)  # fp32: twice bf16
+
+
+def test_a_gpu_config_over_its_memory_plan_is_refused_naming_the_plans_lines():
+    from medisyn.config import ConfigError, load_config
+
+    paper = load_config(PAPER).train
+    assert (paper.per_worker_batch * paper.num_workers * paper.accumulation, paper.gradient_checkpointing) == (
+        128,
+        True,
+    )
+    with pytest.raises(ConfigError, match=r"need 87\.0 GB per GPU, more than train.gpu_memory_gb 80") as err:
+        load_config(PAPER, ["train.gradient_checkpointing=false"])
+    assert "DDP buckets, fp32 (the gradients are views into them)" in str(err.value)
+    assert "activations: 16 x 2.05 GB (eager, 512²)" in str(err.value)
+    # a larger GPU, a CPU run, and a smaller batch with more accumulation pass
+    load_config(PAPER, ["train.gradient_checkpointing=false", "train.gpu_memory_gb=141"])
+    load_config(PAPER, ["train.gradient_checkpointing=false", "train.use_gpu=false"])
+    load_config(PAPER, ["train.gradient_checkpointing=false", "train.per_worker_batch=8"])
+    with pytest.raises(ConfigError, match="train.gpu_memory_gb: 0"):
+        load_config(PAPER, ["train.gpu_memory_gb=0"])
+
+
+def test_ddp_keeps_the_gradients_in_its_buckets(monkeypatch):
+    import ray.train.torch
+
+    from medisyn.train.loop import prepare_ddp, zero_grad_kwargs
+
+    seen = {}
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m, **kw: seen.update(kw) or m)
+    unet = torch.nn.Linear(3, 2)
+    prepare_ddp(unet, world=2)
+    assert seen == {"parallel_strategy_kwargs": {"gradient_as_bucket_view": True}}
+    assert all(p.grad is not None and not p.grad.any() for p in unet.parameters())  # views from the first step
+    ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
+    assert zero_grad_kwargs(ddp) == {"set_to_none": False} and zero_grad_kwargs(None) == {"set_to_none": True}
+
+
+def test_resume_loads_state_onto_the_workers_own_device(tmp_path, monkeypatch):
+    from medisyn.train import loop
+
+    (tmp_path / "resume").mkdir()
+    torch.save({"epoch": 3, "step": 7}, tmp_path / "resume" / loop.CHECKPOINT_STATE)
+    generator = torch.Generator().manual_seed(1)
+    torch.save({"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, tmp_path / "rng-rank-1.pt")
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda path, **kw: calls.append((path.name, kw["map_location"])) or real_load(path, **kw)
+    )
+    monkeypatch.setattr("diffusers.UNet2DConditionModel.from_pretrained", lambda path: "unet")
+    unet, state = loop.resume_from(tmp_path, 1, torch.device("meta"), torch.Generator())
+    assert calls == [(loop.CHECKPOINT_STATE, torch.device("meta")), ("rng-rank-1.pt", "cpu")]
+    assert (unet, state) == ("unet", {"epoch": 3, "step": 7})
+
+
+def test_epoch_checkpoints_are_written_under_the_local_dir_for_ray_to_upload_and_delete(tmp_path, monkeypatch):
+    from medisyn.train.loop import checkpoint_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the system temp dir, here
+
+    a, b = checkpoint_dir(str(tmp_path / "nvme"), 3, 0), checkpoint_dir(str(tmp_path / "nvme"), 3, 1)
+    assert a.parent == b.parent == tmp_path / "nvme" and a != b  # one folder per rank: Ray deletes each
+    assert a.name.startswith("medisyn-epoch-003-rank-0-") and a.is_dir()
+    assert checkpoint_dir("", 0, 0).parent == tmp_path / "tmp"
+
+
+def test_resume_state_is_pruned_only_behind_the_newest_registered_checkpoint(tmp_path):
+    import pyarrow.fs
+
+    from medisyn.train.loop import prune_unregistered_behind
+
+    for e in range(4):
+        (tmp_path / f"epoch-{e:03d}" / "resume").mkdir(parents=True)
+    fs = pyarrow.fs.LocalFileSystem()
+    assert prune_unregistered_behind(fs, str(tmp_path)) == []  # nothing registered yet: keep all
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": f"epoch-{e:03d}"} for e in (0, 1)]}
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    # epochs 2 and 3 may still be uploading in the background: a restart resumes from epoch 1
+    assert prune_unregistered_behind(fs, str(tmp_path)) == ["epoch-000"]
+    assert sorted(p.parent.name for p in tmp_path.glob("epoch-*/resume")) == ["epoch-001", "epoch-002", "epoch-003"]
+
+
+def test_the_workers_datasets_draw_no_ray_data_progress_bars():
+    from types import SimpleNamespace
+
+    from medisyn.train.trainer import quiet_progress
+
+    data = SimpleNamespace(context=SimpleNamespace(enable_progress_bars=True))
+    assert quiet_progress(data).context.enable_progress_bars is False
 
 
 def test_text_cache_encodes_only_new_captions(tmp_path):

@@ -37,6 +37,7 @@ from medisyn.records import (
     corpus_identity,
     finished_with,
     read_corpus,
+    read_images,
     read_manifest,
     set_identity,
 )
@@ -122,8 +123,8 @@ def decoded(images: list[bytes], vae, resolution: int, batch_size: int = 8) -> l
     import torch
     from PIL import Image
 
-    from medisyn.ingest.worker import encode_image
-    from medisyn.train.vae import decode_batch, reconstruct, to_model_input, to_uint8
+    from medisyn.images import decode_batch, encode_image
+    from medisyn.models import reconstruct, to_model_input, to_uint8
 
     out: list[bytes] = []
     for start in range(0, len(images), batch_size):
@@ -135,10 +136,10 @@ def decoded(images: list[bytes], vae, resolution: int, batch_size: int = 8) -> l
 
 
 def _real(cfg: RunConfig, split: str, cap: int) -> dict:
-    """Rows of a split, at most ``cap`` per class (a seeded draw), with their image bytes."""
-    table = read_corpus(
-        cfg.run_path / "corpus", columns=["image", "specialty", "image_type", "labels"], split=split
-    ).to_pylist()
+    """Rows of a split, at most ``cap`` per class (a seeded draw), with their image bytes: the draw is
+    made on the metadata (the corpus index), and only the drawn images are read."""
+    corpus = cfg.run_path / "corpus"
+    table = read_corpus(corpus, columns=["id", "specialty", "image_type", "labels"], split=split).to_pylist()
     by_class: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(table):
         by_class[class_key(r["specialty"], r["image_type"], r["labels"])].append(i)
@@ -147,8 +148,9 @@ def _real(cfg: RunConfig, split: str, cap: int) -> dict:
         i for idx in by_class.values() for i in (rng.choice(idx, cap, replace=False) if cap and len(idx) > cap else idx)
     )
     rows = [table[i] for i in keep]
+    images = read_images(corpus, [r["id"] for r in rows])
     return {
-        "images": [r["image"] for r in rows],
+        "images": [images[r["id"]] for r in rows],
         "specialty": [r["specialty"] for r in rows],
         "class": [class_key(r["specialty"], r["image_type"], r["labels"]) for r in rows],
     }
@@ -212,8 +214,8 @@ def fidelity_task(cfg: RunConfig, inputs: dict) -> dict:
 def run(cfg: RunConfig) -> dict:
     import ray
 
+    from medisyn.models import model_identity
     from medisyn.raytools import ensure_ray, gpus_available
-    from medisyn.train.cache import model_identity
 
     f = cfg.audit_fidelity
     out = cfg.run_path / "audit" / "fidelity.json"

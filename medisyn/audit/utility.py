@@ -268,7 +268,7 @@ def utility_trial(config: dict, plans: dict[str, TaskPlan]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = FitState(**torch.load(Path(d) / "state.pt", weights_only=False))
+            state = FitState(**torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False))
         resumed_at = state.epoch
 
     def on_epoch(st: FitState) -> None:

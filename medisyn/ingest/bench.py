@@ -94,7 +94,7 @@ def _only(repos_file: Path, name: str) -> Path:
 
 def _encode_rate(images: list[Image.Image], fmt: str, level: int) -> tuple[float, float]:
     """(images/s, mean KiB) of one encoding on one core."""
-    from medisyn.ingest.worker import encode_image
+    from medisyn.images import encode_image
 
     start, size = time.perf_counter(), 0
     for img in images:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import time
@@ -28,6 +27,7 @@ import pyarrow as pa
 from PIL import Image
 
 from medisyn import storage
+from medisyn.images import encode_image
 from medisyn.ingest.readers import Rejected, io_error, iter_wsi_patches, read_dicom, read_image
 from medisyn.ingest.transforms import resize_center_crop_info
 from medisyn.ingest.units import Item, Unit, UnitSettings
@@ -36,20 +36,6 @@ from medisyn.records import CORPUS_SCHEMA, REJECT_SCHEMA, atomic_write_table, at
 # staging = corpus columns + what dedup needs (perceptual hash, grey thumbnail)
 STAGING_SCHEMA = CORPUS_SCHEMA.append(pa.field("phash", pa.string())).append(pa.field("thumb", pa.binary()))
 THUMB = 32  # side of the grey thumbnail that confirms a near duplicate
-
-
-def encode_image(img: Image.Image, fmt: str, png_level: int) -> bytes:
-    """Lossless bytes that ``PIL.Image.open`` reads back exactly.
-
-    ``auto``: PNG for grey (fast: one channel) and lossless WebP (method 0) for colour,
-    which encodes ~4x faster than PNG at level 1 for a smaller file; WebP has no grey mode.
-    """
-    buf = io.BytesIO()
-    if fmt == "webp" or (fmt == "auto" and img.mode == "RGB"):
-        img.save(buf, format="WEBP", lossless=True, method=0, quality=0)
-    else:
-        img.save(buf, format="PNG", compress_level=png_level)
-    return buf.getvalue()
 
 
 class SourceUnreadable(RuntimeError):

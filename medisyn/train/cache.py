@@ -21,7 +21,6 @@ directory may be an object-store URI.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 
@@ -32,43 +31,11 @@ from upath import UPath
 from medisyn import storage
 from medisyn.config import ModelConfig, RunConfig
 from medisyn.configtools import to_dict
+from medisyn.images import load_pixels
+from medisyn.models import model_identity
 from medisyn.records import atomic_write_table, atomic_write_text, read_corpus, shard_files
 
 log = logging.getLogger(__name__)
-
-
-VAE_FILES = ("config.json", "*.safetensors", "*.bin")  # what a VAE directory's encoding depends on
-
-
-def dir_content(folder: str | UPath, patterns: tuple[str, ...] = VAE_FILES) -> list[list]:
-    """``[[name, bytes, sha256], ...]`` of a directory's files matching ``patterns``, by name: what it
-    holds, not where it sits or when it was written, so a copy elsewhere has the same content."""
-    folder = storage.path(folder)
-    files = sorted({p.name: p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}.items())
-    out = []
-    for name, path in files:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-        out.append([name, path.stat().st_size, h.hexdigest()])
-    return out
-
-
-def model_identity(model: ModelConfig, resolution: int) -> str:
-    """Folder name of a cache: which networks and which training resolution it belongs to.
-
-    A VAE directory (a fitted one may be refit in place) is named by its files' names, sizes and
-    digests, not by its path: a run directory moved or copied to a bucket keeps its cache. A hub
-    id (or "", the preset's) is named as it is."""
-    vae: str | dict = model.vae
-    if vae and storage.path(vae).is_dir():
-        vae = {"files": dir_content(vae)}
-    key = json.dumps(
-        {"preset": model.preset, "base": model.base, "vae": vae, "seed": model.seed, "resolution": resolution},
-        sort_keys=True,
-    )
-    return f"{model.preset}-r{resolution}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def cache_dir(cfg: RunConfig) -> UPath:
@@ -86,21 +53,6 @@ def ids_digest(ids) -> str:
 def read_train_ids(cache: str | UPath) -> list[str]:
     """The train ids a cache was made for (``<cache>/train_ids.parquet``), sorted."""
     return storage.read_table(storage.path(cache) / TRAIN_IDS, columns=["id"]).column("id").to_pylist()
-
-
-def load_pixels(data: bytes, resolution: int) -> np.ndarray:
-    """Corpus bytes → uint8 H×W×3 at the training resolution (antialiased)."""
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data)).convert("RGB")
-    if im.size != (resolution, resolution):
-        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def load_image(data: bytes, resolution: int) -> np.ndarray:
-    """Corpus bytes → float32 CHW in [-1, 1] at the training resolution (antialiased)."""
-    return load_pixels(data, resolution).astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
 def decode_images(batch: dict, resolution: int) -> dict:

@@ -4,7 +4,7 @@ Checkpoints land in ``<run_dir>/checkpoints/epoch-NNN/`` (Ray Train's storage), 
 A worker that dies restarts from the latest one (``FailureConfig(max_failures)``); a re-run
 of a finished or interrupted job finds the run's state there and continues where it stopped.
 Every epoch keeps its bf16 weights for selection; only the last keeps ``resume/`` (optimizer
-and fp32 state) once the run ends.
+and fp32 state) once the run ends. GPU runs print their memory plan first (train/config.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from medisyn.config import ConfigError, RunConfig, to_dict
 from medisyn.records import run_inputs_differ
 from medisyn.storage import uri
 from medisyn.train.cache import cache_dir, read_train_ids
+from medisyn.train.config import memory_plan
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def checkpoints(cfg: RunConfig) -> list[Path]:
 
 # train settings that change where and how fast a run goes, not what it computes (nor epochs: more continue)
 HARDWARE_ONLY = ("epochs", "max_failures", "cpus_per_worker", "use_gpu", "compile", "gradient_checkpointing",
-                 "gpu_batch_limit")  # fmt: skip
+                 "gpu_memory_gb", "checkpoint_local_dir")  # fmt: skip
 
 
 def finished(root: Path, last: str) -> bool:
@@ -138,6 +139,14 @@ def training_data(cfg: RunConfig, cache, train_ids: list[str]):
     return data, rows * t.repeats
 
 
+def quiet_progress(data):
+    """The dataset the Train workers read each epoch without Ray Data's own progress bars: one
+    execution per epoch redrew a bar per operator (most of `make demo`'s 2,167 lines); the loop's
+    epoch bar and Ray Data's one "execution finished" line per epoch remain."""
+    data.context.enable_progress_bars = False  # the dataset's own DataContext, which its split coordinator runs
+    return data
+
+
 def run(cfg: RunConfig):
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -163,6 +172,9 @@ def run(cfg: RunConfig):
         t.effective_batch,
         t.epochs,
     )
+    plan = memory_plan(cfg.model.preset, t)
+    if t.use_gpu and plan is not None:  # the config check refused a plan over train.gpu_memory_gb
+        print(plan.text())
     run_root = cfg.run_path
     train_ids = training_ids(cfg, read_train_ids(cache))
     inputs = {  # what the checkpoints depend on; epochs is not among them: a longer run continues
@@ -186,6 +198,7 @@ def run(cfg: RunConfig):
     ensure_ray()
     (run_root / "train_log").mkdir(parents=True, exist_ok=True)
     data, rows = training_data(cfg, cache, train_ids)
+    data = quiet_progress(data)
     job = TrainJob(
         text_cache=uri(cache / "text.parquet"),
         scaling_factor=float(info["scaling_factor"]),

@@ -36,29 +36,13 @@ from tqdm import tqdm
 from medisyn import storage
 from medisyn.config import RunConfig
 from medisyn.configtools import to_dict
+from medisyn.images import decode_batch
+from medisyn.models import reconstruct, to_model_input, to_uint8
 from medisyn.records import finished_with, read_corpus, run_inputs_differ, shard_files
 
 log = logging.getLogger(__name__)
 
 FIT_RECORD = "fit.json"
-
-
-def decode_batch(batch: dict, resolution: int) -> dict:
-    """Ray Data: corpus image bytes -> uint8 CHW arrays at the fit resolution (decoded once)."""
-    from medisyn.train.cache import load_image
-
-    x = np.stack([load_image(b, resolution) for b in batch["image"]])
-    return {"pixels": np.rint((x + 1.0) * 127.5).astype(np.uint8)}
-
-
-def to_model_input(pixels: np.ndarray, device):
-    """uint8 NCHW -> float in [-1, 1], channels-last in memory, as the fit holds the VAE's weights
-    (a permuted, non-contiguous input was ~5x slower; channels-last against contiguous NCHW, 1.35x
-    faster a step of 8 at 128² on 2 cores: oneDNN's convolutions of 8-16 channels, docs/PERFORMANCE.md)."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).float().div_(127.5).sub_(1.0)
-    return x.contiguous(memory_format=torch.channels_last)
 
 
 def random_crops(x, size: int, generator):
@@ -120,11 +104,11 @@ def fit_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             vae = AutoencoderKL.from_pretrained(Path(d) / "vae")
-            state = torch.load(Path(d) / "state.pt", weights_only=False)
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
             start_epoch, step = state["epoch"] + 1, state.get("step", 0)
             rng = Path(d) / f"rng-rank-{rank}.pt"
             if rng.exists():
-                generator.set_state(torch.load(rng, weights_only=False))
+                generator.set_state(torch.load(rng, map_location="cpu", weights_only=False))
     vae.to(memory_format=torch.channels_last).train()  # see to_model_input; saved weights load contiguous
     model = ray.train.torch.prepare_model(vae_objective(vae, f.kl_weight))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=f.learning_rate, weight_decay=0.0)
@@ -186,17 +170,6 @@ def _val_mse(vae, pixels: np.ndarray) -> float:
     error = reconstruction_errors(vae, pixels)[0] if len(pixels) else float("nan")
     vae.train()
     return error
-
-
-def reconstruct(vae, x):
-    """Model-input images as ``vae`` renders them: encoded, the posterior's mode decoded (what a
-    reconstruction is: no sampling noise). Float32 out, whatever the VAE's dtype."""
-    return vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float()
-
-
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] NCHW tensor -> uint8 NHWC numpy, the layout PIL writes."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def reconstruction_errors(vae, pixels: np.ndarray, batch_size: int = 32) -> tuple[float, float]:
@@ -281,7 +254,7 @@ def run(cfg: RunConfig) -> dict:
     if not f.enabled:
         print("vae: vae_fit.enabled is false; the model's own VAE is used")
         return {"fitted": False}
-    from medisyn.train.trainer import training_ids
+    from medisyn.train.trainer import quiet_progress, training_ids
 
     out = storage.path(cfg.model.vae)
     corpus = cfg.run_path / "corpus"
@@ -316,6 +289,7 @@ def run(cfg: RunConfig) -> dict:
     steps_per_epoch = batches_per_worker(data.count() * f.repeats, f.num_workers, f.batch_size)  # the lr schedule's
     if f.repeats > 1:  # held once in the object store, read f.repeats times per epoch (train.repeats' way)
         data = data.union(*([data] * (f.repeats - 1)))
+    data = quiet_progress(data)  # no Ray Data bars redrawn per epoch (trainer.quiet_progress)
     trainer = TorchTrainer(
         fit_loop_per_worker,
         # the val images rank 0 scores each epoch on: decoded once, shared through the object store
@@ -374,7 +348,7 @@ def _reconstruction_sheet(vae, pixels: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     from medisyn.figures import contact_sheet
-    from medisyn.ingest.worker import encode_image
+    from medisyn.images import encode_image
 
     if not len(pixels):
         return
