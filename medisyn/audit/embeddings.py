@@ -134,7 +134,7 @@ def embed(cfg: RunConfig, name: str, groups: dict[str, tuple], source, batch_row
     folder = embeddings_dir(cfg, name)
     folder.mkdir(parents=True, exist_ok=True)
     _partition_flat_parts(folder, groups)
-    for sub in folder.iterdir():
+    for sub in folder.iterdir() if folder.is_dir() else []:  # an object store has no empty folders
         if sub.is_dir():
             remove_partial_writes(sub)  # writes a killed run did not finish
     have = {i for i, g in stored(folder).items() if i in groups and group_name(*groups[i]) == g}
