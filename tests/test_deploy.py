@@ -270,6 +270,7 @@ def test_the_rayjob_uses_only_documented_fields_and_runs_the_paper_pipeline():
     assert words[:4] == ["python", "jobs/pipeline.py", "--config", "jobs/configs/paper.yaml"]
     cfg = load_config(ROOT / words[3], words[4:])  # the overrides are valid keys and values
     assert cfg.run_dir == spec["metadata"]["run"] and cfg.run_dir.startswith("s3://")
+    assert cfg.train.checkpoint_local_dir.startswith("/tmp/")  # paper.yaml's /mnt/nvme is not a pod user's to create
     assert spec["entrypointNumCpus"] == 1 and "entrypointNumGpus" not in spec
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert env["excludes"] == yaml.safe_load((ROOT / "jobs/runtime_env.yaml").read_text())["excludes"]
