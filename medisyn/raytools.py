@@ -298,10 +298,7 @@ def check_run_dir(run_dir: str, nodes: list[str] | None = None, sees=None) -> No
     if is_remote(run_dir):
         return
     if nodes is None:
-        import ray
-
-        here = ray.get_runtime_context().get_node_id()
-        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+        nodes = _other_nodes()
     if not nodes:
         return
     if not os.path.isabs(run_dir):
@@ -324,6 +321,14 @@ def check_run_dir(run_dir: str, nodes: list[str] | None = None, sees=None) -> No
             f"there (node {blind[0][:12]}…). Every stage writes where every node must read: give an object-store URI "
             "(s3://bucket/run) or a path on a file system mounted on every node"
         )
+
+
+def _other_nodes() -> list[str]:
+    """The live cluster's alive nodes other than the driver's."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
 
 
 def _node_sees(node_id: str, path: str) -> bool:
@@ -349,10 +354,7 @@ def check_sources(sources: dict[str, tuple[str, str]], nodes: list[str] | None =
     if not sources:
         return
     if nodes is None:
-        import ray
-
-        here = ray.get_runtime_context().get_node_id()
-        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+        nodes = _other_nodes()
     if not nodes:
         return
     seen = dict(zip(nodes, (sees or _node_sources)(nodes, sources), strict=True))

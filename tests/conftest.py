@@ -150,34 +150,10 @@ def fake_synthetic_set(run_dir, name: str = "utility", per_class: int = 12, size
 def s3_server():
     """An S3 server on 127.0.0.1 (moto's server mode) with a bucket; yields the environment that
     points fsspec, pyarrow and boto at it (the standard AWS variables, nothing of ours)."""
-    import socket
+    from medisyn.storage import local_s3
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="medisyn-test")
-    yield env
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with local_s3("medisyn-test") as env:
+        yield env
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package (make browser)
