@@ -274,7 +274,7 @@ def _cfg(run_dir, *overrides):
 
 
 @pytest.mark.ray
-def test_a_stopped_audit_resumes_only_the_unfinished_trials(utility_run, monkeypatch):
+def test_a_stopped_audit_resumes_only_the_unfinished_trials(utility_run, monkeypatch, caplog, capsys):
     import json
 
     from medisyn.audit.utility import FAULT_ENV
@@ -283,8 +283,14 @@ def test_a_stopped_audit_resumes_only_the_unfinished_trials(utility_run, monkeyp
     cfg = _cfg(utility_run, "audit_utility.epochs=2", "audit_utility.max_failures=0")
     preds = utility_run / "audit/utility/predictions/dermoscopy"
     monkeypatch.setenv(FAULT_ENV, "half_twice")
-    with pytest.raises(RuntimeError, match=r"1 trial\(s\) failed: dermoscopy/half_twice/seed0"):
+    with (
+        caplog.at_level("INFO", logger="medisyn"),
+        pytest.raises(RuntimeError, match=r"1 trial\(s\) failed: dermoscopy/half_twice/seed0"),
+    ):
         audit(cfg)
+    lines = [r.getMessage() for r in caplog.records if "audit-utility: trial" in r.getMessage()]
+    assert len(lines) == 4 and "audit-utility: trial 4/4" in lines[-1] and sum("FAILED" in x for x in lines) == 1
+    assert "completed after" not in capsys.readouterr().out  # one line per trial, not Tune's two tables
     done = {p.name: p.stat().st_mtime_ns for p in preds.glob("*.parquet")}
     assert sorted(done) == ["half_synth-seed0.parquet", "real_full-seed0.parquet", "real_half-seed0.parquet"]
 
