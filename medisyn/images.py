@@ -32,11 +32,6 @@ def load_pixels(data: bytes, resolution: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def load_image(data: bytes, resolution: int) -> np.ndarray:
-    """Corpus bytes → float32 CHW in [-1, 1] at ``resolution``² (a model's input)."""
-    return load_pixels(data, resolution).astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-
-
 def decode_batch(batch: dict, resolution: int) -> dict:
     """Ray Data or a plain batch: ``image`` (corpus bytes) → ``pixels``, uint8 N×3×r×r."""
     return {"pixels": np.stack([load_pixels(b, resolution).transpose(2, 0, 1) for b in batch["image"]])}

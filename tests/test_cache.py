@@ -201,7 +201,7 @@ def test_the_encoder_actor_gets_decoded_pixels_from_a_cpu_stage(monkeypatch):
     training resolution; the VAE actor encodes them and decodes nothing itself."""
     import PIL.Image
 
-    from medisyn.images import load_image
+    from medisyn.images import decode_batch
     from medisyn.models import load_vae
     from medisyn.train.cache import VaeEncoder, decode_images
 
@@ -211,10 +211,12 @@ def test_the_encoder_actor_gets_decoded_pixels_from_a_cpu_stage(monkeypatch):
     assert "image" not in decoded and decoded["id"] == batch["id"] and decoded["caption"] == batch["caption"]
     assert decoded["pixels"].dtype == np.uint8 and decoded["pixels"].shape == (4, 16, 16, 3)
     np.testing.assert_allclose(decoded["pixels"].transpose(0, 3, 1, 2) / 127.5 - 1.0,
-                               np.stack([load_image(b, 16) for b in batch["image"]]), atol=1e-6)  # fmt: skip
+                               decode_batch(batch, 16)["pixels"] / np.float32(127.5) - 1, atol=1e-6)  # fmt: skip
     cfg = load_config(None, ["model.preset=tiny", "train.resolution=16", "ingest.size=32"])
     encoder = VaeEncoder(cfg)
-    x = torch.from_numpy(np.stack([load_image(r["image"], 16) for r in rows]))  # the bytes, decoded here
+    x = torch.from_numpy(
+        decode_batch({"image": [r["image"] for r in rows]}, 16)["pixels"] / np.float32(127.5) - 1
+    )  # the bytes, decoded here
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the actor decoded an image")

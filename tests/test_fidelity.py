@@ -75,7 +75,7 @@ def test_decoded_gives_each_image_as_the_vae_renders_it_at_the_training_resoluti
     import torch
 
     from medisyn.audit.fidelity import decoded
-    from medisyn.images import load_image
+    from medisyn.images import decode_batch
     from medisyn.models import build_pipeline
 
     rng = np.random.default_rng(0)
@@ -87,7 +87,7 @@ def test_decoded_gives_each_image_as_the_vae_renders_it_at_the_training_resoluti
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in out])
     assert pixels.shape == (4, 32, 32, 3) and pixels.dtype == np.uint8
     with torch.no_grad():
-        x = torch.from_numpy(np.stack([load_image(b, 32) for b in images]))
+        x = torch.from_numpy(decode_batch({"image": images}, 32)["pixels"] / np.float32(127.5) - 1)
         want = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     want = ((want + 1) * 127.5).permute(0, 2, 3, 1).numpy()
     assert np.abs(pixels - want).max() <= 1.0  # the same image, channels last, rounded to uint8

@@ -87,7 +87,7 @@ class VaeEncoder:
     def __call__(self, batch: dict) -> dict:
         torch = self.torch
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)  # uint8 over the bus
-        x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0  # load_image's mapping to [-1, 1]
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0  # to [-1, 1], as models.to_model_input maps
         with torch.no_grad():
             dist = self.vae.encode(x.to(self.dtype)).latent_dist
         scale = self.resolution / self.ingest_size
