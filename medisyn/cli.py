@@ -56,6 +56,27 @@ def run_stage(name: str, cfg: RunConfig) -> None:
     log.info("stage %s: done in %.1f s", name, time.perf_counter() - start)
 
 
+def check_classes_before_ingest(cfg: RunConfig) -> None:
+    """The pipeline's prompt-set labels, utility-task and reader-study classes against the phrases its
+    sources can give (DESIGN §12): a typo stops here, not after ingest and training."""
+    from medisyn.audit.arms import load_tasks, task_needs
+    from medisyn.infer.prompts import class_needs, load_prompt_set
+    from medisyn.ingest.phrases import source_phrases
+    from medisyn.phrases import check_classes
+    from medisyn.reader.config import load_studies, study_needs
+
+    needs = [n for name in cfg.generate.sets if name != "fid" for n in class_needs(load_prompt_set(name))]
+    needs += task_needs(load_tasks(cfg.audit_utility.tasks_file, cfg.audit_utility.tasks))
+    if cfg.reader.enabled:
+        needs += study_needs(load_studies(cfg.reader.studies_file, cfg.reader.studies))
+    try:
+        phrases, notes = source_phrases(cfg.ingest, lambda p: p.replace("{run_dir}", cfg.run_dir))
+    except ConfigError as exc:  # ingest stops on the same error at once; the corpus's labels are checked later
+        log.warning("pipeline: classes not checked before ingest: %s", exc)
+        return
+    check_classes(needs, phrases, "the configured sources", notes)
+
+
 def run_pipeline(cfg: RunConfig) -> None:
     """Every built stage in order; the stages still to come are named, not silently skipped."""
     todo = [s for s in STAGES if not s.built]
@@ -63,6 +84,8 @@ def run_pipeline(cfg: RunConfig) -> None:
         off = {"phantoms": cfg.phantoms.enabled, "vae": cfg.vae_fit.enabled, "reader": cfg.reader.enabled}
         if not off.get(stage.name, True):
             continue
+        if stage.name == "ingest":  # after the phantoms (they write the demo's repositories file), before any work
+            check_classes_before_ingest(cfg)
         if stage.built:
             run_stage(stage.name, cfg)
     if todo:
@@ -87,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--seed", type=int, help="random seed (same seed, same pixels and labels)")
     ph.add_argument("--scale", choices=["small", "medium"], help="small: demo/tests; medium: ~6x more")
     ph.add_argument("--no-defects", action="store_true", help="do not plant the bad files ingest must survive")
+    ph.add_argument(
+        "--layout",
+        choices=["demo", "paper"],
+        default="demo",
+        help="demo: the demo repositories; paper: replicas of the paper's public downloads in their real layouts",
+    )
+    ph.add_argument("--out", dest="out_dir", help="output folder (same as OUT)")
     _config_args(ph)
 
     for stage in STAGES[1:]:
@@ -106,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--reader", default="", help="revoke, reissue: the reader's (or admin's) name, or its id")
     _config_args(rd)
     _config_args(sub.add_parser("pipeline", help="every built stage in order"))
+    src = sub.add_parser(
+        "sources", help="check: does each downloaded repository of ingest.sources match its catalog entry (no Ray)"
+    )
+    check = src.add_subparsers(dest="sources_action", required=True, metavar="action").add_parser(
+        "check",
+        help="per entry: found or absent, tables and headers, counts, a sample opened, captions; exit 1 on a mismatch",
+    )
+    check.add_argument("--sample", type=int, default=3, help="files per entry opened with its reader (default 3)")
+    check.add_argument("--seed", type=int, default=0, help="which files the sample picks")
+    _config_args(check)
     show = sub.add_parser("config", help="print the resolved, validated config and exit")
     _config_args(show)
     bench = sub.add_parser(
@@ -193,13 +233,23 @@ def _dispatch(args, cfg: RunConfig) -> int:
     if args.command == "phantoms":
         from medisyn.phantoms.stage import run_cli
 
-        run_cli(cfg, out=args.out, seed=args.seed, scale=args.scale, defects=not args.no_defects)
+        out = args.out_dir or args.out
+        if args.layout == "paper":
+            from medisyn.phantoms.replicas import run_cli as write_replicas
+
+            write_replicas(cfg, out, args.seed)
+        else:
+            run_cli(cfg, out=out, seed=args.seed, scale=args.scale, defects=not args.no_defects)
     elif args.command == "reader" and args.action != "build":
         return _reader(args, cfg)
     elif args.command == "config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     elif args.command == "pipeline":
         run_pipeline(cfg)
+    elif args.command == "sources":
+        from medisyn.ingest.check import check
+
+        return check(cfg.ingest, lambda p: p.replace("{run_dir}", cfg.run_dir), sample=args.sample, seed=args.seed)
     elif args.command == "bench":
         if args.what == "ingest":
             from medisyn.ingest.bench import run as bench_ingest

@@ -78,6 +78,17 @@ def phantom_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def replica_root(tmp_path_factory):
+    """Replicas of the paper's source repositories in their real layouts (seed 0), generated once.
+    Read-only: a test that breaks one (phantoms.replicas.break_replica) copies the entry first."""
+    from medisyn.phantoms.replicas import generate_replicas
+
+    out = tmp_path_factory.mktemp("replicas") / "replicas"
+    generate_replicas(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe():
     from medisyn.models import build_pipeline
 

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "records",
         (
             "medisyn.records",
+            "medisyn.phrases",
             "medisyn.images",
             "medisyn.storage",
             "medisyn.configtools",

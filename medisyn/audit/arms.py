@@ -29,6 +29,7 @@ import numpy as np
 
 from medisyn.audit.stats import strata
 from medisyn.configtools import ConfigError, load_yaml_file, named_file
+from medisyn.phrases import ClassNeed
 from medisyn.records import IMAGE_TYPES, SPECIALTIES
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "utility"
@@ -86,6 +87,13 @@ def load_tasks(tasks_file: str, names: tuple[str, ...] = ()) -> list[Task]:
     if unknown:
         raise ConfigError(f"audit_utility.tasks: unknown task {unknown[0]!r}; {path.name} has {', '.join(seen)}")
     return [t for t in tasks if not names or t.name in names]
+
+
+def task_needs(tasks: list[Task]) -> list[ClassNeed]:
+    """Every task class, to check against the corpus's phrases before any trial (:mod:`medisyn.phrases`)."""
+    return [
+        ClassNeed(c, f"utility task {t.name!r}", t.specialty, t.image_type, t.sources) for t in tasks for c in t.classes
+    ]
 
 
 def _task(raw, where: str) -> Task:

@@ -32,10 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from medisyn import storage
-from medisyn.audit.arms import ARMS, COMPARISONS, Arm, Task, arm_label, draw_arms, load_tasks
+from medisyn.audit.arms import ARMS, COMPARISONS, Arm, Task, arm_label, draw_arms, load_tasks, task_needs
 from medisyn.audit.classifier import FitSettings, FitState, planned_steps, resolve_weights
 from medisyn.config import RunConfig
 from medisyn.configtools import to_dict
+from medisyn.phrases import check_classes, corpus_phrases
 from medisyn.records import (
     atomic_write_bytes,
     atomic_write_table,
@@ -523,6 +524,7 @@ def run(cfg: RunConfig) -> dict:
 
     u = cfg.audit_utility
     tasks = load_tasks(u.tasks_file, u.tasks)
+    check_classes(task_needs(tasks), corpus_phrases(cfg.run_path / "corpus"), "the corpus's labels")
     weights, weights_note = resolve_weights(u.arch, u.weights)
     out = cfg.run_path / "audit" / "utility"
     inputs = {  # every set present before any work

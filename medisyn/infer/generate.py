@@ -34,8 +34,17 @@ from upath import UPath
 
 from medisyn import storage
 from medisyn.config import ConfigError, RunConfig
-from medisyn.infer.prompts import PromptEntry, PromptSet, cap_counts, expand, load_prompt_set, match_to_corpus
+from medisyn.infer.prompts import (
+    PromptEntry,
+    PromptSet,
+    cap_counts,
+    class_needs,
+    expand,
+    load_prompt_set,
+    match_to_corpus,
+)
 from medisyn.infer.sampling import CROP_CONDITIONING, generate_images, load_sampler
+from medisyn.phrases import check_classes, corpus_phrases
 from medisyn.records import (
     MANIFEST_SCHEMA,
     atomic_write_bytes,
@@ -111,8 +120,10 @@ class ImageGenerator:
         return {"id": batch["id"], "bytes": np.asarray(sizes, dtype=np.int64), "sha256": np.asarray(digests)}
 
 
-def resolve_set(cfg: RunConfig, name: str) -> PromptSet:
-    """A set by name or path, or ``fid`` (captions of the select stage's real sample), matched and capped."""
+def resolve_set(cfg: RunConfig, name: str, phrases: set | None = None) -> PromptSet:
+    """A set by name or path, or ``fid`` (captions of the select stage's real sample), matched and capped.
+    ``phrases``: the corpus's (:func:`medisyn.phrases.corpus_phrases`); every label of a named set must be one
+    of its specialty and image type, checked before matching (which would drop a prompt no row matches)."""
     if name == "fid":
         counts: dict[tuple, int] = {}
         for r in sample_corpus(cfg.run_path / "corpus", cfg.select.num_images, cfg.seed):
@@ -120,6 +131,8 @@ def resolve_set(cfg: RunConfig, name: str) -> PromptSet:
         pset = PromptSet("fid", tuple(PromptEntry(c, n, s) for (c, s), n in counts.items()))
     else:
         pset = load_prompt_set(name)
+        if phrases is not None:
+            check_classes(class_needs(pset), phrases, "the corpus's labels")
     if pset.match_corpus and (cfg.run_path / "corpus").is_dir():
         caps = read_corpus(cfg.run_path / "corpus", columns=["caption"], split="train").column("caption").to_pylist()
         pset = match_to_corpus(pset, caps)
@@ -412,7 +425,12 @@ def contact_sheet_for(out: UPath, rows: list[dict], per_prompt: int = 4) -> UPat
 
 
 def run(cfg: RunConfig) -> list[dict]:
-    sets = [resolve_set(cfg, name) for name in cfg.generate.sets]  # every set validated before any image
+    try:  # the classes of every set checked against the corpus's labels; a run without a corpus cannot check
+        phrases = corpus_phrases(cfg.run_path / "corpus")
+    except FileNotFoundError:
+        phrases = None
+        log.info("generate: no corpus at %s; prompt labels not checked against its phrases", cfg.run_path / "corpus")
+    sets = [resolve_set(cfg, name, phrases) for name in cfg.generate.sets]  # every set validated before any image
     names = [s.name for s in sets]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -18,6 +18,7 @@ import pandas as pd
 import yaml
 
 from medisyn.configtools import ConfigError, named_file
+from medisyn.phrases import ClassNeed
 from medisyn.records import IMAGE_TYPES, SPECIALTIES
 
 PROMPT_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "prompts"
@@ -145,6 +146,16 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
             "(it names the set's folder under synthetic/)"
         )
     return PromptSet(name, parsed, bool(data.get("match_corpus", False)), str(path))
+
+
+def class_needs(pset: PromptSet) -> list[ClassNeed]:
+    """Each entry's labels as classes to check against the corpus's phrases (:mod:`medisyn.phrases`): the
+    audits select its images by them, and ``match_to_corpus`` would silently drop a prompt no row matches."""
+    return [
+        ClassNeed(label, f"prompt set {pset.name!r} prompts[{i}]", e.specialty, e.image_type)
+        for i, e in enumerate(pset.entries)
+        for label in e.labels
+    ]
 
 
 def _template(group: list[PromptEntry]) -> tuple[str, str] | None:

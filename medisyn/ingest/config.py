@@ -108,6 +108,12 @@ class IngestConfig:
 
     repositories: tuple[RepositoryConfig, ...] = ()  # inline repository descriptions
     repositories_file: str = ""  # or a YAML file with a `repositories:` list (e.g. the phantoms' repositories.yaml)
+    # public repositories as their publishers ship them (DESIGN §10): a catalog of source entries, each read from
+    # <sources_root>/<entry name>/; an entry whose folder is absent is skipped (the summary says how to get it)
+    sources: str = ""  # catalog: a name under jobs/configs/sources (e.g. paper) or a YAML file; "" = none
+    sources_root: str = ""  # folder or object-store prefix (s3://bucket/sources) with one folder per entry
+    source_paths: dict[str, str] = field(default_factory=dict)  # entry name -> its own folder, not <root>/<name>
+    source_entries: tuple[str, ...] = ()  # read only these catalog entries (empty: every entry)
     size: int = 512  # output side in pixels: shorter side resized to this, then centre-cropped
     ct_window_width: float = 700.0  # Hounsfield units
     ct_window_level: float = 100.0  # Hounsfield units
@@ -149,3 +155,31 @@ class IngestConfig:
             raise ConfigError("ingest.files_per_task and ingest.row_group_rows must be at least 1")
         if not 0 <= self.png_compress_level <= 9:
             raise ConfigError(f"ingest.png_compress_level: {self.png_compress_level} is outside 0-9")
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        """The catalog options make sense together; entry names are checked against the catalog when it loads."""
+        if not self.sources:
+            for key in ("sources_root", "source_paths", "source_entries"):
+                if getattr(self, key):
+                    raise ConfigError(f"ingest.{key} is set but ingest.sources (the catalog, e.g. paper) is not")
+            return
+        repeated = sorted({n for n in self.source_entries if self.source_entries.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"ingest.source_entries: {', '.join(map(repr, repeated))} named more than once")
+        for name, folder in self.source_paths.items():
+            if not folder.strip():
+                raise ConfigError(f"ingest.source_paths.{name}: empty folder")
+            if self.source_entries and name not in self.source_entries:
+                raise ConfigError(f"ingest.source_paths.{name}: not among ingest.source_entries, so never read")
+        uncovered = [n for n in self.source_entries if n not in self.source_paths]
+        if not self.sources_root and (uncovered or not self.source_entries):
+            raise ConfigError(
+                "ingest.sources_root: needed to find "
+                + (
+                    f"entr{'ies' if len(uncovered) > 1 else 'y'} {', '.join(map(repr, uncovered))}"
+                    if uncovered
+                    else "the catalog's entries"
+                )
+                + " (or give each entry a folder in ingest.source_paths and name them in ingest.source_entries)"
+            )

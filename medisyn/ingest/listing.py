@@ -70,6 +70,24 @@ def load_repositories(cfg: IngestConfig, resolve=str) -> tuple[tuple[RepositoryC
     return tuple(out)
 
 
+def read_csv_table(
+    csv: UPath, where: str, encoding: str = "utf-8", delimiter: str = ",", header: bool = True
+) -> pd.DataFrame:
+    """A CSV (local file or object) as strings, blanks kept as ""; quoted cells may hold newlines.
+    ``header=False``: columns are numbered 0, 1, ... Problems name ``where``, never a cell value."""
+    try:
+        with csv.open("rb") as f:
+            return pd.read_csv(
+                f, dtype=str, keep_default_na=False, encoding=encoding, sep=delimiter, header=0 if header else None
+            )
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not {encoding} text; set the repository's encoding (e.g. latin-1)") from None
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"{where} is empty") from None
+    except pd.errors.ParserError as exc:  # "Expected 3 fields in line 5, saw 4": positions, no cell values
+        raise ConfigError(f"{where} is not a well-formed CSV ({str(exc).strip().splitlines()[-1]})") from None
+
+
 def read_label_table(repo: RepositoryConfig, root: str | os.PathLike) -> pd.DataFrame:
     """The label CSV as strings, its required columns checked (a missing one names the file). Read
     through :mod:`medisyn.storage`: a local file or an object."""
@@ -77,17 +95,7 @@ def read_label_table(repo: RepositoryConfig, root: str | os.PathLike) -> pd.Data
     if not csv.is_file():
         raise ConfigError(f"repository {repo.name!r}: labels_csv {str(csv)!r} not found")
     where = f"repository {repo.name!r}: labels_csv {csv.name}"
-    try:
-        with csv.open("rb") as f:
-            table = pd.read_csv(f, dtype=str, keep_default_na=False, encoding=repo.encoding)
-    except UnicodeDecodeError:
-        raise ConfigError(
-            f"{where} is not {repo.encoding} text; set the repository's encoding (e.g. latin-1)"
-        ) from None
-    except pd.errors.EmptyDataError:
-        raise ConfigError(f"{where} is empty") from None
-    except pd.errors.ParserError as exc:  # "Expected 3 fields in line 5, saw 4": positions, no cell values
-        raise ConfigError(f"{where} is not a well-formed CSV ({str(exc).strip().splitlines()[-1]})") from None
+    table = read_csv_table(csv, where, repo.encoding)
     needed = [repo.path_column, repo.patient_column, *repo.label_columns] + (
         [repo.split_column] if repo.split_column else []
     )
@@ -131,14 +139,20 @@ def _files(repo: RepositoryConfig, root: UPath) -> list[tuple[str, str, bool]]:
     """(relative POSIX path, what a worker opens, inside the root) of each file ``repo.glob`` matches,
     sorted. Local: the resolved path (a symbolic link that leaves the root is outside). An object store
     has no links: its URI, from one listing of the prefix (``fs.glob``), not a request per file."""
+    return glob_files(root, repo.glob)
+
+
+def glob_files(root: UPath, pattern: str) -> list[tuple[str, str, bool]]:
+    """(relative POSIX path, what a worker opens, inside the root) of each file ``pattern`` matches
+    under ``root``, sorted (see ``_files``)."""
     if not storage.is_remote(root):
         base = Path(root.path)
         inside = base.resolve()
-        found = sorted((p.relative_to(base).as_posix(), p) for p in base.glob(repo.glob) if p.is_file())
+        found = sorted((p.relative_to(base).as_posix(), p) for p in base.glob(pattern) if p.is_file())
         return [(rel, str(p.resolve()), p.resolve().is_relative_to(inside)) for rel, p in found]
     base = root.path.rstrip("/")
     root.fs.invalidate_cache(base)  # this process may have listed it before the bucket changed
-    found = root.fs.glob(f"{base}/{repo.glob}", detail=True)
+    found = root.fs.glob(f"{base}/{pattern}", detail=True)
     rels = sorted(name[len(base) + 1 :] for name, info in found.items() if info.get("type") == "file")
     return [(rel, storage.uri(root / rel), True) for rel in rels]
 

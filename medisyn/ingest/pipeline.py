@@ -1,6 +1,6 @@
 """The ``ingest`` stage: repositories → corpus parquet shards + rejects, on Ray Data.
 
-    listing (driver: labels joined, ids hashed)
+    listing (driver: labels joined, ids hashed; catalog entries by ingest/steps.py, absent ones skipped)
       → Ray Data map: read + transform + encode, one task per unit of files → staging shards
       → duplicates found across all repositories: exact from the pixel hashes (driver),
         near by one Ray task per image type (pHash + thumbnail columns; only drops return)
@@ -28,9 +28,11 @@ import pyarrow as pa
 from upath import UPath
 
 from medisyn.config import ConfigError, RunConfig
+from medisyn.ingest.catalog import load_inputs, probes, reading
 from medisyn.ingest.compact import COMPACT_FORMAT, CompactJob, compact_shard, plan_shards, shard_index, shard_name
 from medisyn.ingest.dedup import find_exact_duplicates, near_duplicates_in_files
-from medisyn.ingest.listing import list_repository, load_repositories
+from medisyn.ingest.listing import list_repository
+from medisyn.ingest.steps import list_entry
 from medisyn.ingest.summary import summarize, write_summary
 from medisyn.ingest.units import Item, Unit, UnitSettings, unit_id
 from medisyn.ingest.worker import process_unit
@@ -229,9 +231,20 @@ def run(cfg: RunConfig) -> dict:
     for p in d.values():
         p.mkdir(parents=True, exist_ok=True)
     # config errors stop here, before any work; a URI stays a URI (cfg.resolve makes a local Path)
-    repos = load_repositories(cfg.ingest, lambda p: p.replace("{run_dir}", cfg.run_dir))
+    repos, sources = load_inputs(cfg.ingest, lambda p: p.replace("{run_dir}", cfg.run_dir))
+    # catalog entries are listed before any Ray work: a present entry that does not match its description
+    # (header, a template that resolves to nothing, a missing table) stops here, naming the entry and cause
+    listings = {s.entry.name: (s, list_entry(s.entry, s.root, cfg.ingest)) for s in sources if not s.skipped}
+    if not repos and not listings:
+        raise ConfigError(
+            f"ingest: no entry of catalog {cfg.ingest.sources!r} can be read: "
+            + "; ".join(f"{s.entry.name} {s.skipped.split(';')[0]}" for s in sources)
+        )
+    first = {name: lst.items[0].path for name, (_, lst) in listings.items() if lst.items}
     ensure_ray()  # every node must read every repository, or the stage stops now, naming the node
-    check_sources({repo.name: (uri(root), uri(root / repo.labels_csv)) for repo, root in repos})
+    check_sources(
+        {repo.name: (uri(root), uri(root / repo.labels_csv)) for repo, root in repos} | probes(sources, first)
+    )
     listing_rejects, source_map, units = [], [], []
     for repo, root in repos:
         items, rejects, refs = list_repository(repo, root, cfg.ingest)
@@ -239,6 +252,20 @@ def run(cfg: RunConfig) -> dict:
         listing_rejects += rejects
         source_map += [{"source_ref": r, "source": repo.name, "path": p} for r, p in refs.items()]
         units += plan_units(repo, items, cfg, d["staging"])
+    for name, (source, lst) in listings.items():
+        log.info(
+            "ingest: %s: %d files to read, %d rejected at listing, %d left out by its rules",
+            name,
+            len(lst.items),
+            len(lst.rejects),
+            sum(lst.left_out.values()),
+        )
+        listing_rejects += lst.rejects
+        source_map += [{"source_ref": r, "source": name, "path": p} for r, p in lst.source_map.items()]
+        units += plan_units(reading(source.entry), lst.items, cfg, d["staging"])
+    for s in sources:
+        if s.skipped:
+            log.info("ingest: %s: skipped (%s)", s.entry.name, s.skipped.split(";")[0])
     atomic_write_table(
         pa.Table.from_pylist(
             source_map, pa.schema([("source_ref", pa.string()), ("source", pa.string()), ("path", pa.string())])
@@ -256,7 +283,7 @@ def run(cfg: RunConfig) -> dict:
         d["staging"],
         cfg.ingest.near_duplicate_bits,
         cfg.ingest.near_duplicate_rms,
-        [repo.name for repo, _ in repos],
+        [repo.name for repo, _ in repos] + list(listings),
     )
     kept = sorted((u.id, c["accepted"] - len(dropped[u.id])) for u, c in zip(units, unit_counts, strict=True))
     if sum(n for _, n in kept) == 0:  # an all-rejecting run never replaces a corpus: the previous one stays in force
@@ -278,6 +305,13 @@ def run(cfg: RunConfig) -> dict:
     publish_shards(d["corpus"], current, index)
     publish_shards(d["rejects"], [*current, listing_name])
 
-    summary = summarize(d["corpus"], d["rejects"], unit_counts, files=len(source_map))
+    summary = summarize(
+        d["corpus"],
+        d["rejects"],
+        unit_counts,
+        files=len(source_map),
+        left_out={name: lst.left_out for name, (_, lst) in listings.items()},
+        skipped={s.entry.name: s.skipped for s in sources if s.skipped},
+    )
     write_summary(summary, d["ingest"] / "summary.json")
     return summary

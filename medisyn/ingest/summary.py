@@ -30,7 +30,18 @@ def _by_split(keys: list, splits: list[str]) -> dict[str, dict[str, int]]:
     return dict(sorted(table.items()))
 
 
-def summarize(corpus: Path, rejects: Path, unit_counts: list[dict], files: int) -> dict:
+def summarize(
+    corpus: Path,
+    rejects: Path,
+    unit_counts: list[dict],
+    files: int,
+    left_out: dict[str, dict[str, int]] | None = None,
+    skipped: dict[str, str] | None = None,
+) -> dict:
+    """``left_out``: catalog entry -> {rule: files} its description leaves out on purpose (filters, caps,
+    masks, unlabelled images); ``skipped``: catalog entry -> why it was not read (absent folder with its
+    access and download steps, or a reader that needs issue #35)."""
+    left_out = {k: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))) for k, v in (left_out or {}).items() if v}
     c = _read(corpus, ["specialty", "image_type", "labels", "split", "source"])
     r = _read(rejects, ["stage", "reason"])
     dup_reasons = Counter(
@@ -56,6 +67,8 @@ def summarize(corpus: Path, rejects: Path, unit_counts: list[dict], files: int) 
         "rejects": dict(reject_reasons.most_common()),
         "duplicates": dict(dup_reasons.most_common()),
         "background_patches": background,
+        "left_out": dict(sorted(left_out.items())),
+        "skipped": dict(sorted((skipped or {}).items())),
         "task_seconds": sum(u.get("seconds", 0.0) for u in unit_counts),  # CPU-task time spent reading units
         # every item accounted for: images (frames, patches) that reached the corpus, were
         # duplicates, were rejected, or were background; files listed but unreadable are rejects
@@ -65,6 +78,7 @@ def summarize(corpus: Path, rejects: Path, unit_counts: list[dict], files: int) 
             "duplicates": sum(dup_reasons.values()),
             "rejected": sum(reject_reasons.values()),
             "background": background,
+            "left_out": sum(n for reasons in left_out.values() for n in reasons.values()),  # files, never listed
         },
     }
 
@@ -86,6 +100,15 @@ def format_table(summary: dict) -> str:
     lines.append(f"duplicates removed: {sum(summary['duplicates'].values())}")
     lines += [f"  {n:6d}  {reason}" for reason, n in summary["duplicates"].items()]
     lines.append(f"background patches dropped: {summary['background_patches']}")
+    left_out, skipped = summary.get("left_out", {}), summary.get("skipped", {})
+    if left_out:
+        lines.append(f"left out by the catalog's rules: {sum(n for v in left_out.values() for n in v.values())}")
+        for entry, reasons in left_out.items():
+            lines.append(f"  {entry}")
+            lines += [f"    {n:8d}  {reason}" for reason, n in reasons.items()]
+    if skipped:
+        lines.append(f"sources skipped: {len(skipped)}")
+        lines += [f"  {entry}: {why}" for entry, why in skipped.items()]
     return "\n".join(lines)
 
 

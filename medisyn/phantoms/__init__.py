@@ -37,12 +37,14 @@ from .common import (
     GenContext,
     GenResult,
 )
+from .replicas import generate_replicas
 
 SCALES = ("small", "medium")
 MARKER_FILE = ".medisyn-phantom"  # lets a re-run replace only directories it wrote itself
 
 __all__ = [
     "generate_phantoms",
+    "generate_replicas",
     "REPOSITORIES",
     "PhantomRepo",
     "PLANTED_PATIENT_NAME",
@@ -69,8 +71,9 @@ def _row_class(repo: PhantomRepo, row: dict) -> str:
 
 
 def generator_sources() -> list[Path]:
-    """The modules that draw the phantoms (this package's source files)."""
-    return sorted(Path(__file__).parent.glob("*.py"))
+    """The modules that draw the demo phantoms (this package's source files but the replicas', which
+    draw with them and do not change the demo repositories)."""
+    return sorted(p for p in Path(__file__).parent.glob("*.py") if p.name != "replicas.py")
 
 
 def catalog_digest() -> str:

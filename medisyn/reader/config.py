@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from medisyn.configtools import ConfigError, load_yaml_file, named_file
+from medisyn.phrases import ClassNeed
 from medisyn.records import IMAGE_TYPES, SPECIALTIES
 
 STUDY_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "reader"
@@ -89,6 +90,15 @@ def load_studies(studies_file: str, names: tuple[str, ...] = ()) -> list[Study]:
     if unknown:
         raise ConfigError(f"reader.studies: unknown study {unknown[0]!r}; {path.name} has {', '.join(seen)}")
     return [s for s in studies if not names or s.name in names]
+
+
+def study_needs(studies: list[Study]) -> list[ClassNeed]:
+    """Every study class, to check against the corpus's phrases before a study is drawn (:mod:`medisyn.phrases`)."""
+    return [
+        ClassNeed(c, f"reader study {s.name!r}", s.specialty, s.image_type, s.sources)
+        for s in studies
+        for c in s.classes
+    ]
 
 
 def _study(raw, where: str) -> Study:

@@ -27,8 +27,9 @@ from PIL import Image
 
 from medisyn import storage
 from medisyn.configtools import ConfigError
+from medisyn.phrases import check_classes, corpus_phrases
 from medisyn.reader import db
-from medisyn.reader.config import ReaderConfig, Study, load_studies
+from medisyn.reader.config import ReaderConfig, Study, load_studies, study_needs
 from medisyn.records import decode_rgb, read_corpus, read_images, read_manifest
 
 log = logging.getLogger("medisyn.reader")
@@ -240,6 +241,7 @@ def tighten(out: Path) -> None:
 def run(cfg) -> Path:
     """Build every study of ``reader.studies_file`` (or those named in ``reader.studies``)."""
     studies = load_studies(cfg.reader.studies_file, cfg.reader.studies)
+    check_classes(study_needs(studies), corpus_phrases(cfg.run_path / "corpus"), "the corpus's labels")
     out = reader_dir(cfg)
     conn = db.connect(out, create=True)
     tighten(out)

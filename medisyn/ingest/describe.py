@@ -1,0 +1,385 @@
+"""The source description language: how a public repository looks as its publisher ships it.
+
+A catalog (``jobs/configs/sources/<name>.yaml``, a mapping ``{sources: [entry, ...]}``) holds one entry
+per repository: its terms and download steps, and, as data rather than Python per dataset, how its
+files meet its label tables, which rows are left out, how labels become caption phrases, and how
+files are grouped, capped and split. This module only parses and checks entries (everything a user
+could get wrong stops here, naming the entry and the field); :mod:`medisyn.ingest.steps` applies them.
+DESIGN §10 ("Source descriptions") documents every field.
+
+Fields a template, filter, label, group, split or caption field may name:
+- of a file: ``path`` (relative POSIX path), ``name`` (file name), ``stem``, ``parent`` (folder) and the
+  named groups of ``files.regex``;
+- of a row: the table's ``columns`` (after ``aliases``), its ``set`` constants, the named groups of its
+  ``regex``, and the ``columns`` of every ``join``. Where a file and its row share a name, the row wins.
+Filters keep the rows whose field is ``in`` the list / ``not_in`` it / matches ``regex`` (``re.search``);
+every other row is left out under ``filter: <reason>``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from medisyn.configtools import ConfigError, build, load_yaml_file, named_file
+from medisyn.records import IMAGE_TYPES, SPECIALTIES, SPLITS
+
+SOURCES_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "sources"
+SUPPORTED_READERS = ("dicom", "image", "wsi")  # the others need issue #35: listed, never ingested
+FILE_FIELDS = ("path", "name", "stem", "parent")  # built-in fields of every listed file
+
+
+@dataclass(frozen=True)
+class Expected:
+    """Counts at full download (informational: ``sources check`` reports found vs expected)."""
+
+    files: int = 0  # files the glob matches after excludes (0 = not stated)
+    corpus: int = 0  # image-caption pairs after every rule (0 = not stated)
+
+
+@dataclass(frozen=True)
+class FilesSpec:
+    glob: str  # relative to the entry folder (pathlib glob; ** ok)
+    exclude: dict[str, str] = field(default_factory=dict)  # reason -> glob: matching files are left out
+    regex: str = ""  # re.search on the relative path; named groups become fields; no match = reject
+    key: str = "{path}"  # template over file fields: how a file meets its table row
+
+
+@dataclass(frozen=True)
+class RowRegex:
+    column: str  # the column searched
+    pattern: str  # named groups become row fields (blank where it does not match)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    file: str  # relative glob; must match exactly one file
+    key: str  # template over the row's fields: equals the file's files.key
+    columns: tuple[str, ...] = ()  # required header names (extra columns allowed); header: false -> names in order
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # column -> other accepted spellings
+    header: bool = True
+    delimiter: str = ","
+    encoding: str = "utf-8"
+    regex: RowRegex | None = None
+    set: dict[str, str] = field(default_factory=dict)  # constant fields of every row of this table
+
+
+@dataclass(frozen=True)
+class JoinSpec:
+    file: str  # relative glob; exactly one file
+    key: str  # template over the joined table's row
+    on: str  # template over the main row: rows meet where key == on (first joined row per key)
+    columns: tuple[str, ...] = ()
+    how: Literal["left", "inner"] = "left"  # inner: a main row without a match is left out
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    header: bool = True
+    delimiter: str = ","
+    encoding: str = "utf-8"
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    field: str  # the id's field; hashed with the split salt at once, never stored raw
+    kind: Literal["patient", "study", "lesion", "image", "video"] = "patient"
+    regex: str = ""  # the id is the first group (or the whole match) of re.search on the field
+    blank: Literal["reject", "file"] = "reject"  # empty id: reject, or the file is its own group
+
+
+@dataclass(frozen=True)
+class LabelValues:
+    positive: tuple[str, ...] = ("1", "1.0")
+    negative: tuple[str, ...] = ("0", "0.0", "")
+    uncertain: tuple[str, ...] = ("-1", "-1.0")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    classes: dict[str, str]  # value (or column) -> caption phrase: the only phrases that reach a caption
+    field: str = ""  # single-valued label
+    columns: tuple[str, ...] = ()  # or one column per finding (one-hot / multi-label)
+    values: LabelValues = LabelValues()  # how a finding column reads (columns only)
+    uncertain: Literal["negative", "positive", "leave_out"] = "negative"
+    list: bool = False  # the field holds a list literal "['Mass', 'Skin Retraction']"
+    unmapped: Literal["reject", "leave_out"] = "reject"  # a value / positive column not in classes
+    none: Literal["reject", "leave_out"] = "reject"  # no positive mapped finding
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    field: str
+    reason: str  # counted as left out under "filter: <reason>"
+    in_: tuple[str, ...] | None = None  # YAML key `in`: keep rows whose value is listed
+    not_in: tuple[str, ...] | None = None  # keep rows whose value is not listed
+    regex: str = ""  # keep rows whose value matches (re.search)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    field: str  # official split from a field
+    map: dict[str, str]  # source value -> train | val | test; an unmapped value is a reject
+
+
+@dataclass(frozen=True)
+class CapsSpec:
+    seed: int = 0
+    per_class: int | str | dict[str, int] = 0  # 0 = none; int; "min"; {label text: int}
+    per_group: int = 0  # 0 = no cap
+    total: int = 0  # 0 = no cap
+
+
+@dataclass(frozen=True)
+class CaptionField:
+    field: str
+    map: dict[str, str]  # value -> phrase; an unmapped value is a reject
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One repository as shipped (DESIGN §10, "Source descriptions")."""
+
+    name: str  # its folder under ingest.sources_root
+    specialty: str
+    image_type: str
+    reader: Literal["dicom", "image", "wsi", "video", "hdf5", "mat", "volume", "slide-annotations"]
+    files: FilesSpec
+    label: LabelSpec
+    caption: str  # template: {label} and the names of caption_fields
+    repository: str = ""
+    publisher: str = ""
+    version: str = ""
+    licence: str = ""
+    access: Literal["open", "registration", "credentialed"] = "open"
+    download: str = ""
+    frames: Literal["all", "middle", "first"] = "all"
+    intensity: Literal["auto", "ct_window", "percentile", "minmax", "none"] = "auto"
+    expected: Expected = Expected()
+    assumed: tuple[str, ...] = ()
+    tables: tuple[TableSpec, ...] = ()
+    join: tuple[JoinSpec, ...] = ()
+    unlisted: Literal["reject", "leave_out"] = "reject"
+    rows: Literal["agree", "union"] = "agree"
+    group: GroupSpec | None = None  # absent: each file is its own group
+    filters: tuple[FilterSpec, ...] = ()
+    split: SplitSpec | None = None  # absent: the group-level hash split (ingest.split_fractions)
+    caps: CapsSpec = CapsSpec()
+    caption_fields: dict[str, CaptionField] = field(default_factory=dict)
+    reader_fields: tuple[str, ...] = ()  # fields the file's reader supplies (a video's `phase`, a .mat's `label`
+    #   and `pid`): only readers of issue #35 will, so only an entry needing one may name them
+
+    @property
+    def supported(self) -> bool:
+        """Read by today's readers; other entries are listed, never ingested (issue #35)."""
+        return self.reader in SUPPORTED_READERS
+
+    @property
+    def table_files(self) -> tuple[str, ...]:
+        """Globs of its label tables and joined tables (for probing before ingest)."""
+        return tuple(t.file for t in self.tables) + tuple(j.file for j in self.join)
+
+    def phrases(self) -> set[str]:
+        """Every label phrase a caption of this entry can carry."""
+        return set(self.label.classes.values())
+
+
+def template_fields(template: str, where: str) -> list[str]:
+    """The ``{name}`` fields of a template, in order; a malformed template, a format spec or a
+    positional field is a ConfigError naming ``where``."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{where} {template!r} is malformed ({exc})") from None
+    names = []
+    for _, name, spec, conv in parts:
+        if name is None:
+            continue
+        if not name or name.isdigit() or spec or conv or any(c in name for c in ".[]"):
+            raise ConfigError(f"{where} {template!r}: write plain {{field}} placeholders (no positions or formats)")
+        names.append(name)
+    return names
+
+
+def compile_regex(pattern: str, where: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{where} {pattern!r} does not compile ({exc})") from None
+
+
+def table_fields(t: TableSpec | JoinSpec) -> set[str]:
+    """Fields a table's rows carry (its declared columns, constants and regex groups)."""
+    out = set(t.columns)
+    if isinstance(t, TableSpec):
+        out |= set(t.set)
+        if t.regex is not None:
+            out |= set(re.compile(t.regex.pattern).groupindex)
+    return out
+
+
+def file_fields(entry: SourceEntry) -> set[str]:
+    return set(FILE_FIELDS) | (set(re.compile(entry.files.regex).groupindex) if entry.files.regex else set())
+
+
+def all_fields(entry: SourceEntry) -> set[str]:
+    out = file_fields(entry) | set(entry.reader_fields)
+    for t in (*entry.tables, *entry.join):
+        out |= table_fields(t)
+    return out
+
+
+def _need(names, known: set[str], where: str, what: str = "field") -> None:
+    missing = [n for n in ([names] if isinstance(names, str) else names) if n not in known]
+    if missing:
+        raise ConfigError(
+            f"{where}: {what} {', '.join(map(repr, missing))} is not a field of this entry "
+            f"(known: {', '.join(sorted(known))})"
+        )
+
+
+def _relative(value: str, where: str) -> None:
+    p = PurePosixPath(value.replace("\\", "/"))
+    if not value or p.is_absolute() or ".." in p.parts:
+        raise ConfigError(f"{where} {value!r} must be a relative glob inside the entry folder (no '..')")
+
+
+def _check_table(t: TableSpec | JoinSpec, where: str) -> None:
+    _relative(t.file, f"{where}.file")
+    try:
+        codecs.lookup(t.encoding)
+    except LookupError:
+        raise ConfigError(f"{where}.encoding: unknown encoding {t.encoding!r}") from None
+    if len(t.delimiter) != 1:
+        raise ConfigError(f"{where}.delimiter: {t.delimiter!r} must be one character")
+    if not t.header and not t.columns:
+        raise ConfigError(f"{where}.columns: a table without a header row needs its column names in order")
+    if isinstance(t, TableSpec) and t.regex is not None:
+        compile_regex(t.regex.pattern, f"{where}.regex.pattern")
+        _need(t.regex.column, set(t.columns), f"{where}.regex.column", "column")
+    _need(template_fields(t.key, f"{where}.key"), table_fields(t), f"{where}.key")
+
+
+def _check_files(entry: SourceEntry, where: str) -> None:
+    _relative(entry.files.glob, f"{where}.files.glob")
+    for reason, pattern in entry.files.exclude.items():
+        _relative(pattern, f"{where}.files.exclude[{reason!r}]")
+    if entry.files.regex:
+        compile_regex(entry.files.regex, f"{where}.files.regex")
+    _need(template_fields(entry.files.key, f"{where}.files.key"), file_fields(entry), f"{where}.files.key")
+    for i, t in enumerate(entry.tables):
+        _check_table(t, f"{where}.tables[{i}]")
+    main = set().union(*(table_fields(t) for t in entry.tables)) if entry.tables else set()
+    if entry.join and not entry.tables:
+        raise ConfigError(f"{where}.join: needs at least one table to join onto")
+    for j, t in enumerate(entry.join):
+        _check_table(t, f"{where}.join[{j}]")
+        _need(template_fields(t.on, f"{where}.join[{j}].on"), main, f"{where}.join[{j}].on")
+        main |= table_fields(t)
+
+
+def _check_label(entry: SourceEntry, where: str, known: set[str]) -> None:
+    label = entry.label
+    if bool(label.field) == bool(label.columns):
+        raise ConfigError(f"{where}.label: give either field (single-valued) or columns (one per finding)")
+    if label.list and not label.field:
+        raise ConfigError(f"{where}.label.list: only with label.field")
+    _need(label.field or label.columns, known, f"{where}.label.{'field' if label.field else 'columns'}")
+    if not label.classes:
+        raise ConfigError(f"{where}.label.classes: empty (value -> caption phrase)")
+    if any(not p.strip() for p in label.classes.values()):
+        raise ConfigError(f"{where}.label.classes: a caption phrase is empty")
+
+
+def _check_rules(entry: SourceEntry, where: str, known: set[str]) -> None:
+    if entry.group is not None:
+        _need(entry.group.field, known, f"{where}.group.field")
+        if entry.group.regex:
+            compile_regex(entry.group.regex, f"{where}.group.regex")
+    for i, f in enumerate(entry.filters):
+        _need(f.field, known, f"{where}.filters[{i}].field")
+        if sum((f.in_ is not None, f.not_in is not None, bool(f.regex))) != 1:
+            raise ConfigError(f"{where}.filters[{i}]: give exactly one of in, not_in, regex")
+        if f.regex:
+            compile_regex(f.regex, f"{where}.filters[{i}].regex")
+    if entry.split is not None:
+        _need(entry.split.field, known, f"{where}.split.field")
+        bad = sorted({v for v in entry.split.map.values() if v not in SPLITS})
+        if bad or not entry.split.map:
+            raise ConfigError(f"{where}.split.map: targets must be train, val or test (got {bad or 'nothing'})")
+    caps = entry.caps
+    if isinstance(caps.per_class, str) and caps.per_class != "min":
+        raise ConfigError(f"{where}.caps.per_class: {caps.per_class!r} is not an integer, 'min' or a mapping")
+    counts = caps.per_class.values() if isinstance(caps.per_class, dict) else [caps.per_class]
+    if any(isinstance(n, int) and n < 0 for n in (*counts, caps.per_group, caps.total)):
+        raise ConfigError(f"{where}.caps: caps must be >= 0 (0 = no cap)")
+
+
+def _check_caption(entry: SourceEntry, where: str, known: set[str]) -> None:
+    names = template_fields(entry.caption, f"{where}.caption")
+    if "label" not in names:
+        raise ConfigError(f"{where}.caption {entry.caption!r} has no {{label}} placeholder")
+    undefined = [n for n in names if n != "label" and n not in entry.caption_fields]
+    if undefined:
+        raise ConfigError(
+            f"{where}.caption: field(s) {', '.join('{' + n + '}' for n in undefined)} not defined in caption_fields"
+        )
+    for name, cf in entry.caption_fields.items():
+        _need(cf.field, known, f"{where}.caption_fields.{name}.field")
+        if not cf.map:
+            raise ConfigError(f"{where}.caption_fields.{name}.map: empty (value -> phrase)")
+
+
+def parse_entry(raw: dict, where: str) -> SourceEntry:
+    """One catalog entry, every key and rule checked; errors name ``where``, the entry and the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping (a source entry), got {type(raw).__name__}")
+    name = raw.get("name")
+    where = f"{where}: source {name!r}" if isinstance(name, str) else where
+    raw = dict(raw)
+    if isinstance(raw.get("join"), list):  # YAML 1.1 reads a bare `on:` key as the boolean True
+        raw["join"] = [
+            {("on" if k is True else k): v for k, v in j.items()} if isinstance(j, dict) else j for j in raw["join"]
+        ]
+    if isinstance(raw.get("filters"), list):  # `in` is a Python keyword: the field is in_
+        raw["filters"] = [
+            {("in_" if k == "in" else k): v for k, v in f.items()} if isinstance(f, dict) else f for f in raw["filters"]
+        ]
+    try:
+        entry = build(SourceEntry, raw, where)
+    except ConfigError as exc:  # say `in` as the user wrote it
+        raise ConfigError(re.sub(r"\bin_\b", "in", str(exc))) from None
+    if not entry.name or "/" in entry.name or entry.name.startswith("."):
+        raise ConfigError(f"{where}.name: {entry.name!r} must be a plain folder name")
+    if entry.specialty not in SPECIALTIES:
+        raise ConfigError(f"{where}.specialty: {entry.specialty!r} is not one of {', '.join(SPECIALTIES)}")
+    if entry.image_type not in IMAGE_TYPES:
+        raise ConfigError(f"{where}.image_type: {entry.image_type!r} is not one of {', '.join(IMAGE_TYPES)}")
+    _check_files(entry, where)
+    if entry.reader_fields and entry.supported:
+        raise ConfigError(
+            f"{where}.reader_fields: reader {entry.reader!r} supplies no fields; use table columns or regex groups"
+        )
+    known = all_fields(entry)
+    _check_label(entry, where, known)
+    _check_rules(entry, where, known)
+    _check_caption(entry, where, known)
+    return entry
+
+
+def load_catalog(name_or_path: str) -> tuple[SourceEntry, ...]:
+    """The entries of a catalog: a bare name under ``jobs/configs/sources`` (``paper``) or a YAML path."""
+    path = named_file(name_or_path, SOURCES_DIR, "ingest.sources")
+    data = load_yaml_file(path, "ingest.sources")
+    if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+        raise ConfigError(f"{path.name}: expected a mapping with a 'sources' list")
+    extra = sorted(set(data) - {"sources"})
+    if extra:
+        raise ConfigError(f"{path.name}: unknown key(s) {', '.join(map(repr, extra))}; a catalog holds 'sources'")
+    entries = tuple(parse_entry(raw, f"{path.name}: sources[{i}]") for i, raw in enumerate(data["sources"]))
+    names = [e.name for e in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path.name}: entry names must be unique; repeated: {', '.join(dupes)}")
+    return entries
