@@ -126,12 +126,20 @@ def ingest_section(cfg: RunConfig, figs: Path) -> str:
     parts.append(
         f"<h3>Nothing lost</h3><p>{acc['files_listed']:,} source files listed; {acc['corpus']:,} images in the "
         f"corpus, {acc['duplicates']:,} duplicates, {acc['rejected']:,} rejected, {acc['background']:,} "
-        "background patches.</p>"
+        "background patches"
+        + (f"; {acc['left_out']:,} left out by the catalog's rules" if acc.get("left_out") else "")
+        + ".</p>"
     )
+    left_out = {f"{entry}: {why}": n for entry, v in summary.get("left_out", {}).items() for why, n in v.items()}
+    drops.append(("left out by the catalog's rules (filters, caps, masks, unlabelled files)", left_out))
     for title, reasons in drops:
         if reasons:
             rows = "".join(f"<tr><td>{n:,}</td><td>{html.escape(r)}</td></tr>" for r, n in reasons.items())
             parts.append(f"<p>{title}:</p><table><tr><th>files</th><th>reason</th></tr>{rows}</table>")
+    skipped = summary.get("skipped", {})
+    if skipped:
+        rows = "".join(f"<li><b>{html.escape(e)}</b>: {html.escape(why)}</li>" for e, why in skipped.items())
+        parts.append(f"<p>catalog entries not read:</p><ul>{rows}</ul>")
     return "\n".join(parts)
 
 

@@ -302,6 +302,14 @@ def test_replicas_ingest_through_the_paper_catalog(ray_cluster, replicas, tmp_pa
     assert summary["accounting"]["left_out"] == sum(
         sum(w["expect"]["left_out"].values()) for w in info["entries"].values()
     )
+    from medisyn.report import ingest_section
+
+    (tmp_path / "figs").mkdir()
+    page = ingest_section(cfg, tmp_path / "figs")  # the report shows what the rules left out and what was not read
+    assert f"{summary['accounting']['left_out']:,} left out by the catalog's rules" in page
+    assert (
+        "<td>rspect: cap per_class</td>" in page and "<b>cholec80</b>: reader &#x27;video&#x27; needs issue #35" in page
+    )
 
 
 def test_every_node_probes_each_read_entry_folder_and_its_table_files(replicas):
