@@ -561,7 +561,7 @@ def test_load_catalog_and_entry_properties(tmp_path):
     import yaml
 
     raw = copy.deepcopy(BASE) | {
-        "reader": "video",
+        "reader": "nifti",
         "join": [{"file": "m.csv", "columns": ["file"], "key": "{file}", "on": "{file}"}],
     }
     path = tmp_path / "cat.yaml"
@@ -575,7 +575,7 @@ def test_load_catalog_and_entry_properties(tmp_path):
         ("x",),
         "middle",
     )
-    assert first.supported and not video.supported
+    assert first.supported and video.supported
     assert video.table_files == ("labels.csv", "m.csv") and first.phrases() == {"alpha", "beta"}
     path.write_text(yaml.safe_dump({"sources": [BASE, BASE]}))
     with pytest.raises(ConfigError, match="repeated: e"):
@@ -588,23 +588,15 @@ def test_load_catalog_and_entry_properties(tmp_path):
         load_catalog(str(path))
 
 
-def test_yaml_bare_on_key_and_reader_fields(tmp_path):
-    """YAML 1.1 reads a bare `on:` as True: it still means the join's `on`. `reader_fields` name what a
-    reader of issue #35 supplies (a video's phase): allowed on such an entry, an error on one read today."""
+def test_yaml_bare_on_key(tmp_path):
+    """YAML 1.1 reads a bare `on:` as True: it still means the join's `on`. (`reader_fields` is gone: a
+    reader's fields are declared by its spec, tests/test_kinds.py.)"""
     import yaml
 
     raw = yaml.safe_load("join: [{file: meta.csv, columns: [image], key: '{image}', on: '{file}'}]")
     assert True in raw["join"][0]
     assert entry(**raw).join[0].on == "{file}"
-    video = entry(
-        reader="video",
-        files={"glob": "*.mp4"},
-        tables=None,
-        reader_fields=["phase"],
-        label={"field": "phase", "classes": {"P": "p"}},
-    )
-    assert not video.supported and video.phrases() == {"p"}
-    with pytest.raises(ConfigError, match=r"reader_fields: reader 'image' supplies no fields"):
+    with pytest.raises(ConfigError, match=r"unknown key .*reader_fields"):
         entry(reader_fields=["phase"])
 
 

@@ -177,7 +177,7 @@ def test_every_image_decodes_with_the_ingest_readers(replica_root):
 
 
 def test_same_seed_same_bytes_other_seed_other_pixels(replica_root, tmp_path):
-    entries = ["eyepacs", "cbis-ddsm"]
+    entries = ["eyepacs", "cbis-ddsm", "figshare-brain-tumor", "cholec80"]  # .mat and MP4 headers too
     R.generate_replicas(tmp_path / "a", seed=0, entries=entries)
     R.generate_replicas(tmp_path / "b", seed=1, entries=entries)
     for name in entries:
@@ -196,7 +196,7 @@ def test_generate_refuses_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(FileExistsError):
         R.generate_replicas(tmp_path, entries=["ddi"])
     with pytest.raises(ValueError, match="unknown replica entries"):
-        R.generate_replicas(tmp_path / "new", entries=["cholec80"])
+        R.generate_replicas(tmp_path / "new", entries=["dermnet"])
 
 
 def test_break_replica_makes_the_three_faults(replica_root, tmp_path):
@@ -214,6 +214,9 @@ def test_break_replica_makes_the_three_faults(replica_root, tmp_path):
     with pytest.raises(ValueError, match="how must be"):
         R.break_replica(tmp_path, "busi", "typo")
     assert set(R.BREAK_TARGETS) == set(R.SUPPORTED)
+    shutil.copytree(replica_root / "cholec80", tmp_path / "cholec80")  # a TAB-separated header keeps its TABs
+    R.break_replica(tmp_path, "cholec80", "header")
+    assert _header(tmp_path / "cholec80/cholec80/phase_annotations/video01-phase.txt") == "Frame\tPhase_renamed"
 
 
 def test_cli_phantoms_layout_paper_writes_the_replicas(tmp_path, monkeypatch, capsys):
@@ -239,19 +242,109 @@ def test_ingest_through_the_shipped_catalog_gives_what_replicas_json_promises(re
     info = json.loads((replica_root / "replicas.json").read_text())
     for name, e in info["entries"].items():
         x, entry = e["expect"], catalog[name]
+        listed = x.get("listing", x)  # a volume's slices and a slide's patches come later, from the worker
         listing = list_entry(entry, replica_root / name, IngestConfig())
         items = listing.items
-        assert len(items) == x["corpus"], name
-        assert dict(Counter(p for it in items for p in it.labels)) == x["classes"], name
-        assert listing.left_out == x["left_out"] and len(listing.rejects) == x["rejects"], name
+        assert len(items) == listed.get("items", x["corpus"]), name
+        assert dict(Counter(p for it in items for p in it.labels)) == listed["classes"], name
+        assert listing.left_out == listed["left_out"] and len(listing.rejects) == x["rejects"], name
         assert {p for it in items for p in it.labels} <= entry.phrases(), name
         splits: dict[str, set] = {}
         for it in items:
             splits.setdefault(it.patient, set()).add(it.split)
         if "by" in x["splits"]:
             assert len(splits) == x["splits"]["groups"], name
-        else:
+        elif "listing" not in x:
             assert dict(Counter(it.split for it in items)) == x["splits"], name
         assert all(len(s) == 1 for s in splits.values()), name  # no group in two splits
     cx = list_entry(catalog["chexpert"], replica_root / "chexpert", IngestConfig()).items
     assert {it.caption for it in cx} >= {"Frontal (AP) chest X-ray image showing pleural effusion and edema."}
+
+
+def test_video_layouts(replica_root):
+    """Cholec80 (MP4, 25 fps, per-frame phase files with a header) and SAR-RARP50 (AVI, 60 fps,
+    headerless 10 Hz action files, one operation in two parts)."""
+    import av
+
+    ch = replica_root / "cholec80" / "cholec80"
+    assert _names(ch, "videos/*.mp4") == ["videos/video01.mp4", "videos/video02.mp4"]
+    lengths = {}
+    for v in ("01", "02"):
+        with av.open(str(ch / f"videos/video{v}.mp4")) as c:
+            stream = c.streams.video[0]
+            assert stream.average_rate == 25
+            lengths[v] = sum(1 for _ in c.decode(stream))
+        rows = _rows(ch / f"phase_annotations/video{v}-phase.txt", "\t")
+        assert rows[0] == ["Frame", "Phase"] and [int(r[0]) for r in rows[1:]] == list(range(len(rows) - 1))
+        assert len({r[1] for r in rows[1:]}) == 2 and {r[1] for r in rows[1:]} <= set(R.CHOLEC_PHRASES)  # a change
+        assert _rows(ch / f"tool_annotations/video{v}-tool.txt", "\t")[0] == ["Frame", *R.TOOLS]
+    assert len(_rows(ch / "phase_annotations/video01-phase.txt", "\t")) - 1 == lengths["01"] == 75
+    assert len(_rows(ch / "phase_annotations/video02-phase.txt", "\t")) - 1 > lengths["02"]  # runs past the end
+
+    sar = replica_root / "sar-rarp50"
+    assert _names(sar, "*/video_*/video_left.avi") == [
+        "test/video_41/video_left.avi",
+        "train1/video_11_1/video_left.avi",
+        "train1/video_11_2/video_left.avi",
+    ]
+    with av.open(str(sar / "test/video_41/video_left.avi")) as c:
+        assert c.streams.video[0].average_rate == 60 and c.format.name == "avi"
+    plain = _rows(sar / "train1/video_11_1/action_discrete.txt")
+    padded = _rows(sar / "test/video_41/action_discrete.txt")
+    assert plain[0] == ["0", "0"] and padded[0] == ["000000000", "5"]  # no header; one clip zero-pads
+    assert all(int(f) % 6 == 0 and a in "01234567" for f, a in plain + padded)
+
+
+def test_array_slide_and_volume_layouts(replica_root):
+    """figshare (.mat v7.3 with MATLAB's header, a v5 copy, a non-MATLAB file), PCam (h5 + meta CSV),
+    CAMELYON16 (pyramidal TIFF + ASAP XML) and MSD Task01 (4-D NIfTI, 3-D labels, dataset.json)."""
+    import h5py
+    import nibabel as nib
+    import numpy as np
+    import openslide
+
+    fs = replica_root / "figshare-brain-tumor"
+    mats = _names(fs, "**/*.mat")
+    assert "cvind.mat" in mats and "brainTumorDataPublic_1-766/1.mat" in mats
+    part = fs / "brainTumorDataPublic_1-766"
+    assert (part / "1.mat").read_bytes().startswith(b"MATLAB 7.3 MAT-file")
+    with h5py.File(part / "3.mat", "r") as fh:
+        assert fh["cjdata/image"].shape == (176, 192) and fh["cjdata/image"].dtype == np.int16  # column-major
+        assert fh["cjdata/label"][()].tolist() == [[2.0]] and fh["cjdata/PID"].dtype == np.uint16
+        assert "".join(chr(c[0]) for c in fh["cjdata/PID"][()]) == "MR029100"
+        assert set(fh["cjdata"]) == {"image", "label", "PID", "tumorBorder", "tumorMask"}
+    assert (part / "5.mat").read_bytes().startswith(b"MATLAB 5.0 MAT-file")
+    assert not h5py.is_hdf5(part / "6.mat") and not (part / "6.mat").read_bytes().startswith(b"MATLAB")
+
+    pc = replica_root / "pcam"
+    for name, n in (("train", 6), ("valid", 4), ("test", 4)):
+        with h5py.File(pc / f"camelyonpatch_level_2_split_{name}_x.h5", "r") as fh:
+            assert fh["x"].shape == (n, 96, 96, 3) and fh["x"].dtype == np.uint8
+        with h5py.File(pc / f"camelyonpatch_level_2_split_{name}_y.h5", "r") as fh:
+            assert fh["y"].shape == (n, 1, 1, 1)
+            y = fh["y"][:, 0, 0, 0].tolist()
+        meta = _rows(pc / f"camelyonpatch_level_2_split_{name}_meta.csv")
+        assert ",".join(meta[0]) == ",coord_y,coord_x,tumor_patch,center_tumor_patch,wsi"
+        assert [r[0] for r in meta[1:]] == [str(i) for i in range(n)] and [r[4] == "True" for r in meta[1:]] == y
+    slides = {
+        s: {r[5] for r in _rows(pc / f"camelyonpatch_level_2_split_{s}_meta.csv")[1:]}
+        for s in ("train", "valid", "test")
+    }
+    assert not (slides["train"] & slides["valid"]) and not (slides["train"] & slides["test"])  # slide-disjoint
+
+    cam = replica_root / "camelyon16" / "CAMELYON16"
+    with openslide.OpenSlide(str(cam / "training/tumor/tumor_001.tif")) as slide:
+        assert slide.level_count == 3 and slide.dimensions == (2048, 1536)
+    assert _names(cam, "training/lesion_annotations/*.xml") == ["training/lesion_annotations/tumor_001.xml"]
+    xml = (cam / "training/lesion_annotations/tumor_001.xml").read_text()
+    assert "<ASAP_Annotations>" in xml and 'PartOfGroup="_0"' in xml and 'PartOfGroup="_2"' in xml
+    assert _rows(cam / "testing/reference.csv") == [["test_001", "Normal"]]  # headerless
+
+    ms = replica_root / "msd-brain-tumour" / "Task01_BrainTumour"
+    img, lab = nib.load(ms / "imagesTr/BRATS_001.nii.gz"), nib.load(ms / "labelsTr/BRATS_001.nii.gz")
+    assert img.shape == (48, 40, 12, 4) and lab.shape == (48, 40, 12)  # 4 modalities; labels one grid
+    assert np.allclose(img.affine, lab.affine) and nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    assert set(np.unique(np.asarray(lab.dataobj))) == {0, 1, 2, 3}
+    info = json.loads((ms / "dataset.json").read_text())
+    assert info["modality"]["0"] == "FLAIR" and info["tensorImageSize"] == "4D"
+    assert (ms / "imagesTr/._BRATS_001.nii.gz").read_bytes().startswith(b"\x00\x05\x16\x07")  # AppleDouble

@@ -124,21 +124,17 @@ def _check(overrides: list[str]) -> tuple[int, str]:
 
 
 def test_check_passes_on_the_replicas_and_reports_each_entry(replicas):
-    from medisyn.ingest.describe import load_catalog
-
     root, info = replicas
     rc, text = _check([f"ingest.sources_root={root}"])
     assert rc == 0, text
-    catalog = {e.name: e for e in load_catalog("paper")}
     blocks = _blocks(text)
-    for name, written in info["entries"].items():
+    for name, written in info["entries"].items():  # every catalog entry has a replica (issue #35)
+        expect = written["expect"]
+        listed = expect.get("listing", {}).get("items", expect["corpus"])  # a volume, a slide: one item each
         assert blocks[name].startswith(f"{name}: found at {root / name}"), blocks[name]
-        assert f"  corpus: {written['expect']['corpus']:,} files" in blocks[name], blocks[name]
-        assert "sample: 3 file(s) opened" in blocks[name]
-    for name, entry in catalog.items():
-        if not entry.supported:  # the replicas hold no #35 entry: listed, absent, with how to get it
-            assert f"{name}: reader {entry.reader!r} needs issue #35" in text and entry.download in text
-    assert "FAILED" not in text
+        assert f"  corpus: {listed:,} files" in blocks[name], blocks[name]
+        assert f"sample: {min(3, listed)} element(s) opened" in blocks[name], blocks[name]
+    assert "FAILED" not in text and "needs issue #35" not in text
 
 
 def test_absent_entries_are_reported_with_their_access_and_do_not_fail(replicas, tmp_path):
@@ -204,7 +200,9 @@ def test_ingest_stops_before_ray_on_a_present_entry_that_does_not_match(replicas
         ingest(cfg)
     # names stay unique across old-format repositories and catalog entries; nothing present: one line saying why
     cfg = load_config(DEMO, [f"run_dir={tmp_path / 'run'}", "ingest.source_entries=[ddi, cholec80]", *overrides])
-    with pytest.raises(ConfigError, match=r"no entry of catalog 'paper' can be read: cholec80 reader 'video' needs"):
+    with pytest.raises(
+        ConfigError, match=r"no entry of catalog 'paper' can be read: cholec80 absent: no folder .*; ddi absent"
+    ):
         ingest(cfg)
 
 
@@ -254,8 +252,8 @@ def test_check_fails_on_a_sample_that_does_not_open(replicas, tmp_path):
 
 def test_replicas_ingest_through_the_paper_catalog(ray_cluster, replicas, tmp_path):
     """`ingest.sources: paper` on the replicas gives, per entry, the corpus, captions, splits and
-    left-out counts replicas.json promises; entries needing #35 (absent here) are skipped with
-    their access text."""
+    left-out counts replicas.json promises, for every entry: frames cut from the videos, rows of the
+    HDF5 and .mat files, slices of the volumes and patches of the slides included (issue #35)."""
     from collections import Counter
 
     from medisyn.ingest.describe import load_catalog
@@ -275,7 +273,7 @@ def test_replicas_ingest_through_the_paper_catalog(ray_cluster, replicas, tmp_pa
     )
     summary = ingest(cfg)
     corpus = read_corpus(tmp_path / "run/corpus", ["source", "labels", "caption", "split", "patient_id"]).to_pandas()
-    rejects = read_shards(tmp_path / "run/rejects", ["source_ref", "stage"]).to_pandas()
+    rejects = read_shards(tmp_path / "run/rejects", ["source_ref", "stage", "reason"]).to_pandas()
     catalog = {e.name: e for e in load_catalog("paper")}
     for name, written in info["entries"].items():
         expect, rows = written["expect"], corpus[corpus["source"] == name]
@@ -285,8 +283,10 @@ def test_replicas_ingest_through_the_paper_catalog(ray_cluster, replicas, tmp_pa
         for caption, labels in zip(rows["caption"], rows["labels"], strict=True):
             assert caption.startswith(prefix) and join_phrases(list(labels)) in caption, (name, caption)
             assert set(labels) <= catalog[name].phrases(), name
-        listing = rejects[(rejects["stage"] == "listing") & rejects["source_ref"].str.startswith(f"{name}/")]
-        assert len(listing) == expect["rejects"], name
+        mine = rejects[rejects["source_ref"].str.startswith(f"{name}/")]
+        assert (mine["stage"] == "listing").sum() == expect["rejects"], name
+        read = Counter(mine.loc[mine["stage"] != "listing", "reason"])  # the reader's: a frame past the end
+        assert read == Counter(expect.get("read_rejects", {})), (name, read)
         assert summary["left_out"].get(name, {}) == expect["left_out"], name
         splits = expect["splits"]
         if "by" in splits:  # the group hash split: each group in one split
@@ -294,11 +294,7 @@ def test_replicas_ingest_through_the_paper_catalog(ray_cluster, replicas, tmp_pa
             assert rows["patient_id"].nunique() == splits["groups"], name
         else:
             assert rows["split"].value_counts().to_dict() == splits, name
-    skipped = {n for n, e in catalog.items() if not e.supported}
-    assert set(summary["skipped"]) == skipped
-    for name in skipped:
-        assert "needs issue #35" in summary["skipped"][name]
-        assert f"access: {catalog[name].access}; download: {catalog[name].download}" in summary["skipped"][name]
+    assert not summary.get("skipped") and set(info["entries"]) == set(catalog)  # every entry read
     assert summary["accounting"]["left_out"] == sum(
         sum(w["expect"]["left_out"].values()) for w in info["entries"].values()
     )
@@ -307,15 +303,14 @@ def test_replicas_ingest_through_the_paper_catalog(ray_cluster, replicas, tmp_pa
     (tmp_path / "figs").mkdir()
     page = ingest_section(cfg, tmp_path / "figs")  # the report shows what the rules left out and what was not read
     assert f"{summary['accounting']['left_out']:,} left out by the catalog's rules" in page
-    assert (
-        "<td>rspect: cap per_class</td>" in page and "<b>cholec80</b>: reader &#x27;video&#x27; needs issue #35" in page
-    )
+    assert "<td>rspect: cap per_class</td>" in page and "needs issue #35" not in page
+    assert "<td>camelyon16: lesions: tumour fraction between thresholds</td>" in page  # counted by the worker
 
 
 def test_every_node_probes_each_read_entry_folder_and_its_table_files(replicas):
     """What ``raytools.check_sources`` asks every node to read: each table file resolved from its glob
-    on the driver (several per entry: one probe each), an entry without tables by its first file; a
-    skipped entry is not probed."""
+    on the driver (several per entry: one probe each), an entry without tables by its first file (a
+    video entry too: it is read since issue #35)."""
     from medisyn.ingest.catalog import load_sources, probes
     from medisyn.raytools import visible_sources
 
@@ -324,10 +319,13 @@ def test_every_node_probes_each_read_entry_folder_and_its_table_files(replicas):
     sources = load_sources(cfg.ingest, str)
     entries = ["chexpert", "busi", "cholec80"]
     sources = tuple(s for s in sources if s.entry.name in entries)
-    found = probes(sources, {"busi": str(root / "busi/first.png")})
+    video = str(root / "cholec80/cholec80/videos/video01.mp4")
+    found = probes(sources, {"busi": str(root / "busi/first.png"), "cholec80": video})
     assert found == {
         "chexpert": (str(root / "chexpert"), str(root / "chexpert/CheXpert-v1.0-small/train.csv")),
         "chexpert (table 2)": (str(root / "chexpert"), str(root / "chexpert/CheXpert-v1.0-small/valid.csv")),
         "busi": (str(root / "busi"), str(root / "busi/first.png")),
+        "cholec80": (str(root / "cholec80"), video),
     }
-    assert visible_sources({k: v for k, v in found.items() if k != "busi"}) == ["chexpert", "chexpert (table 2)"]
+    visible = visible_sources({k: v for k, v in found.items() if k != "busi"})
+    assert visible == ["chexpert", "chexpert (table 2)", "cholec80"]

@@ -4,8 +4,7 @@ A catalog (``ingest.sources``, DESIGN §10) describes public repositories as the
 them; a user keeps each in its own folder, ``<ingest.sources_root>/<entry name>`` or the folder
 ``ingest.source_paths`` gives it (local or ``s3://``). Many users cannot get every repository
 (credentialed sets), so an entry whose folder is absent is skipped, and the summary says how to get
-it; an entry whose reader needs issue #35 (videos, HDF5/MATLAB, volumes, slide annotations) is
-listed but never read. A present entry that does not match its description is an error (raised by
+it. A present entry that does not match its description is an error (raised by
 ``steps.list_entry``), never a silent zero. Runs on the driver, without Ray.
 """
 
@@ -22,8 +21,6 @@ from medisyn.configtools import ConfigError
 from medisyn.ingest.config import IngestConfig, RepositoryConfig
 from medisyn.ingest.describe import SourceEntry, load_catalog
 from medisyn.ingest.listing import glob_files, load_repositories
-
-NEEDS_35 = "needs issue #35 (videos, HDF5/MATLAB files, volumes, slide annotations)"
 
 
 @dataclass(frozen=True)
@@ -42,11 +39,40 @@ class Reading:
     attributes), for a catalog entry."""
 
     name: str
-    kind: Literal["dicom", "image", "wsi"]
+    kind: Literal["dicom", "image", "wsi", "video", "mat", "hdf5", "nifti"]
     specialty: str
     image_type: str
     frames: str
     intensity: str
+    settings: tuple[tuple[str, object], ...] = ()  # UnitSettings fields the entry's reader spec sets
+
+
+def _reader_settings(entry: SourceEntry) -> dict:
+    """The UnitSettings of an entry's reader spec (so unit ids change with them); wsi: only what it sets."""
+    out: dict = {}
+    if entry.video is not None:
+        out["video_fps"] = float(entry.video.fps)
+    if entry.hdf5 is not None:
+        out["hdf5_dataset"] = entry.hdf5.dataset
+    if entry.mat is not None:
+        out |= {"mat_image": entry.mat.image, "mat_transpose": entry.mat.transpose}
+    if entry.reader == "nifti" and entry.volume is not None:
+        v = entry.volume
+        out |= {
+            "volume_axis": v.axis,
+            "volume_every": v.every,
+            "volume_keep": tuple(v.keep),
+            "volume_channel": v.channel,
+        }
+    if entry.wsi is not None:
+        w = entry.wsi
+        named = {"wsi_level": w.level, "wsi_patch_size": w.patch_size, "wsi_overlap": w.overlap}
+        out |= {k: v for k, v in (named | {"wsi_tissue_fraction": w.tissue_fraction}).items() if v is not None}
+    if entry.lesions is not None:
+        les = entry.lesions
+        out |= {"tumour_min": les.tumour_min, "normal_max": les.normal_max, "per_slide": les.per_slide}
+        out |= {"seed": entry.caps.seed, "lesions": True}
+    return out
 
 
 def reading(entry: SourceEntry) -> Reading:
@@ -57,7 +83,8 @@ def reading(entry: SourceEntry) -> Reading:
         text = " ".join((entry.name, getattr(entry, "repository", ""), getattr(entry, "caption", ""))).lower()
         if entry.image_type == "magnetic resonance imaging" or "mammogra" in text:
             intensity = "percentile"
-    return Reading(entry.name, entry.reader, entry.specialty, entry.image_type, entry.frames, intensity)
+    settings = tuple(sorted(_reader_settings(entry).items()))
+    return Reading(entry.name, entry.reader, entry.specialty, entry.image_type, entry.frames, intensity, settings)
 
 
 def absent_text(entry: SourceEntry, root: UPath) -> str:
@@ -107,11 +134,7 @@ def load_sources(cfg: IngestConfig, resolve=str) -> tuple[Source, ...]:
             continue
         root = entry_root(entry.name, cfg, resolve)
         present = _is_dir(root)
-        if not entry.supported:
-            why = f"reader {entry.reader!r} {NEEDS_35}; listed, not read"
-            skipped = why if present else f"{why}; {absent_text(entry, root)}"
-        else:
-            skipped = "" if present else absent_text(entry, root)
+        skipped = "" if present else absent_text(entry, root)
         out.append(Source(entry, root, present, skipped))
     return tuple(out)
 

@@ -3,7 +3,7 @@
 Before any Ray work, and fast on a real download: it lists files and reads label tables (as ingest's
 listing does), opens only a seeded sample of a few files with the entry's reader, and never reads
 every image. Per entry it says found or absent (with the access terms and download steps), whether
-its reader needs issue #35, the table files and their headers, files found against the catalog's
+the table files and their headers, files found against the catalog's
 expected counts, the sample, and the captions and corpus count the entry would give after filters
 and caps, with what its rules leave out. A present entry that does not match (a header, a template
 that resolves to nothing, a missing table, an unreadable sample, a path or label value the description
@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import PurePosixPath
 
 from medisyn import storage
 from medisyn.configtools import ConfigError
-from medisyn.ingest.catalog import Source, load_sources, matching, reading
+from medisyn.ingest.catalog import Reading, Source, load_sources, matching, reading
 from medisyn.ingest.config import IngestConfig
-from medisyn.ingest.readers import Rejected, iter_wsi_patches, read_dicom, read_image
+from medisyn.ingest.readers import Rejected
 from medisyn.ingest.steps import list_entry
 from medisyn.ingest.units import Item
+from medisyn.ingest.worker import SourceUnreadable
 
 CAPTIONS_SHOWN = 8  # distinct captions printed per entry (most common first); the rest are counted
 # listing rejects that mean the download holds values or paths its description does not know (a renamed class
@@ -47,24 +49,29 @@ def _expected(entry, key: str) -> int:
     return int(value or 0)
 
 
-def open_sample(item: Item, kind: str, cfg: IngestConfig, intensity: str) -> None:
-    """Open one file as ingest would, cheaply: a DICOM's first frame, an image, a slide's first patch.
-    A reader's reject raises :class:`Mismatch` with its reason (a fixed phrase, never a header value)."""
-    pct, window = (cfg.percentile_low, cfg.percentile_high), (cfg.ct_window_width, cfg.ct_window_level)
+def open_sample(item: Item, reading: Reading, cfg: IngestConfig) -> None:
+    """Open one element as ingest would, cheaply, with the entry's reader: a DICOM's first frame, an image,
+    a video's sampled frame, an HDF5 row, a .mat file, a NIfTI's first kept slice, a slide's first (labelled)
+    patch. A reader's reject raises :class:`Mismatch` with its reason (a fixed phrase, never a header value)."""
+    from medisyn.ingest.pipeline import settings_for
+    from medisyn.ingest.worker import _file_images
+
+    s = settings_for(reading, cfg)
+    if s.kind == "dicom":
+        s = replace(s, frames="first")
     try:
         with storage.local_file(item.path, PurePosixPath(item.path).suffix) as local:
-            if kind == "dicom":
-                read_dicom(
-                    local, frames="first", intensity=intensity, window=window, pct=pct, max_pixels=cfg.max_pixels
-                )
-            elif kind == "image":
-                read_image(local, intensity=intensity, pct=pct, max_pixels=cfg.max_pixels)
-            else:
-                next(iter_wsi_patches(local, level=cfg.wsi_level, patch=cfg.wsi_patch_size), None)
+            for _, arr, _, _ in _file_images([item], s, local, Counter()):
+                if isinstance(arr, Rejected) and item.index < 0:
+                    raise arr
+                if arr is not None:  # a frame past a video's end is a fault of the data, not the description
+                    break
     except Rejected as exc:
-        raise Mismatch(f"sample file {item.ref} does not open with the {kind} reader ({exc.reason})") from None
+        raise Mismatch(f"sample file {item.ref} does not open with the {s.kind} reader ({exc.reason})") from None
     except OSError as exc:  # fetching or reading it failed: its message would carry the path, so only the type
         raise Mismatch(f"sample file {item.ref} could not be read ({type(exc).__name__})") from None
+    except SourceUnreadable:  # its mask or outlines
+        raise Mismatch(f"sample {item.ref}: its mask or lesion outlines could not be read") from None
 
 
 def _tables(source: Source) -> list[str]:
@@ -80,7 +87,7 @@ def _tables(source: Source) -> list[str]:
 
 
 def check_entry(source: Source, cfg: IngestConfig, sample: int = 3, seed: int = 0) -> tuple[bool, list[str]]:
-    """(matches, lines to print) for one catalog entry. Absent or needing #35 is not a failure."""
+    """(matches, lines to print) for one catalog entry. Absent is not a failure."""
     entry, name = source.entry, source.entry.name
     if not source.present:
         return True, [f"{name}: {source.skipped}"]
@@ -95,8 +102,8 @@ def check_entry(source: Source, cfg: IngestConfig, sample: int = 3, seed: int = 
             raise Mismatch(str(exc).removeprefix(f"source {name!r}: ")) from None
         if tables:
             lines.append(f"  tables (header as described): {', '.join(tables)}")
-        # the glob's files after excludes: every ref of the source map but those of table rows without a file
-        files = len(listing.source_map) - sum(r["reason"].endswith("but no such file") for r in listing.rejects)
+        # the glob's files after excludes (a video or an HDF5 file once, not per element)
+        files = listing.files
         expected = _expected(entry, "files")
         gap = f" of {expected:,} expected" if expected else ""
         warn = "  WARNING: " if expected and files != expected else "  "
@@ -112,8 +119,8 @@ def check_entry(source: Source, cfg: IngestConfig, sample: int = 3, seed: int = 
             sorted(listing.items, key=lambda it: it.ref), min(sample, len(listing.items))
         )
         for item in picks:
-            open_sample(item, kind.kind, cfg, kind.intensity)
-        lines.append(f"  sample: {len(picks)} file(s) opened with the {kind.kind} reader (seed {seed})")
+            open_sample(item, kind, cfg)
+        lines.append(f"  sample: {len(picks)} element(s) opened with the {kind.kind} reader (seed {seed})")
         corpus = _expected(entry, "corpus")
         lines.append(f"  corpus: {len(listing.items):,} files" + (f" of {corpus:,} expected" if corpus else ""))
         captions = Counter(item.caption for item in listing.items).most_common()
@@ -149,7 +156,6 @@ def check(cfg: IngestConfig, resolve=str, sample: int = 3, seed: int = 0, out=pr
     out(
         f"sources check: {len(sources)} entries: {len(read) - len(failed)} match, {len(failed)} do not"
         + (f" ({', '.join(failed)})" if failed else "")
-        + f", {sum(not s.present for s in sources)} absent, {sum(s.present and bool(s.skipped) for s in sources)} "
-        "present but not read yet (issue #35)"
+        + f", {sum(not s.present for s in sources)} absent"
     )
     return 1 if failed else 0

@@ -99,6 +99,7 @@ class IngestConfig:
         "near_duplicate_rms": "0..1",
         "max_tasks": ">=0",
         "files_per_task": ">=1",
+        "elements_per_task": ">=1",
         "row_group_rows": ">=1",
         "shard_rows": ">=1",
         "shard_row_group_rows": ">=1",
@@ -133,6 +134,7 @@ class IngestConfig:
     png_compress_level: int = 1  # 0-9; 1 writes ~2x faster than Pillow's default 6 for a few % more bytes
     max_tasks: int = 0  # concurrent ingest tasks (0 = one per CPU of the cluster)
     files_per_task: int = 16  # source files per Ray task (and per staging shard); slides: 1
+    elements_per_task: int = 256  # consecutive frames of one video (rows of one HDF5 file) per Ray task
     row_group_rows: int = 64  # parquet row group size: bounds a task's memory on huge multi-frame files and slides
     shard_rows: int = 1024  # rows per corpus shard: ~150-480 MB of 512² images (grey PNG ~150 KiB, colour WebP ~480)
     shard_row_group_rows: int = 16  # corpus row group: reading one image by id reads this many (~2-8 MB)
@@ -151,8 +153,8 @@ class IngestConfig:
             )
         if self.size % 8:
             raise ConfigError(f"ingest.size: {self.size} must be a multiple of 8 (the VAE's latent factor)")
-        if self.files_per_task < 1 or self.row_group_rows < 1:
-            raise ConfigError("ingest.files_per_task and ingest.row_group_rows must be at least 1")
+        if self.files_per_task < 1 or self.row_group_rows < 1 or self.elements_per_task < 1:
+            raise ConfigError("ingest.files_per_task, elements_per_task and row_group_rows must be at least 1")
         if not 0 <= self.png_compress_level <= 9:
             raise ConfigError(f"ingest.png_compress_level: {self.png_compress_level} is outside 0-9")
         self._check_sources()

@@ -11,7 +11,10 @@ Which copy is kept: images are put in *keep order* — the repository's position
 repository list (config order), then ``source_ref`` — and an image is dropped when it equals
 (exact) or nearly equals (near) an image kept before it in that order; it names the earliest
 such image. Exact duplicates are removed first, and only the remaining images are searched
-for near ones. So a repository listed first keeps its copies (list HAM10000 before ISIC 2019),
+for near ones. Frames of one video (same ``series``, the video's ref) are never near duplicates of
+each other: a static scene's consecutive frames are what the video shows, not copies; exact copies are
+removed everywhere, and near ones across videos and against every other image. So a repository
+listed first keeps its copies (list HAM10000 before ISIC 2019),
 and the choice is the same on every run and every machine.
 
 Near search (:func:`near_duplicates`) is the pigeonhole trick on numpy arrays: split the 64
@@ -194,12 +197,14 @@ def near_duplicates(
     max_rms: float = 0.01,
     block: int = 1024,
     limit: int = 1 << 21,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """``match[i]``: the earliest kept image that image ``i`` nearly duplicates, -1 if ``i`` is kept.
 
     ``hashes`` (uint64 pHashes) and ``thumbs`` (``(n, pixels)`` uint8, optional) are in keep order.
     Same result as the reference loop: ``i`` is dropped when it is within ``max_distance`` bits
-    (and ``max_rms``) of an image kept before it.
+    (and ``max_rms``) of an image kept before it. ``groups`` (int per image, -1 = none): two images of
+    the same group >= 0 (frames of one video) are never compared.
     """
     h = np.asarray(hashes, dtype=np.uint64)
     n = len(h)
@@ -210,8 +215,12 @@ def near_duplicates(
     vals = [h & m for m in masks]  # band values in place: equality and order are all that matter
     check = _Thumbs(thumbs, max_rms) if thumbs is not None else None
 
+    g = None if groups is None else np.asarray(groups, dtype=np.int64)
+
     def confirm(q: np.ndarray, c: np.ndarray, x: np.ndarray, band: int) -> np.ndarray:
         sel = np.bitwise_count(x) <= max_distance
+        if g is not None:
+            sel &= (g[q] < 0) | (g[q] != g[c])
         for m in masks[:band]:  # a pair sharing an earlier band was already compared there
             sel &= (x & m) != 0
         if check is not None:
@@ -237,7 +246,11 @@ def near_duplicates(
         # 2. within the block, among the images no earlier one claimed: all pairs, then in keep order
         rest = ids[~hit]
         x = h[rest][:, None] ^ h[rest][None, :]
-        i, j = np.nonzero(np.triu(np.bitwise_count(x) <= max_distance, 1))
+        close = np.bitwise_count(x) <= max_distance
+        if g is not None:
+            gr = g[rest]
+            close &= (gr[:, None] < 0) | (gr[:, None] != gr[None, :])
+        i, j = np.nonzero(np.triu(close, 1))
         if len(i) and check is not None:
             sel = check.ok(rest[i], rest[j])
             i, j = i[sel], j[sel]
@@ -280,13 +293,19 @@ def find_near_duplicates(
     thumbs: Sequence[bytes] | np.ndarray | None = None,
     max_rms: float = 0.01,
     ranks: Sequence[int] | None = None,
+    series: Sequence[str] | None = None,
 ) -> dict[str, tuple[str, str]]:
-    """``{ref: ("near duplicate", kept_ref)}`` among the given images (exact duplicates already removed)."""
+    """``{ref: ("near duplicate", kept_ref)}`` among the given images (exact duplicates already removed).
+    ``series``: a video frame's video ref ("" for any other image): frames of one video are not compared."""
     order = keep_order(refs, ranks)
     t = None
     if thumbs is not None:
         t = thumbs[order] if isinstance(thumbs, np.ndarray) else _thumb_array([thumbs[i] for i in order])
-    near = near_duplicates(parse_phashes([phashes[i] for i in order]), max_distance, t, max_rms)
+    groups = None
+    if series is not None and any(series):
+        ids: dict[str, int] = {}
+        groups = np.array([ids.setdefault(series[i], len(ids)) if series[i] else -1 for i in order], np.int64)
+    near = near_duplicates(parse_phashes([phashes[i] for i in order]), max_distance, t, max_rms, groups=groups)
     return _named(refs, order, near, "near duplicate")
 
 
@@ -321,23 +340,32 @@ def find_duplicates(
 
 
 def near_duplicates_in_files(
-    files: list[str], ranks: list[int], skip: list[str], max_distance: int, max_rms: float
+    files: list[str],
+    ranks: list[int],
+    skip: list[str],
+    max_distance: int,
+    max_rms: float,
+    videos: list[bool] | None = None,
 ) -> dict[str, str]:
     """``{ref: kept_ref}`` among the images of some staging shards (one image type, one Ray task):
-    ``ranks`` is each file's repository rank, ``skip`` the refs already dropped as exact duplicates.
+    ``ranks`` is each file's repository rank, ``skip`` the refs already dropped as exact duplicates,
+    ``videos`` whether a file holds video frames (not compared within their video, by ``series``).
     Reads only the hash columns and returns only the drops, so the driver never holds thumbnails."""
     skipped = set(skip)
-    refs, phashes, thumbs, rank = [], [], [], []
-    columns = ["source_ref", "phash", "thumb"]
-    for f, r in zip(files, ranks, strict=True):
+    refs, phashes, thumbs, rank, series = [], [], [], [], []
+    for k, (f, r) in enumerate(zip(files, ranks, strict=True)):
+        video = bool(videos and videos[k])
+        columns = ["source_ref", "phash", "thumb", *(["series"] if video else [])]
         t = storage.read_table(storage.path(f), columns=columns)
-        for ref, ph, th in zip(*(t.column(c).to_pylist() for c in columns), strict=True):
+        values = [t.column(c).to_pylist() for c in columns] + ([] if video else [[""] * t.num_rows])
+        for ref, ph, th, se in zip(*values, strict=True):
             if ref not in skipped:
                 refs.append(ref)
                 phashes.append(ph)
                 thumbs.append(th)
                 rank.append(r)
-    found = find_near_duplicates(refs, phashes, max_distance, thumbs, max_rms, rank)
+                series.append(se)
+    found = find_near_duplicates(refs, phashes, max_distance, thumbs, max_rms, rank, series)
     return {ref: kept for ref, (_, kept) in found.items()}
 
 

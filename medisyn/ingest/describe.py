@@ -29,7 +29,8 @@ from medisyn.configtools import ConfigError, build, load_yaml_file, named_file
 from medisyn.records import IMAGE_TYPES, SPECIALTIES, SPLITS
 
 SOURCES_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "sources"
-SUPPORTED_READERS = ("dicom", "image", "wsi")  # the others need issue #35: listed, never ingested
+READERS = ("dicom", "image", "wsi", "video", "mat", "hdf5", "nifti")
+SPEC_OF = {"video": "video", "mat": "mat", "hdf5": "hdf5", "volume": "nifti", "wsi": "wsi", "lesions": "wsi"}
 FILE_FIELDS = ("path", "name", "stem", "parent")  # built-in fields of every listed file
 
 
@@ -138,13 +139,70 @@ class CaptionField:
 
 
 @dataclass(frozen=True)
+class VideoSpec:
+    """A video's frames as elements: its annotation table (one row per annotated frame) says which."""
+
+    annotations: str  # template over file fields: the video's annotation file, relative to the entry folder
+    frame: str  # column holding the 0-based frame index (counted at `fps`)
+    fps: float  # the rate the annotation counts frames at; a video at another rate is a reject
+    columns: tuple[str, ...] = ()  # required header names (header: false -> names in order); per-frame fields
+    every: int = 1  # keep annotated frames whose index % every == 0
+    header: bool = True
+    delimiter: str = "\t"
+    encoding: str = "utf-8"
+
+
+@dataclass(frozen=True)
+class MatSpec:
+    image: str  # dataset path of the image inside the file (cjdata/image)
+    fields: dict[str, str] = field(default_factory=dict)  # field -> dataset path, read at listing (never the image)
+    transpose: bool = True  # MATLAB is column-major: 2-D arrays are transposed
+
+
+@dataclass(frozen=True)
+class Hdf5Spec:
+    dataset: str  # each row (first dimension) is one image; the element field `index` is the row
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    axis: int = 2  # slice axis after reorientation to RAS+ (0 sagittal, 1 coronal, 2 axial)
+    every: int = 1  # every k-th slice
+    keep: tuple[float, float] = (0.0, 1.0)  # the fraction of the axis slices are taken from
+    mask: str = ""  # template over file fields: a mask volume; only slices where it has a voxel > 0
+    channel: int = 0  # a 4-D file: which volume of its 4th axis (MSD Task01: 0 FLAIR, 1 T1w, 2 t1gd, 3 T2w)
+
+
+@dataclass(frozen=True)
+class WsiSpec:
+    """Per-entry slide tiling; an unset value is the ingest.wsi_* default."""
+
+    level: int | None = None
+    patch_size: int | None = None
+    overlap: float | None = None
+    tissue_fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class LesionSpec:
+    """Patches of a slide labelled ``positive`` captioned patch by patch from its lesion outlines (ASAP XML)."""
+
+    annotations: str  # template over file fields: the slide's XML
+    positive: str  # a phrase of label.classes: slides with it need their XML (missing: reject)
+    negative: str  # the phrase of a patch with tumour fraction <= normal_max
+    tumour_min: float = 0.5  # tumour fraction >= this: positive
+    normal_max: float = 0.0  # <= this: negative; in between: left out
+    per_slide: int = 0  # seeded cap of patches per slide and class (caps.seed; 0 = none)
+
+
+@dataclass(frozen=True)
 class SourceEntry:
     """One repository as shipped (DESIGN §10, "Source descriptions")."""
 
     name: str  # its folder under ingest.sources_root
     specialty: str
     image_type: str
-    reader: Literal["dicom", "image", "wsi", "video", "hdf5", "mat", "volume", "slide-annotations"]
+    reader: Literal["dicom", "image", "wsi", "video", "mat", "hdf5", "nifti"]
     files: FilesSpec
     label: LabelSpec
     caption: str  # template: {label} and the names of caption_fields
@@ -167,13 +225,17 @@ class SourceEntry:
     split: SplitSpec | None = None  # absent: the group-level hash split (ingest.split_fractions)
     caps: CapsSpec = CapsSpec()
     caption_fields: dict[str, CaptionField] = field(default_factory=dict)
-    reader_fields: tuple[str, ...] = ()  # fields the file's reader supplies (a video's `phase`, a .mat's `label`
-    #   and `pid`): only readers of issue #35 will, so only an entry needing one may name them
+    video: VideoSpec | None = None  # reader video: its annotation table
+    mat: MatSpec | None = None  # reader mat: datasets inside the file
+    hdf5: Hdf5Spec | None = None  # reader hdf5: the image dataset
+    volume: VolumeSpec | None = None  # reader nifti: slicing (absent: every axial slice)
+    wsi: WsiSpec | None = None  # reader wsi: tiling (absent: ingest.wsi_*)
+    lesions: LesionSpec | None = None  # reader wsi: patches labelled from lesion outlines
 
     @property
     def supported(self) -> bool:
-        """Read by today's readers; other entries are listed, never ingested (issue #35)."""
-        return self.reader in SUPPORTED_READERS
+        """Every reader is read (issue #35 added video, mat, hdf5 and nifti)."""
+        return self.reader in READERS
 
     @property
     def table_files(self) -> tuple[str, ...]:
@@ -182,7 +244,7 @@ class SourceEntry:
 
     def phrases(self) -> set[str]:
         """Every label phrase a caption of this entry can carry."""
-        return set(self.label.classes.values())
+        return set(self.label.classes.values()) | ({self.lesions.negative} if self.lesions else set())
 
 
 def template_fields(template: str, where: str) -> list[str]:
@@ -220,11 +282,24 @@ def table_fields(t: TableSpec | JoinSpec) -> set[str]:
 
 
 def file_fields(entry: SourceEntry) -> set[str]:
+    """Fields of a file's path (what the annotation, mask and lesion templates may name)."""
     return set(FILE_FIELDS) | (set(re.compile(entry.files.regex).groupindex) if entry.files.regex else set())
 
 
+def element_fields(entry: SourceEntry) -> set[str]:
+    """Fields the reader supplies at listing: a video frame's annotation columns and ``index``, an HDF5
+    row's ``index``, a .mat file's ``mat.fields``."""
+    if entry.video is not None:
+        return {*entry.video.columns, "index"}
+    if entry.hdf5 is not None:
+        return {"index"}
+    if entry.mat is not None:
+        return set(entry.mat.fields)
+    return set()
+
+
 def all_fields(entry: SourceEntry) -> set[str]:
-    out = file_fields(entry) | set(entry.reader_fields)
+    out = file_fields(entry) | element_fields(entry)
     for t in (*entry.tables, *entry.join):
         out |= table_fields(t)
     return out
@@ -261,13 +336,71 @@ def _check_table(t: TableSpec | JoinSpec, where: str) -> None:
     _need(template_fields(t.key, f"{where}.key"), table_fields(t), f"{where}.key")
 
 
+def _template(template: str, entry: SourceEntry, where: str) -> None:
+    """A path template over the file's fields, relative to the entry folder."""
+    _relative(template, where)
+    _need(template_fields(template, where), file_fields(entry), where)
+
+
+def _check_reader(entry: SourceEntry, where: str) -> None:
+    """The reader's spec: present where the reader needs it, absent on any other reader, every value sane."""
+    for key, reader in SPEC_OF.items():
+        if getattr(entry, key) is not None and entry.reader != reader:
+            raise ConfigError(f"{where}.{key}: only for reader {reader!r} (this entry's reader is {entry.reader!r})")
+    for key in ("video", "mat", "hdf5"):
+        if entry.reader == key and getattr(entry, key) is None:
+            raise ConfigError(f"{where}.{key}: reader {key!r} needs it (see DESIGN §10, Source descriptions)")
+    v = entry.video
+    if v is not None:
+        _template(v.annotations, entry, f"{where}.video.annotations")
+        if v.fps <= 0 or v.every < 1:
+            raise ConfigError(f"{where}.video: fps must be > 0 and every >= 1 (got {v.fps}, {v.every})")
+        if not v.columns:
+            raise ConfigError(f"{where}.video.columns: name the annotation's columns (they become per-frame fields)")
+        _need(v.frame, set(v.columns), f"{where}.video.frame", "column")
+        if "index" in v.columns:
+            raise ConfigError(f"{where}.video.columns: 'index' is the frame number's field; rename the column")
+        _check_table(TableSpec(v.annotations, "", v.columns, {}, v.header, v.delimiter, v.encoding), where + ".video")
+    if entry.mat is not None:
+        if not entry.mat.image or "index" in entry.mat.fields:
+            raise ConfigError(f"{where}.mat: image is a dataset path; fields may not be named 'index'")
+    if entry.hdf5 is not None and not entry.hdf5.dataset:
+        raise ConfigError(f"{where}.hdf5.dataset: empty")
+    vol = entry.volume
+    if vol is not None:
+        if vol.axis not in (0, 1, 2) or vol.every < 1 or not 0.0 <= vol.keep[0] < vol.keep[1] <= 1.0:
+            raise ConfigError(f"{where}.volume: axis 0-2, every >= 1 and 0 <= keep[0] < keep[1] <= 1 (got {vol})")
+        if vol.channel < 0:
+            raise ConfigError(f"{where}.volume.channel: {vol.channel} must be >= 0 (a 4-D file's volume index)")
+        if vol.mask:
+            _template(vol.mask, entry, f"{where}.volume.mask")
+    w = entry.wsi
+    if w is not None:
+        if (w.level is not None and w.level < 0) or (w.patch_size is not None and w.patch_size < 8):
+            raise ConfigError(f"{where}.wsi: level >= 0 and patch_size >= 8")
+        if (w.overlap is not None and not 0 <= w.overlap <= 0.1) or (
+            w.tissue_fraction is not None and not 0 <= w.tissue_fraction <= 1
+        ):
+            raise ConfigError(f"{where}.wsi: overlap in [0, 0.1] and tissue_fraction in [0, 1]")
+    les = entry.lesions
+    if les is not None:
+        _template(les.annotations, entry, f"{where}.lesions.annotations")
+        if les.positive not in entry.label.classes.values():
+            raise ConfigError(f"{where}.lesions.positive: {les.positive!r} is not a phrase of label.classes")
+        if not les.negative.strip() or not 0 <= les.normal_max < les.tumour_min <= 1 or les.per_slide < 0:
+            raise ConfigError(
+                f"{where}.lesions: negative is a phrase; need 0 <= normal_max < tumour_min <= 1, per_slide >= 0"
+            )
+
+
 def _check_files(entry: SourceEntry, where: str) -> None:
     _relative(entry.files.glob, f"{where}.files.glob")
     for reason, pattern in entry.files.exclude.items():
         _relative(pattern, f"{where}.files.exclude[{reason!r}]")
     if entry.files.regex:
         compile_regex(entry.files.regex, f"{where}.files.regex")
-    _need(template_fields(entry.files.key, f"{where}.files.key"), file_fields(entry), f"{where}.files.key")
+    known = file_fields(entry) | element_fields(entry)
+    _need(template_fields(entry.files.key, f"{where}.files.key"), known, f"{where}.files.key")
     for i, t in enumerate(entry.tables):
         _check_table(t, f"{where}.tables[{i}]")
     main = set().union(*(table_fields(t) for t in entry.tables)) if entry.tables else set()
@@ -357,10 +490,7 @@ def parse_entry(raw: dict, where: str) -> SourceEntry:
     if entry.image_type not in IMAGE_TYPES:
         raise ConfigError(f"{where}.image_type: {entry.image_type!r} is not one of {', '.join(IMAGE_TYPES)}")
     _check_files(entry, where)
-    if entry.reader_fields and entry.supported:
-        raise ConfigError(
-            f"{where}.reader_fields: reader {entry.reader!r} supplies no fields; use table columns or regex groups"
-        )
+    _check_reader(entry, where)
     known = all_fields(entry)
     _check_label(entry, where, known)
     _check_rules(entry, where, known)

@@ -22,6 +22,7 @@ import logging
 import re
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -63,7 +64,17 @@ def ingest_dirs(cfg: RunConfig) -> dict[str, UPath]:
 
 
 def _settings(repo, cfg: RunConfig) -> UnitSettings:
-    i = cfg.ingest
+    """A repository's (or catalog entry's, with its reader spec's ``settings``) unit settings."""
+    return settings_for(repo, cfg.ingest)
+
+
+def settings_for(repo, i) -> UnitSettings:
+    """Unit settings of a repository or a catalog entry's ``Reading`` (its reader spec's ``settings``)
+    under ingest config ``i`` (also what ``sources check`` opens its samples with)."""
+    return replace(_base_settings(repo, i), **dict(getattr(repo, "settings", ())))
+
+
+def _base_settings(repo, i) -> UnitSettings:
     return UnitSettings(
         kind=repo.kind,
         specialty=repo.specialty,
@@ -86,10 +97,22 @@ def _settings(repo, cfg: RunConfig) -> UnitSettings:
 
 
 def plan_units(repo, items: list[Item], cfg: RunConfig, staging: UPath) -> list[Unit]:
-    """Chunks of ``files_per_task`` files (one slide per unit), each with a content-derived id."""
+    """Chunks of ``files_per_task`` files (one slide per unit), or of ``elements_per_task`` consecutive
+    elements of one file (a video's frames, an HDF5 file's rows: a long video is many units, and a stopped
+    ingest resumes by segment), each with a content-derived id."""
     per = 1 if repo.kind == "wsi" else cfg.ingest.files_per_task
     settings = _settings(repo, cfg)
-    chunks = [items[start : start + per] for start in range(0, len(items), per)]
+    if any(it.index >= 0 for it in items):
+        per, by_file = cfg.ingest.elements_per_task, {}
+        for it in items:
+            by_file.setdefault(it.path, []).append(it)
+        chunks = [
+            run[start : start + per]
+            for run in (sorted(v, key=lambda it: it.index) for v in by_file.values())
+            for start in range(0, len(run), per)
+        ]
+    else:
+        chunks = [items[start : start + per] for start in range(0, len(items), per)]
     return [Unit(unit_id(repo.name, chunk, settings), uri(staging), settings, tuple(chunk)) for chunk in chunks]
 
 
@@ -155,6 +178,7 @@ def _dedup(
             [ref for u in group for ref in dropped[u.id]],
             max_distance,
             max_rms,
+            [u.settings.kind == "video" for u in group],
         )
         for group in groups.values()
     ]
@@ -305,12 +329,17 @@ def run(cfg: RunConfig) -> dict:
     publish_shards(d["corpus"], current, index)
     publish_shards(d["rejects"], [*current, listing_name])
 
+    left_out = {name: dict(lst.left_out) for name, (_, lst) in listings.items()}
+    for u, c in zip(units, unit_counts, strict=True):  # a reader's rules: slices without mask, in-between patches
+        for reason, n in c.get("left_out", {}).items():
+            into = left_out.setdefault(u.items[0].repo, {})
+            into[reason] = into.get(reason, 0) + n
     summary = summarize(
         d["corpus"],
         d["rejects"],
         unit_counts,
         files=len(source_map),
-        left_out={name: lst.left_out for name, (_, lst) in listings.items()},
+        left_out=left_out,
         skipped={s.entry.name: s.skipped for s in sources if s.skipped},
     )
     write_summary(summary, d["ingest"] / "summary.json")

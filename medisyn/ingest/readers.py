@@ -12,7 +12,7 @@ a path or a patient's name — because they end up in the rejects table and in l
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -241,13 +241,22 @@ def tissue_mask(thumbnail: Image.Image, saturation: int = 20, brightness: int = 
 
 
 def iter_wsi_patches(
-    path: str | Path, *, level: int = 0, patch: int = 512, overlap: float = 0.0, min_tissue: float = 0.5
+    path: str | Path,
+    *,
+    level: int = 0,
+    patch: int = 512,
+    overlap: float = 0.0,
+    min_tissue: float = 0.5,
+    want: Callable[[dict], bool] | None = None,
 ) -> Iterator[tuple[np.ndarray | None, dict]]:
     """Grid patches of one slide at ``level``: ``(rgb, meta)`` for tissue, ``(None, meta)`` for background.
 
     The stride is ``patch × (1 − overlap)``, so neighbours share at most ``overlap`` of a
     side (the paper: ≤ 10%). Each slide is opened in the calling task only: an OpenSlide
-    handle that hit an error stays broken, so one bad slide must not be shared.
+    handle that hit an error stays broken, so one bad slide must not be shared. ``meta`` also
+    gives the patch's level-0 box (``x0``, ``y0``, ``size0``), where lesion outlines live; a
+    tissue patch for which ``want(meta)`` is False comes as ``(None, meta)`` without reading
+    its pixels (patches the lesion labels leave out or a cap drops cost no I/O).
     """
     import openslide
 
@@ -272,15 +281,16 @@ def iter_wsi_patches(
         sy, sx = mask.shape[0] / height, mask.shape[1] / width
         for y in range(0, height - patch + 1, stride):
             for x in range(0, width - patch + 1, stride):
-                meta = {"level": level, "x": x, "y": y, "size": patch}
+                x0, y0 = int(x * down), int(y * down)
+                meta = {"level": level, "x": x, "y": y, "size": patch, "x0": x0, "y0": y0, "size0": patch * down}
                 m = mask[
                     int(y * sy) : max(int(y * sy) + 1, int((y + patch) * sy)),
                     int(x * sx) : max(int(x * sx) + 1, int((x + patch) * sx)),
                 ]
-                if m.mean() < min_tissue:
+                if m.mean() < min_tissue or (want is not None and not want(meta)):
                     yield None, meta
                     continue
-                region = slide.read_region((int(x * down), int(y * down)), level, (patch, patch))
+                region = slide.read_region((x0, y0), level, (patch, patch))
                 rgb = Image.new("RGB", region.size, (255, 255, 255))
                 rgb.paste(region, mask=region.getchannel("A"))
                 yield np.asarray(rgb), meta

@@ -18,6 +18,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 from upath import UPath
@@ -25,8 +26,9 @@ from upath import UPath
 from medisyn import storage
 from medisyn.configtools import ConfigError
 from medisyn.ingest.config import IngestConfig
-from medisyn.ingest.describe import SourceEntry, TableSpec
+from medisyn.ingest.describe import SourceEntry, TableSpec, element_fields
 from medisyn.ingest.listing import glob_files, join_phrases, read_csv_table, source_ref
+from medisyn.ingest.readers import Rejected, io_error
 from medisyn.ingest.split import patient_hash, split_for
 from medisyn.ingest.units import Item
 
@@ -41,6 +43,7 @@ class Listing:
     rejects: list[dict] = field(default_factory=list)  # {"source_ref", "stage": "listing", "reason"}
     left_out: dict[str, int] = field(default_factory=dict)  # reason -> files
     source_map: dict[str, str] = field(default_factory=dict)  # ref -> relative path (private)
+    files: int = 0  # files the glob matched after its excludes (a video is one, whatever its frames)
 
     def reject(self, ref: str, reason: str) -> None:
         self.rejects.append({"source_ref": ref, "stage": "listing", "reason": reason})
@@ -139,14 +142,142 @@ def list_files(entry: SourceEntry, root: UPath, cfg: IngestConfig, out: Listing)
             out.reject(ref, "path does not match files.regex")
             continue
         records.append({"__rel": rel, "__open": path, "__ref": ref, **fields})
+    out.files = len(out.source_map)
     if not out.source_map:  # e.g. only __MACOSX/ left of a moved folder: a present entry would give nothing
         raise ConfigError(
             f"{_where(entry)}: files.glob {entry.files.glob!r} matches only files its files.exclude leaves out"
         )
     columns = ["__rel", "__open", "__ref", "path", "name", "stem", "parent", *(rx.groupindex if rx else ())]
     files = pd.DataFrame(records, columns=columns, dtype=object)
+    files = files.assign(__file=files["__rel"], __index=-1, __annotation="")
+    files = elements(entry, root, files, cfg, out)
     files["__key"] = render(entry.files.key, files, f"{_where(entry)}: files.key")
     return files
+
+
+def _fill(template: str, row: dict) -> str:
+    return template.format(**{k: v for k, v in row.items() if not k.startswith("__")}).strip().replace("\\", "/")
+
+
+def _open_path(root: UPath, rel: str) -> str:
+    """What a worker opens for ``rel`` under ``root`` (as glob_files gives it)."""
+    return str(Path(root.path) / rel) if not storage.is_remote(root) else storage.uri(root / rel)
+
+
+def _annotation_table(entry: SourceEntry, path: UPath, where: str) -> pd.DataFrame:
+    """A video's annotation table as strings, its header checked as a label table's is."""
+    v = entry.video
+    df = read_csv_table(path, f"{where} ({path.name})", v.encoding, v.delimiter, v.header)
+    if not v.header:
+        if len(df.columns) < len(v.columns):
+            raise ConfigError(f"{where} ({path.name}) has {len(df.columns)} columns, columns names {len(v.columns)}")
+        return df.set_axis(list(v.columns) + [f"__extra{i}" for i in range(len(df.columns) - len(v.columns))], axis=1)
+    missing = [c for c in v.columns if c not in df.columns]
+    if missing:
+        raise ConfigError(
+            f"{where} ({path.name}) has no column(s) {', '.join(map(repr, missing))} among its "
+            f"{len(df.columns)} columns (a header row that differs, or set header: false)"
+        )
+    return df
+
+
+def _video_elements(entry: SourceEntry, root: UPath, rec: dict, cfg: IngestConfig, out: Listing) -> list[dict]:
+    """One element per annotated frame with ``frame % every == 0``; the others are left out by count."""
+    v, where = entry.video, f"{_where(entry)}: video.annotations"
+    path = root / _fill(v.annotations, rec)
+    if not path.is_file():
+        out.reject(rec["__ref"], "no annotation file for this video (video.annotations)")
+        return []
+    df = _annotation_table(entry, path, where)
+    frames = pd.to_numeric(df[v.frame].astype(str).str.strip(), errors="coerce")
+    if frames.isna().any() or (frames < 0).any() or (frames % 1 != 0).any():
+        out.reject(rec["__ref"], f"annotation column {v.frame!r} holds a value that is not a frame number")
+        return []
+    df = df.assign(__frame=frames.astype("int64")).drop_duplicates("__frame")
+    kept = df[df["__frame"] % v.every == 0]
+    out.leave_out(f"video.every: annotated frame between samples (every {v.every})", len(df) - len(kept))
+    rel, cols = rec["__rel"], list(v.columns)
+    rows = []
+    for values in zip(*(_values(kept[c].astype(str)) for c in cols), _values(kept["__frame"]), strict=True):
+        frame = int(values[-1])
+        ref = source_ref(entry.name, f"{rel}#{frame}", cfg.split_salt)
+        out.source_map[ref] = f"{rel}#{frame}"
+        element = {"__rel": f"{rel}#{frame}", "__ref": ref, "__index": frame, "index": str(frame)}
+        rows.append({**rec, **dict(zip(cols, values[:-1], strict=True)), **element})
+    return rows
+
+
+def _rows_count(entry: SourceEntry, root: UPath, rec: dict) -> int:
+    """An HDF5 file's rows (listing: the dataset's shape only; a remote file through a file object)."""
+    from medisyn.ingest.arrays import hdf5_rows
+
+    if not storage.is_remote(root):
+        return hdf5_rows(rec["__open"], entry.hdf5.dataset)
+    import h5py
+
+    try:
+        with (root / rec["__rel"]).open("rb") as f, h5py.File(f, "r") as h:
+            return int(h[entry.hdf5.dataset].shape[0])
+    except (KeyError, OSError, ValueError) as exc:
+        if io_error(exc):
+            raise
+        raise Rejected(f"no dataset {entry.hdf5.dataset!r} in an HDF5 file") from None
+
+
+def _hdf5_elements(entry: SourceEntry, root: UPath, rec: dict, cfg: IngestConfig, out: Listing) -> list[dict]:
+    n = _rows_count(entry, root, rec)
+    rel, rows = rec["__rel"], []
+    for i in range(n):
+        ref = source_ref(entry.name, f"{rel}#{i}", cfg.split_salt)
+        out.source_map[ref] = f"{rel}#{i}"
+        rows.append({**rec, "__rel": f"{rel}#{i}", "__ref": ref, "__index": i, "index": str(i)})
+    return rows
+
+
+def _mat_fields(entry: SourceEntry, root: UPath, rec: dict) -> dict[str, str]:
+    """``mat.fields`` of one file, read without its image (a remote file is fetched: .mat files are small)."""
+    from medisyn.ingest.arrays import mat_fields
+
+    with storage.local_file(rec["__open"], PurePosixPath(rec["__rel"]).suffix) as local:
+        return mat_fields(local, entry.mat.fields)
+
+
+def elements(entry: SourceEntry, root: UPath, files: pd.DataFrame, cfg: IngestConfig, out: Listing) -> pd.DataFrame:
+    """The reader's listing step: a video's sampled annotated frames and an HDF5 file's rows become one
+    element row each (``__index``, the field ``index`` and the annotation's columns); a .mat file's
+    ``mat.fields`` become its fields; a volume's mask and a slide's lesion XML are resolved. A file the
+    reader cannot list (not MATLAB, no such dataset, no annotation file) is a reject with the reason."""
+    mask = entry.volume.mask if entry.reader == "nifti" and entry.volume is not None else ""
+    annotation = entry.lesions.annotations if entry.lesions is not None else mask
+    if not (element_fields(entry) or annotation):
+        return files.assign(__gone=False)
+    records, extra = [], sorted(element_fields(entry))
+    for rec in files.to_dict("records"):
+        try:
+            if entry.video is not None or entry.hdf5 is not None:
+                found = (_video_elements if entry.video is not None else _hdf5_elements)(entry, root, rec, cfg, out)
+                if found:  # its elements stand for it in the source map (each is an item, reject or count)
+                    out.source_map.pop(rec["__ref"], None)
+                records += found
+            elif entry.mat is not None:
+                records.append({**rec, **_mat_fields(entry, root, rec)})
+            else:
+                rel = _fill(annotation, rec)
+                if mask and not (root / rel).is_file():
+                    out.reject(rec["__ref"], "no mask file for this volume (volume.mask)")
+                    continue
+                records.append({**rec, "__annotation": _open_path(root, rel)})
+        except Rejected as exc:
+            out.reject(rec["__ref"], exc.reason)
+        except Exception as exc:
+            if io_error(exc) or isinstance(exc, ConfigError):
+                raise
+            out.reject(rec["__ref"], f"unreadable at listing ({type(exc).__name__})")
+    columns = [*files.columns, *(c for c in extra if c not in files.columns)]
+    listed = {r["__file"] for r in records}
+    gone = files[~files["__file"].isin(listed)].assign(__gone=True)  # rejected here: its table row is no orphan
+    kept = pd.DataFrame(records, columns=columns, dtype=object).assign(__gone=False)
+    return pd.concat([kept, gone], ignore_index=True).fillna("")
 
 
 def _one_file(root: UPath, pattern: str, where: str) -> UPath:
@@ -227,6 +358,8 @@ def match(
     """Files meet rows where ``files.key`` equals the table's ``key`` (one pair per file and row). A file
     without a row is rejected or left out (``unlisted``); a row without a file is a reject. A table none
     of whose rows meets a file is a ConfigError naming its key template."""
+    gone = files["__key"][files["__gone"].astype(bool)]  # rejected by the reader at listing
+    files = files[~files["__gone"].astype(bool)]
     if rows is None:
         return files.assign(__out="", __tname="")
     shadowed = [c for c in files.columns if c in rows.columns and c != "__key"]
@@ -245,7 +378,7 @@ def match(
             out.reject(ref, f"no row in {tables}")
     if entry.unlisted == "leave_out":
         out.leave_out(f"unlabelled (no row in {tables})", len(unlisted))
-    orphans = rows[~_isin(rows["__key"], files["__key"])].drop_duplicates("__key")
+    orphans = rows[~_isin(rows["__key"], pd.concat([files["__key"], gone]))].drop_duplicates("__key")
     for key, tname in zip(_values(orphans["__key"]), _values(orphans["__tname"]), strict=True):
         ref = source_ref(entry.name, key, cfg.split_salt)
         out.source_map[ref] = key
@@ -368,6 +501,7 @@ def label(entry: SourceEntry, pairs: pd.DataFrame, out: Listing) -> list[dict]:
         by_file.setdefault(ref, []).append(i)
     keep = {c: _values(pairs[c].astype(str)) for c in _kept_fields(entry)}
     rel, opened, tname = (_values(pairs[c]) for c in ("__rel", "__open", "__tname"))
+    files, index, notes = (_values(pairs[c]) for c in ("__file", "__index", "__annotation"))
     cands = []
     for ref, idx in by_file.items():
         status, value = _combine(entry, [outcomes[i] for i in idx], tname[idx[0]], order)
@@ -381,7 +515,12 @@ def label(entry: SourceEntry, pairs: pd.DataFrame, out: Listing) -> list[dict]:
         else:
             i = idx[0]
             fields = {c: v[i] for c, v in keep.items()}
-            cands.append({"ref": ref, "rel": rel[i], "open": opened[i], "labels": value, "fields": fields})
+            cands.append(
+                {
+                    **{"ref": ref, "rel": rel[i], "open": opened[i], "labels": value, "fields": fields},
+                    **{"file": files[i], "index": int(index[i]), "annotation": notes[i]},
+                }
+            )
     return cands
 
 
@@ -392,7 +531,7 @@ def assign_groups(entry: SourceEntry, cands: list[dict], cfg: IngestConfig, out:
     rx = re.compile(g.regex) if g is not None and g.regex else None
     kept = []
     for c in cands:
-        gid = c["rel"] if g is None else c["fields"][g.field].strip()
+        gid = c["file"] if g is None else c["fields"][g.field].strip()  # a video's frames: the video
         if rx is not None and gid:
             m = rx.search(gid)
             gid = "" if m is None else (m.group(1) if rx.groups else m.group(0)) or ""
@@ -400,7 +539,7 @@ def assign_groups(entry: SourceEntry, cands: list[dict], cfg: IngestConfig, out:
             if g.blank == "reject":
                 out.reject(c["ref"], f"missing {g.kind} id in field {g.field!r}")
                 continue
-            gid = c["rel"]
+            gid = c["file"]
         kept.append({**c, "group": patient_hash(gid, cfg.split_salt)})
     return kept
 
@@ -442,7 +581,7 @@ def cap(entry: SourceEntry, cands: list[dict], out: Listing) -> list[dict]:
     if caps.total and len(cands) > caps.total:
         out.leave_out("cap total", len(cands) - caps.total)
         cands = cands[: caps.total]
-    return sorted(cands, key=lambda c: c["rel"])
+    return sorted(cands, key=lambda c: (c["file"], c["index"], c["rel"]))
 
 
 def split(entry: SourceEntry, cands: list[dict], cfg: IngestConfig, out: Listing) -> list[dict]:
@@ -475,8 +614,30 @@ def caption(entry: SourceEntry, cands: list[dict], cfg: IngestConfig, out: Listi
             phrases[name] = phrase
         else:
             text = entry.caption.format(label=join_phrases(list(c["labels"])), **phrases)
-            series = source_ref(entry.name, c["rel"].rpartition("/")[0] or ".", cfg.split_salt)  # the folder
-            items.append(Item(c["ref"], c["open"], entry.name, c["group"], c["split"], c["labels"], text, series))
+            if entry.video is not None:  # a video's frames: near duplicates are sought across videos only
+                series = source_ref(entry.name, c["file"], cfg.split_salt)
+            else:  # the folder
+                series = source_ref(entry.name, c["rel"].rpartition("/")[0] or ".", cfg.split_salt)
+            note, alternatives = c["annotation"], ()
+            les = entry.lesions
+            if les is not None and les.positive in c["labels"]:  # labelled patch by patch from its outlines
+                if not note or not storage.path(note).is_file():
+                    out.reject(c["ref"], "no lesion annotation file for this slide (lesions.annotations)")
+                    continue
+                alternatives = tuple(
+                    (cls, (phrase,), entry.caption.format(label=phrase, **phrases))
+                    for cls, phrase in (("positive", les.positive), ("negative", les.negative))
+                )
+            elif les is not None:
+                note = ""  # a slide without the positive phrase: every tissue patch keeps its caption
+            items.append(
+                Item(
+                    *(c["ref"], c["open"], entry.name, c["group"], c["split"], c["labels"], text, series),
+                    index=c["index"],
+                    annotation=note,
+                    alternatives=alternatives,
+                )
+            )
     return items
 
 

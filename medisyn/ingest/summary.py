@@ -38,9 +38,9 @@ def summarize(
     left_out: dict[str, dict[str, int]] | None = None,
     skipped: dict[str, str] | None = None,
 ) -> dict:
-    """``left_out``: catalog entry -> {rule: files} its description leaves out on purpose (filters, caps,
-    masks, unlabelled images); ``skipped``: catalog entry -> why it was not read (absent folder with its
-    access and download steps, or a reader that needs issue #35)."""
+    """``left_out``: catalog entry -> {rule: files, frames, slices or patches} its description leaves
+    out on purpose (filters, caps, masks, unlabelled images, in-between tumour fractions); ``skipped``:
+    catalog entry -> why it was not read (an absent folder with its access and download steps)."""
     left_out = {k: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))) for k, v in (left_out or {}).items() if v}
     c = _read(corpus, ["specialty", "image_type", "labels", "split", "source"])
     r = _read(rejects, ["stage", "reason"])
@@ -78,7 +78,9 @@ def summarize(
             "duplicates": sum(dup_reasons.values()),
             "rejected": sum(reject_reasons.values()),
             "background": background,
-            "left_out": sum(n for reasons in left_out.values() for n in reasons.values()),  # files, never listed
+            # files, frames and rows never listed, and slices and patches a reader's rule left out (mask, tumour
+            # fraction between thresholds, per-slide cap), per entry in left_out
+            "left_out": sum(n for reasons in left_out.values() for n in reasons.values()),
         },
     }
 

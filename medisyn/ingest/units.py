@@ -1,6 +1,7 @@
 """What an ingest task receives: typed, frozen units of work built on the driver.
 
-A *unit* is a handful of files of one repository (one slide for WSI) plus every setting
+A *unit* is a handful of files of one repository (one slide for WSI; up to
+``ingest.elements_per_task`` consecutive frames or rows of one video or HDF5 file) plus every setting
 that changes their pixels. Its id is a hash of those, so a re-run recognises finished units
 by their marker file and a unit whose files or settings changed gets a new id.
 """
@@ -23,14 +24,19 @@ class Item:
     split: str
     labels: tuple[str, ...]  # caption phrases
     caption: str
-    series: str = ""  # repo/<16 hex>: salted hash of the file's folder (a DICOM series' slices share it)
+    series: str = ""  # repo/<16 hex>: salted hash of the file's folder (a DICOM series' slices share it; a
+    #   video's frames share the video's ref, which near-duplicate removal reads)
+    index: int = -1  # an element's frame number (video) or row (HDF5); -1 for a whole file
+    annotation: str = ""  # path or URI of a slide's lesion XML or a volume's mask ("" = none)
+    alternatives: tuple[tuple[str, tuple[str, ...], str], ...] = ()  # (class, labels, caption) per patch class
+    #   of a slide labelled from its lesion outlines: ("positive", ...), ("negative", ...)
 
 
 @dataclass(frozen=True)
 class UnitSettings:
     """Every setting that changes a unit's pixels or stored bytes (part of the unit id)."""
 
-    kind: str  # dicom | wsi | image
+    kind: str  # dicom | wsi | image | video | mat | hdf5 | nifti
     specialty: str
     image_type: str
     frames: str  # multi-frame DICOM: all | middle | first
@@ -47,6 +53,19 @@ class UnitSettings:
     row_group_rows: int
     max_pixels: int  # larger sources are rejects (checked from the header, before decoding)
     format: int  # staging layout version: bump it and old staging shards are not reused
+    video_fps: float = 0.0  # the annotation's frame rate (video)
+    hdf5_dataset: str = ""
+    mat_image: str = ""
+    mat_transpose: bool = True
+    volume_axis: int = 2
+    volume_every: int = 1
+    volume_keep: tuple[float, float] = (0.0, 1.0)
+    volume_channel: int = 0
+    tumour_min: float = 0.5  # slides labelled from lesion outlines
+    normal_max: float = 0.0
+    per_slide: int = 0
+    seed: int = 0  # of the per-slide cap
+    lesions: bool = False  # slides of an entry labelled from lesion outlines (lesions.py's tiling)
 
 
 @dataclass(frozen=True)
@@ -62,5 +81,7 @@ class Unit:
 def unit_id(repo: str, items: list[Item], settings: UnitSettings) -> str:
     """Content address of a unit: its files, their captions and splits, and its settings."""
     key = {**asdict(settings), "captions": [it.caption for it in items], "splits": [it.split for it in items]}
+    if any(it.annotation or it.alternatives for it in items):  # a slide's outlines, a volume's mask
+        key["annotations"] = [[it.annotation, list(it.alternatives)] for it in items]
     h = hashlib.sha256(json.dumps([repo, [it.ref for it in items], key], sort_keys=True).encode()).hexdigest()[:16]
     return f"{repo}-{h}"

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from pathlib import PurePosixPath
 
 import imagehash
@@ -28,7 +29,7 @@ from PIL import Image
 
 from medisyn import storage
 from medisyn.images import encode_image
-from medisyn.ingest.readers import Rejected, io_error, iter_wsi_patches, read_dicom, read_image
+from medisyn.ingest.readers import Rejected, _to_uint8, io_error, iter_wsi_patches, read_dicom, read_image
 from medisyn.ingest.transforms import resize_center_crop_info
 from medisyn.ingest.units import Item, Unit, UnitSettings
 from medisyn.records import CORPUS_SCHEMA, REJECT_SCHEMA, atomic_write_table, atomic_write_text
@@ -53,13 +54,15 @@ def _unreadable(item: Item, exc: BaseException) -> SourceUnreadable:
 
 
 @contextlib.contextmanager
-def _source(item: Item):
-    """A local path with the bytes of the item's file for the block: a local file as it is, an object
-    (``s3://``) downloaded to node-local disk for this file only. Missing, unmounted, no permission, an
-    object-store error: :class:`SourceUnreadable` here, before any reader, so no such file is a reject."""
+def _source(item: Item, path: str = ""):
+    """A local path with the bytes of the item's file (or of ``path``, its mask or outlines) for the block: a
+    local file as it is, an object (``s3://``) downloaded to node-local disk for this file only. Missing,
+    unmounted, no permission, an object-store error: :class:`SourceUnreadable` here, before any reader, so no
+    such file is a reject."""
+    path = path or item.path
     with contextlib.ExitStack() as stack:
         try:
-            local = stack.enter_context(storage.local_file(item.path, PurePosixPath(item.path).suffix))
+            local = stack.enter_context(storage.local_file(path, PurePosixPath(path).suffix))
             with open(local, "rb"):
                 pass
         except Exception as exc:
@@ -67,10 +70,57 @@ def _source(item: Item):
         yield local
 
 
-def _images(item: Item, s: UnitSettings, path: str | os.PathLike | None = None):
+def _pixels(arr: np.ndarray, s: UnitSettings) -> np.ndarray:
+    """An array read from a container (a .mat image, an HDF5 row) as uint8 grey or RGB, by the unit's
+    intensity rule (MRI: the paper's percentile clip)."""
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2 and (arr.dtype != np.uint8 or s.intensity in ("percentile", "minmax")):
+        return _to_uint8(arr, s.intensity, ct=False, window=s.window, pct=s.pct, clip=True)
+    if arr.ndim == 3 and arr.dtype != np.uint8:
+        return _to_uint8(arr, "minmax", ct=False, window=s.window, pct=s.pct)
+    if arr.ndim not in (2, 3):
+        raise Rejected(f"not an image array ({arr.ndim} dimensions)")
+    return np.ascontiguousarray(arr)
+
+
+def _slide(item: Item, s: UnitSettings, path, left: Counter):
+    """A slide's patches; with lesion outlines each tissue patch is captioned by its tumour fraction
+    (``item.alternatives``), in-between and capped patches are counted in ``left`` and not read."""
+    from medisyn.ingest.lesions import iter_labelled_patches, read_asap
+
+    lesions = None
+    if item.annotation:
+        with _source(item, item.annotation) as xml:
+            lesions = read_asap(xml)
+    captions = {cls: (labels, text) for cls, labels, text in item.alternatives}
+    patches = iter_labelled_patches(
+        path,
+        lesions,
+        level=s.wsi_level,
+        patch=s.wsi_patch_size,
+        overlap=s.wsi_overlap,
+        min_tissue=s.wsi_tissue_fraction,
+        tumour_min=s.tumour_min,
+        normal_max=s.normal_max,
+        slide_positive=bool(item.alternatives),
+        per_slide=s.per_slide,
+        seed=s.seed,
+    )
+    for arr, meta in patches:
+        suffix = f"#level={meta['level']},x={meta['x']},y={meta['y']}"
+        if arr is None and "left_out" in meta:
+            left[f"lesions: {meta['left_out']}"] += 1
+            continue
+        yield item, arr, suffix, captions.get(meta.get("label"))
+
+
+def _images(item: Item, s: UnitSettings, path: str | os.PathLike | None = None, left: Counter | None = None):
     """(uint8 image, ref suffix) for every image of one source file (read from ``path``, by default
-    ``item.path``); background patches as None."""
+    ``item.path``); background patches as None. ``left`` counts what a reader's rule leaves out."""
     path = item.path if path is None else path
+    left = Counter() if left is None else left
     if s.kind == "dicom":
         frames = read_dicom(
             path, frames=s.frames, intensity=s.intensity, window=s.window, pct=s.pct, max_pixels=s.max_pixels
@@ -80,6 +130,13 @@ def _images(item: Item, s: UnitSettings, path: str | os.PathLike | None = None):
     elif s.kind == "image":
         arr, _ = read_image(path, intensity=s.intensity, pct=s.pct, max_pixels=s.max_pixels)
         yield arr, ""
+    elif s.kind == "mat":
+        from medisyn.ingest.arrays import read_mat
+
+        arr, _ = read_mat(path, s.mat_image, {}, s.mat_transpose, max_pixels=s.max_pixels)
+        yield _pixels(arr, s), ""
+    elif s.kind == "nifti":
+        yield from _volume(item, s, path, left)
     else:
         for arr, meta in iter_wsi_patches(
             path,
@@ -91,17 +148,75 @@ def _images(item: Item, s: UnitSettings, path: str | os.PathLike | None = None):
             yield arr, f"#level={meta['level']},x={meta['x']},y={meta['y']}"
 
 
-def _row(item: Item, s: UnitSettings, arr: np.ndarray, suffix: str) -> dict:
+def _volume(item: Item, s: UnitSettings, path, left: Counter):
+    from medisyn.ingest.volumes import read_volume
+
+    with contextlib.ExitStack() as stack:
+        mask = stack.enter_context(_source(item, item.annotation)) if item.annotation else None
+        first = True
+        for arr, meta in read_volume(
+            path,
+            axis=s.volume_axis,
+            every=s.volume_every,
+            keep=s.volume_keep,
+            channel=s.volume_channel,
+            mask_path=mask,
+            intensity=s.intensity,
+            window=s.window,
+            pct=s.pct,
+            max_pixels=s.max_pixels,
+        ):
+            if first and meta["left_out"]:
+                left["volume.mask: slice without a mask voxel"] += meta["left_out"]
+            first = False
+            yield arr, f"#slice={meta['slice']}"
+
+
+def _elements(group: list[Item], s: UnitSettings, path):
+    """(item, image or Rejected) for the elements of one file: a video's frames in one sequential decode,
+    an HDF5 file's rows in contiguous reads."""
+    by_index = {it.index: it for it in group}
+    if s.kind == "video":
+        from medisyn.ingest.video import read_frames
+
+        found = read_frames(path, sorted(by_index), s.video_fps)
+    else:
+        from medisyn.ingest.arrays import read_hdf5_rows
+
+        found = read_hdf5_rows(path, s.hdf5_dataset, sorted(by_index))
+    for index, arr in found:
+        if not isinstance(arr, Rejected):
+            try:
+                arr = _pixels(arr, s)
+            except Rejected as exc:
+                arr = exc
+        yield by_index[index], arr
+
+
+def _file_images(group: list[Item], s: UnitSettings, path, left: Counter):
+    """(item, image | None | Rejected, ref suffix, (labels, caption) or None) for one source file."""
+    if group[0].index >= 0:
+        for item, arr in _elements(group, s, path):
+            yield item, arr, "", None
+    elif s.kind == "wsi" and (group[0].annotation or group[0].alternatives or s.per_slide or s.lesions):
+        yield from _slide(group[0], s, path, left)
+    else:
+        for arr, suffix in _images(group[0], s, path, left):
+            yield group[0], arr, suffix, None
+
+
+def _row(item: Item, s: UnitSettings, arr: np.ndarray, suffix: str, caption=None) -> dict:
+    labels, text = caption if caption is not None else (item.labels, item.caption)
     square, info = resize_center_crop_info(arr, s.size)
     pil = Image.fromarray(square)
     thumb = pil.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX)
     return {
         "id": hashlib.sha256(square.tobytes() + str(square.shape).encode()).hexdigest()[:32],
         "image": encode_image(pil, s.image_format, s.png_compress_level),
-        "caption": item.caption,
+        "caption": text,
         "specialty": s.specialty,
         "image_type": s.image_type,
-        "labels": list(item.labels),
+        "labels": list(labels),
         "patient_id": item.patient,
         "split": item.split,
         "source": item.repo,
@@ -126,38 +241,45 @@ def process_unit(row: dict) -> dict:
     rejects: list[dict] = []
     counts = {"unit": uid, "files": len(unit.items), "accepted": 0, "rejected": 0, "background": 0}
     buffer: list[dict] = []
+    left: Counter = Counter()
+    groups: dict[str, list[Item]] = {}  # a video's (an HDF5 file's) elements: one read per file
+    for item in unit.items:
+        groups.setdefault(item.path if item.index >= 0 else item.ref, []).append(item)
+
+    def reject(item: Item, suffix: str, stage: str, reason: str) -> None:
+        rejects.append({"source_ref": item.ref + suffix, "series": item.series, "stage": stage, "reason": reason})
+
     with storage.parquet_writer(out / f"{uid}.parquet", STAGING_SCHEMA) as writer:
-        for item in unit.items:
-            with _source(item) as local:
+        for group in groups.values():
+            done: set[str] = set()
+            with _source(group[0]) as local:
                 try:
-                    for arr, suffix in _images(item, s, local):
+                    for item, arr, suffix, caption in _file_images(group, s, local, left):
+                        done.add(item.ref)
+                        if isinstance(arr, Rejected):
+                            reject(item, suffix, "read", arr.reason)
+                            continue
                         if arr is None:
                             counts["background"] += 1
                             continue
                         try:
-                            buffer.append(_row(item, s, arr, suffix))
+                            buffer.append(_row(item, s, arr, suffix, caption))
                             counts["accepted"] += 1
                         except Exception as exc:  # one bad frame or patch: reject it, keep the rest
-                            rejects.append(
-                                {
-                                    "source_ref": item.ref + suffix,
-                                    "series": item.series,
-                                    "stage": "transform",
-                                    "reason": f"transform failed ({type(exc).__name__})",
-                                }
-                            )
+                            reject(item, suffix, "transform", f"transform failed ({type(exc).__name__})")
                         if len(buffer) >= s.row_group_rows:
                             writer.write_table(pa.Table.from_pylist(buffer, STAGING_SCHEMA))
                             buffer = []
-                except Rejected as exc:
-                    rejects.append({"source_ref": item.ref, "stage": "read", "reason": exc.reason})
                 except Exception as exc:
-                    if io_error(exc):  # the file system failed mid-read (EIO, a stale NFS handle): not the file
-                        raise _unreadable(item, exc) from None
-                    reason = f"unexpected read error ({type(exc).__name__})"
-                    rejects.append({"source_ref": item.ref, "stage": "read", "reason": reason})
+                    if not isinstance(exc, Rejected) and io_error(exc):  # the file system failed mid-read
+                        raise _unreadable(group[0], exc) from None
+                    why = exc.reason if isinstance(exc, Rejected) else f"unexpected read error ({type(exc).__name__})"
+                    for item in group:  # a whole file (a video, an HDF5 file): each element not yet read
+                        if item.ref not in done or item.index < 0:
+                            reject(item, "", "read", why)
         if buffer:
             writer.write_table(pa.Table.from_pylist(buffer, STAGING_SCHEMA))
+    counts["left_out"] = dict(sorted(left.items()))
     counts["rejected"] = len(rejects)
     counts["seconds"] = time.perf_counter() - started
     atomic_write_table(pa.Table.from_pylist(rejects, REJECT_SCHEMA), out / f"{uid}.rejects.parquet")

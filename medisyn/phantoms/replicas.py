@@ -33,6 +33,7 @@ from . import dicom_io as dio
 from . import draw as D
 from .common import GenContext, save_jpeg, save_png
 from .dermatology import clinical_image, dermoscopy_image
+from .formats import write_asap, write_mat_v5, write_mat_v73, write_nifti, write_test_video
 from .gastro import kvasir_image
 from .ophthalmology import fundus_image, oct_image
 from .radiology import ct_anatomy, mammo_image, write_ct_slice
@@ -52,6 +53,12 @@ SUPPORTED = (
     "isic2019",
     "fitzpatrick17k",
     "ddi",
+    "figshare-brain-tumor",
+    "cholec80",
+    "sar-rarp50",
+    "camelyon16",
+    "pcam",
+    "msd-brain-tumour",
 )
 MARKER_FILE = ".medisyn-replicas"  # a re-run replaces only a folder it wrote itself
 BREAKS = ("header", "folder", "file")
@@ -751,6 +758,290 @@ def _ddi(w: _Writer) -> dict:
     return _expect(len(rows), dict(classes), {}, splits=_hash_split(len(rows), "image"))
 
 
+# ------------------------------------------------------------------------------ issue #35: other kinds
+# Videos, MATLAB and HDF5 files, slides with lesion outlines and NIfTI volumes, written with the writers the
+# #35 readers are tested with (phantoms/formats.py), so a replica is what the readers expect of a real
+# download. Each builder computes its `expect` from its own rows, not by running a reader.
+
+LEFT_EVERY = "video.every: annotated frame between samples (every {})"
+PAST_END = "annotation past the video's end"
+CHOLEC_PHRASES = {
+    "Preparation": "preparation",
+    "CalotTriangleDissection": "Calot's triangle dissection",
+    "ClippingCutting": "clipping and cutting",
+    "GallbladderDissection": "gallbladder dissection",
+    "GallbladderPackaging": "gallbladder packaging",
+    "CleaningCoagulation": "cleaning and coagulation",
+    "GallbladderRetraction": "gallbladder retraction",
+}
+CHOLEC_FPS, CHOLEC_EVERY = 25, 25
+TOOLS = ["Grasper", "Bipolar", "Hook", "Scissors", "Clipper", "Irrigator", "SpecimenBag"]
+
+
+def _video(w: _Writer, rel: str, frames: int, fps: float, seed: int) -> None:
+    write_test_video(w.path(rel), frames, fps, seed=seed)
+
+
+def _cholec80(w: _Writer) -> dict:
+    # (video, frames written, phase runs (phase, first frame), annotated frames): video02's phase file runs
+    # two seconds past its end, as a video cut short of its annotation does
+    videos = [
+        (1, 75, [("Preparation", 0), ("CalotTriangleDissection", 30)], 75),
+        (2, 75, [("ClippingCutting", 0), ("GallbladderDissection", 45)], 125),
+    ]
+    classes, left, past = Counter(), 0, 0
+    listed: Counter = Counter()
+    for v, n, runs, annotated in videos:
+        _video(w, f"cholec80/videos/video{v:02d}.mp4", n, CHOLEC_FPS, seed=100 + v)
+        rows = []
+        for f in range(annotated):
+            phase = [p for p, start in runs if f >= start][-1]
+            rows.append([f, phase])
+            if f % CHOLEC_EVERY:
+                left += 1
+                continue
+            listed[CHOLEC_PHRASES[phase]] += 1
+            if f >= n:
+                past += 1
+            else:
+                classes[CHOLEC_PHRASES[phase]] += 1
+        w.csv(f"cholec80/phase_annotations/video{v:02d}-phase.txt", ["Frame", "Phase"], rows, delimiter="\t")
+        tools = [[f, *(int((f // 25 + k) % 3 == 0) for k in range(len(TOOLS)))] for f in range(0, n - 25, 25)]
+        w.csv(f"cholec80/tool_annotations/video{v:02d}-tool.txt", ["Frame", *TOOLS], tools, delimiter="\t")
+        w.text(f"cholec80/videos/video{v:02d}-timestamp.txt", "".join(f"{f}\t00:00:{f // 25:02d}\n" for f in range(n)))
+    left_out = {LEFT_EVERY.format(CHOLEC_EVERY): left}
+    return _expect(
+        sum(classes.values()),
+        dict(classes),
+        left_out,
+        splits=_hash_split(len(videos), "video"),
+        read_rejects={PAST_END: past},
+        listing={"items": sum(listed.values()), "classes": dict(sorted(listed.items())), "left_out": left_out},
+    )
+
+
+SAR_PHRASES = {
+    "1": "picking up the needle",
+    "2": "positioning the needle tip",
+    "3": "pushing the needle through the tissue",
+    "4": "pulling the needle out of the tissue",
+    "5": "tying a knot",
+    "6": "cutting the suture",
+    "7": "returning the needle",
+}
+SAR_FPS, SAR_EVERY = 60, 6
+
+
+def _sar_rarp50(w: _Writer) -> dict:
+    # (set, folder, action per 10 Hz row, zero-padded frame field): operation 11 in two parts, one in test
+    clips = [
+        ("train1", "video_11_1", [0, 0, 0, 1, 1, 1, 2, 2, 2, 2], False),
+        ("train1", "video_11_2", [3, 3, 3, 3, 3, 4, 4, 4, 4, 4], False),
+        ("test", "video_41", [5, 5, 5, 5, 6, 6, 6, 7, 7, 7], True),
+    ]
+    classes, splits, other = Counter(), Counter(), 0
+    for k, (part, folder, actions, padded) in enumerate(clips):
+        _video(w, f"{part}/{folder}/video_left.avi", len(actions) * SAR_EVERY, SAR_FPS, seed=200 + k)
+        rows = [[f"{i * SAR_EVERY:09d}" if padded else i * SAR_EVERY, a] for i, a in enumerate(actions)]
+        w.csv(f"{part}/{folder}/action_discrete.txt", None, rows)
+        for a in actions:
+            if a == 0:
+                other += 1
+            else:
+                classes[SAR_PHRASES[str(a)]] += 1
+                splits["train" if part.startswith("train") else "test"] += 1
+    return _expect(
+        sum(classes.values()), dict(classes), {"unmapped label (action)": other}, splits=dict(splits), groups=2
+    )
+
+
+FIGSHARE_PHRASES = {1: "meningioma", 2: "glioma", 3: "pituitary tumor"}
+
+
+def _figshare(w: _Writer) -> dict:
+    from .radiology import mr_image
+
+    part = "brainTumorDataPublic_1-766"
+    # (file number, label, PID, format): four v7.3 files, one re-saved as v5, one that is no MATLAB file
+    files = [(1, 1, "100360", "7.3"), (2, 1, "100360", "7.3"), (3, 2, "MR029100", "7.3"), (4, 3, "112649", "7.3"),
+             (5, 2, "112649", "5"), (6, 2, "95618", "none")]  # fmt: skip
+    classes, pids = Counter(), set()
+    for n, label, pid, fmt in files:
+        rel = f"{part}/{n}.mat"
+        if fmt == "none":  # a part that did not download whole: an HTML error page saved under the name
+            w.text(rel, "<html><body>Service Unavailable</body></html>\n")
+            continue
+        cls = {1: "meningioma", 2: "glioma", 3: "pituitary"}[label]
+        image = mr_image(w.ctx.patient_rng(n), w.rng(), cls)[:, 16:].astype(np.int16)  # not square: 192 x 176
+        mask = np.zeros(image.shape, np.uint8)
+        mask[80:100, 70:95] = 1
+        (write_mat_v73 if fmt == "7.3" else write_mat_v5)(w.path(rel), image, label, pid, mask)
+        if fmt == "5":  # scipy stamps the header with the time of writing: the same seed must give the same bytes
+            path = w.ctx.path(rel)
+            head = b"MATLAB 5.0 MAT-file, Platform: posix, Created on: Thu Jan  1 00:00:00 1970"
+            path.write_bytes(head.ljust(116, b" ") + path.read_bytes()[116:])
+        classes[FIGSHARE_PHRASES[label]] += 1
+        pids.add(pid)
+    import h5py
+
+    with h5py.File(w.path("cvind.mat"), "w") as fh:  # the 5-fold indices, also v7.3
+        fh.create_dataset("cvind", data=np.arange(1, 7, dtype=np.float64)[None] % 5 + 1)
+    return _expect(
+        sum(classes.values()),
+        dict(classes),
+        {"cross-validation indices (cvind.mat)": 1},
+        rejects=1,
+        splits=_hash_split(len(pids), "patient"),
+        reject_reasons={"not a MATLAB file": 1},
+    )
+
+
+PCAM_META = ["", "coord_y", "coord_x", "tumor_patch", "center_tumor_patch", "wsi"]
+PCAM_PHRASES = {"True": "metastasis", "False": "no presence of metastasis"}
+
+
+def _pcam(w: _Writer) -> dict:
+    import h5py
+
+    # per split: (centre tumour, any tumour, slide) per patch; slides are split-disjoint
+    parts = {
+        "train": [(True, True, "camelyon16_train_tumor_009"), (False, True, "camelyon16_train_tumor_009"),
+                  (False, False, "camelyon16_train_normal_001"), (True, True, "camelyon16_train_tumor_031"),
+                  (False, False, "camelyon16_train_normal_001"), (False, False, "camelyon16_train_tumor_031")],
+        "valid": [(True, True, "camelyon16_train_tumor_021"), (False, False, "camelyon16_train_normal_101"),
+                  (False, True, "camelyon16_train_tumor_021"), (False, False, "camelyon16_train_normal_101")],
+        "test": [(True, True, "camelyon16_test_001"), (False, False, "camelyon16_test_002"),
+                 (True, True, "camelyon16_test_001"), (False, False, "camelyon16_test_002")],
+    }  # fmt: skip
+    classes, splits, slides = Counter(), Counter(), set()
+    for name, rows in parts.items():
+        x = np.stack([_he_patch(w.rng(), 96, centre) for centre, _, _ in rows])
+        y = np.array([c for c, _, _ in rows], np.uint8).reshape(-1, 1, 1, 1)
+        for suffix, data in (("x", x), ("y", y)):
+            with h5py.File(w.path(f"camelyonpatch_level_2_split_{name}_{suffix}.h5"), "w") as fh:
+                fh.create_dataset(suffix, data=data, chunks=(1, *data.shape[1:]), compression="gzip")
+        rng = w.rng()
+        meta = [[i, int(rng.integers(0, 90000)), int(rng.integers(0, 200000)), any_, centre, slide]
+                for i, (centre, any_, slide) in enumerate(rows)]  # fmt: skip
+        w.csv(f"camelyonpatch_level_2_split_{name}_meta.csv", PCAM_META, meta)
+        for centre, _, slide in rows:
+            classes[PCAM_PHRASES[str(centre)]] += 1
+            splits[{"train": "train", "valid": "val", "test": "test"}[name]] += 1
+            slides.add(slide)
+    return _expect(sum(classes.values()), dict(classes), {}, splits=dict(splits), groups=len(slides))
+
+
+def _he_patch(rng: np.random.Generator, n: int, tumour: bool) -> np.ndarray:
+    """An H&E-like RGB patch of smooth random stain (pink stroma; purple where ``tumour``)."""
+    hem = np.clip(0.6 + 0.5 * D.smooth_noise(rng, n, n, max(n / 12, 2)), 0, 2) * (1.6 if tumour else 0.5)
+    eos = np.clip(0.8 + 0.4 * D.smooth_noise(rng, n, n, max(n / 8, 2)), 0, 2)
+    from .pathology import EOSIN, GLASS, HAEMATOXYLIN
+
+    od = eos[..., None] * EOSIN + hem[..., None] * HAEMATOXYLIN
+    return np.clip(np.exp(-od) * GLASS, 0, 255).astype(np.uint8)
+
+
+CAMELYON_PATCH = 512
+LEFT_BETWEEN = "lesions: tumour fraction between thresholds"
+
+
+def _slide(w: _Writer, rel: str, tissue: list[tuple[int, int]], tumour: list[tuple[int, int, int, int]]) -> None:
+    """A 3 x 4 grid of 512 px patches (level 0 1536 x 2048): tissue on the listed (row, col) patches,
+    white glass elsewhere, purple tumour inside the level-0 boxes (x0, y0, x1, y1)."""
+    from .pathology import pyramid, write_slide
+
+    h, w_ = 3 * CAMELYON_PATCH, 4 * CAMELYON_PATCH
+    rgb = np.full((h, w_, 3), 246, np.uint8)
+    p = CAMELYON_PATCH
+    for r, c in tissue:
+        rgb[r * p : (r + 1) * p, c * p : (c + 1) * p] = _he_patch(w.rng(), p, False)
+    for x0, y0, x1, y1 in tumour:
+        rgb[y0:y1, x0:x1] = _he_patch(w.rng(), max(y1 - y0, x1 - x0), True)[: y1 - y0, : x1 - x0]
+    write_slide(pyramid(rgb), w.path(rel))
+
+
+def _camelyon16(w: _Writer) -> dict:
+    top = "CAMELYON16"
+    p = CAMELYON_PATCH
+    # tumor_001: tissue in columns 1-3 (9 patches), glass in column 0 (3 background patches). Outlines:
+    # patch (0,1) all tumour and (0,2) three quarters (both positive), (1,1) tumour with a hole over three
+    # quarters of it (a quarter left: in between, left out), (2,3) all tumour: 3 positive, 5 negative.
+    tissue = [(r, c) for r in range(3) for c in range(1, 4)]
+    boxes = [(p, 0, 2 * p + 3 * p // 4, p), (p, p, 2 * p, 2 * p), (3 * p, 2 * p, 4 * p, 3 * p)]
+    hole = (p, p, 2 * p, p + 3 * p // 4)
+    drawn = [boxes[0], boxes[2], (p, p + 3 * p // 4, 2 * p, 2 * p)]  # tumour pixels: the outlines less the hole
+    _slide(w, f"{top}/training/tumor/tumor_001.tif", tissue, drawn)
+    square = lambda x0, y0, x1, y1: [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]  # noqa: E731
+    write_asap(w.path(f"{top}/training/lesion_annotations/tumor_001.xml"), [square(*b) for b in boxes], [square(*hole)])
+    # normal_001: tissue on 6 patches, no outlines (a normal slide has none): 6 negative, 6 background
+    _slide(w, f"{top}/training/normal/normal_001.tif", [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)], [])
+    # the test part: excluded by name (its labels are only in testing/reference.csv)
+    from .pathology import write_slide
+
+    write_slide([np.full((512, 512, 3), 246, np.uint8)], w.path(f"{top}/testing/images/test_001.tif"))
+    w.csv(f"{top}/testing/reference.csv", None, [["test_001", "Normal"]])
+    w.text(f"{top}/README.md", "CAMELYON16 (replica)\n")
+    left_out = {"test slide (labels only in testing/reference.csv)": 1}
+    return _expect(
+        3 + 5 + 6,
+        {"metastasis": 3, "no presence of metastasis": 11},
+        {**left_out, LEFT_BETWEEN: 1},
+        splits=_hash_split(2, "slide"),
+        background=3 + 6,
+        listing={"items": 2, "classes": {"metastasis": 1, "no presence of metastasis": 1}, "left_out": left_out},
+    )
+
+
+MSD_PHRASE = "a glioma with peritumoral edema"
+LEFT_MASK = "volume.mask: slice without a mask voxel"
+
+
+def _msd_brain_tumour(w: _Writer) -> dict:
+    top = "Task01_BrainTumour"
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS-like storage, as many MSD volumes: reoriented on read
+    shape, depth = (48, 40), 12
+    cases = [(1, range(4, 8)), (2, range(3, 9))]  # (case, slices the tumour label touches)
+    kept = dropped = 0
+    for case, tumour in cases:
+        vol = np.stack(
+            [np.stack([_mr_slab(w.rng(), shape, m) for k in range(depth)], axis=-1) for m in range(4)], axis=-1
+        ).astype(np.float32)  # (x, y, z, modality): FLAIR, T1w, t1gd, T2w
+        label = np.zeros((*shape, depth), np.uint8)
+        for k in tumour:
+            label[20:28, 15:22, k] = 1 + k % 3
+        write_nifti(w.path(f"{top}/imagesTr/BRATS_{case:03d}.nii.gz"), vol, affine)
+        write_nifti(w.path(f"{top}/labelsTr/BRATS_{case:03d}.nii.gz"), label, affine)
+        kept, dropped = kept + len(tumour), dropped + depth - len(tumour)
+    w.path(f"{top}/imagesTr/._BRATS_001.nii.gz").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    write_nifti(w.path(f"{top}/imagesTs/BRATS_485.nii.gz"), np.zeros((*shape, depth, 4), np.float32) + 1, affine)
+    dataset = {
+        "name": "BRATS", "tensorImageSize": "4D", "licence": "CC-BY-SA 4.0",
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+        "numTraining": len(cases), "numTest": 1,
+        "training": [{"image": f"./imagesTr/BRATS_{c:03d}.nii.gz", "label": f"./labelsTr/BRATS_{c:03d}.nii.gz"}
+                     for c, _ in cases],
+        "test": ["./imagesTs/BRATS_485.nii.gz"],
+    }  # fmt: skip
+    w.text(f"{top}/dataset.json", json.dumps(dataset, indent=4) + "\n")
+    left = {"macOS metadata (._ files)": 1}
+    return _expect(
+        kept,
+        {MSD_PHRASE: kept},
+        {**left, LEFT_MASK: dropped},
+        splits=_hash_split(len(cases), "patient"),
+        listing={"items": len(cases), "classes": {MSD_PHRASE: len(cases)}, "left_out": left},
+    )
+
+
+def _mr_slab(rng: np.random.Generator, shape: tuple[int, int], modality: int) -> np.ndarray:
+    """One slice of one modality: a head ellipse with its own smooth texture (no two slices alike)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    head = ((yy - shape[0] / 2) / (shape[0] * 0.42)) ** 2 + ((xx - shape[1] / 2) / (shape[1] * 0.4)) ** 2 < 1
+    tex = D.smooth_noise(rng, *shape, 4)
+    return head * (400 + 150 * modality + 120 * tex) + 5 * rng.standard_normal(shape)
+
+
 BUILDERS = {
     "rspect": _rspect,
     "chexpert": _chexpert,
@@ -765,6 +1056,12 @@ BUILDERS = {
     "isic2019": _isic,
     "fitzpatrick17k": _fitzpatrick,
     "ddi": _ddi,
+    "figshare-brain-tumor": _figshare,
+    "cholec80": _cholec80,
+    "sar-rarp50": _sar_rarp50,
+    "camelyon16": _camelyon16,
+    "pcam": _pcam,
+    "msd-brain-tumour": _msd_brain_tumour,
 }
 
 # What each entry's `expect` rests on: the catalog rules (jobs/configs/sources/paper.yaml) it assumes.
@@ -834,6 +1131,40 @@ ASSUMES = {
         " index column); key {name} = DDI_file",
         "label malignant True/False -> 'malignant skin lesion' / 'benign skin lesion'",
     ],
+    "figshare-brain-tumor": [
+        "reader mat: cjdata/label and cjdata/PID read at listing; v7.3 through h5py and v5 through scipy.io",
+        "a file that is no MATLAB file: listing reject 'not a MATLAB file'; files.exclude cvind.mat",
+        "label 1/2/3 -> meningioma / glioma / pituitary tumor; group: the decoded PID (patient hash split)",
+    ],
+    "cholec80": [
+        "reader video: phase file video{video}-phase.txt (Frame<TAB>Phase), fps 25, every 25: frames 0, 25, 50, ..."
+        " of each video; the other annotated frames left out as 'video.every: ...'",
+        "an annotated frame past the video's end: a read reject; group: the video (hash split)",
+    ],
+    "sar-rarp50": [
+        "reader video: {parent}/action_discrete.txt, headerless frame,action (frame zero-padded in one clip),"
+        " fps 60, every 6 (10 Hz)",
+        "action 0 (Other) left out as 'unmapped label (action)'; video_11_1 and video_11_2 one operation (group)",
+        "official split: train1 -> train, test -> test",
+    ],
+    "camelyon16": [
+        "reader wsi, level 0, 512 px patches, tissue_fraction 0.5; tumour slides labelled patch by patch from"
+        " training/lesion_annotations/{slide}.xml (groups _0 tumour, _2 holes)",
+        "fraction >= 0.5 metastasis, 0 negative, in between left out ('lesions: ...'); a normal slide without XML:"
+        " every tissue patch negative; glass patches are background (not corpus, not left out)",
+        "testing/ slides excluded by name; group: the slide (hash split)",
+    ],
+    "pcam": [
+        "reader hdf5 on the _x.h5 files (dataset x), one element per row; meta CSV row i (unnamed index column,"
+        " aliased to index) is patch i, key {subset}/{index}",
+        "label center_tumor_patch True/False -> metastasis / no presence of metastasis; official split"
+        " (valid -> val); group: the wsi column",
+    ],
+    "msd-brain-tumour": [
+        "reader nifti: 4-D imagesTr volumes, channel 0 (FLAIR), axis 2 after RAS+ reorientation, mask"
+        " labelsTr/{case}.nii.gz: slices without a label voxel left out as 'volume.mask: ...'",
+        "._ metadata excluded; imagesTs not listed; group: the case (hash split)",
+    ],
 }
 
 # (label table, required column to rename) / folder to remove / (file, its new name), per entry
@@ -893,12 +1224,45 @@ BREAK_TARGETS: dict[str, dict] = {
         "folder": "ddidiversedermatologyimages",
         "file": ("ddidiversedermatologyimages/ddi_metadata.csv", "ddidiversedermatologyimages/metadata.csv"),
     },
+    "figshare-brain-tumor": {"folder": "brainTumorDataPublic_1-766"},
+    "cholec80": {
+        "header": ("cholec80/phase_annotations/video01-phase.txt", "Phase"),
+        "folder": "cholec80/phase_annotations",
+        "file": ("cholec80/phase_annotations/video01-phase.txt", "cholec80/phase_annotations/video01-phases.txt"),
+    },
+    "sar-rarp50": {  # action_discrete.txt has no header
+        "folder": "train1",
+        "file": ("test/video_41/action_discrete.txt", "test/video_41/action_continuous.txt"),
+    },
+    "camelyon16": {
+        "folder": "CAMELYON16/training/lesion_annotations",
+        "file": ("CAMELYON16/training/lesion_annotations/tumor_001.xml", "CAMELYON16/training/tumor_001.xml"),
+    },
+    "pcam": {
+        "header": ("camelyonpatch_level_2_split_train_meta.csv", "center_tumor_patch"),
+        "file": ("camelyonpatch_level_2_split_valid_meta.csv", "camelyonpatch_level_2_split_valid_meta (1).csv"),
+    },
+    "msd-brain-tumour": {
+        "folder": "Task01_BrainTumour/labelsTr",
+        "file": ("Task01_BrainTumour/labelsTr/BRATS_002.nii.gz", "Task01_BrainTumour/labelsTr/BRATS_002.nii"),
+    },
 }
 
 
 # Breaks that the shipped catalog's ingest reports as rejects or an empty corpus rather than a ConfigError
 # (folder-labelled entries have no label file to rename: a renamed class folder makes rejects).
-BREAKS_WITHOUT_ERROR = {("busi", "file"), ("hyperkvasir", "file"), ("kermany-oct", "file")}
+BREAKS_WITHOUT_ERROR = {
+    ("busi", "file"),
+    ("hyperkvasir", "file"),
+    ("kermany-oct", "file"),
+    ("cholec80", "folder"),  # each video: "no annotation file" reject
+    ("cholec80", "file"),
+    ("sar-rarp50", "file"),
+    ("camelyon16", "folder"),  # the tumour slide: "no lesion annotation file" reject
+    ("camelyon16", "file"),
+    ("msd-brain-tumour", "folder"),  # each volume: "no mask file" reject
+    ("msd-brain-tumour", "file"),
+}
 
 
 def generate_replicas(out: str | Path, seed: int = 0, entries: list[str] | None = None) -> dict:
@@ -944,10 +1308,11 @@ def break_replica(out: str | Path, entry: str, how: str) -> str:
         path = root / rel
         text = path.read_text(encoding="utf-8")
         head, rest = text.split("\n", 1)
-        cells = next(csv.reader([head]))
+        delimiter = "\t" if "\t" in head else ","  # Cholec80's phase files are TAB-separated
+        cells = next(csv.reader([head], delimiter=delimiter))
         cells = [f"{c}_renamed" if c == column else c for c in cells]
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(cells)
+        csv.writer(buf, delimiter=delimiter, lineterminator="\n").writerow(cells)
         path.write_text(buf.getvalue() + rest, encoding="utf-8")
         return f"{entry}: column {column!r} of {rel} renamed to {column + '_renamed'!r}"
     if how == "folder":
