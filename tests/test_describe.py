@@ -575,7 +575,6 @@ def test_load_catalog_and_entry_properties(tmp_path):
         ("x",),
         "middle",
     )
-    assert first.supported and video.supported
     assert video.table_files == ("labels.csv", "m.csv") and first.phrases() == {"alpha", "beta"}
     path.write_text(yaml.safe_dump({"sources": [BASE, BASE]}))
     with pytest.raises(ConfigError, match="repeated: e"):

@@ -68,10 +68,14 @@ def _reader_settings(entry: SourceEntry) -> dict:
         w = entry.wsi
         named = {"wsi_level": w.level, "wsi_patch_size": w.patch_size, "wsi_overlap": w.overlap}
         out |= {k: v for k, v in (named | {"wsi_tissue_fraction": w.tissue_fraction}).items() if v is not None}
+        if w.magnification:
+            out["wsi_magnification"] = float(w.magnification)
     if entry.lesions is not None:
         les = entry.lesions
         out |= {"tumour_min": les.tumour_min, "normal_max": les.normal_max, "per_slide": les.per_slide}
         out |= {"seed": entry.caps.seed, "lesions": True}
+        if les.masks:
+            out["lesion_masks"] = True
     return out
 
 

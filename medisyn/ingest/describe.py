@@ -181,15 +181,18 @@ class WsiSpec:
     patch_size: int | None = None
     overlap: float | None = None
     tissue_fraction: float | None = None
+    magnification: float | None = None  # tile at the level of this magnification (40: 40x); 0/None: use level
 
 
 @dataclass(frozen=True)
 class LesionSpec:
-    """Patches of a slide labelled ``positive`` captioned patch by patch from its lesion outlines (ASAP XML)."""
+    """Patches of a slide labelled ``positive`` captioned patch by patch from its lesion outlines (ASAP XML)
+    or its tumour mask (a TIFF whose non-zero pixels are tumour); exactly one of the two."""
 
-    annotations: str  # template over file fields: the slide's XML
-    positive: str  # a phrase of label.classes: slides with it need their XML (missing: reject)
+    positive: str  # a phrase of label.classes: slides with it need their XML or mask (missing: reject)
     negative: str  # the phrase of a patch with tumour fraction <= normal_max
+    annotations: str = ""  # template over file fields: the slide's ASAP XML
+    masks: str = ""  # template over file fields: the slide's tumour-mask TIFF (instead of annotations)
     tumour_min: float = 0.5  # tumour fraction >= this: positive
     normal_max: float = 0.0  # <= this: negative; in between: left out
     per_slide: int = 0  # seeded cap of patches per slide and class (caps.seed; 0 = none)
@@ -231,11 +234,6 @@ class SourceEntry:
     volume: VolumeSpec | None = None  # reader nifti: slicing (absent: every axial slice)
     wsi: WsiSpec | None = None  # reader wsi: tiling (absent: ingest.wsi_*)
     lesions: LesionSpec | None = None  # reader wsi: patches labelled from lesion outlines
-
-    @property
-    def supported(self) -> bool:
-        """Every reader is read (issue #35 added video, mat, hdf5 and nifti)."""
-        return self.reader in READERS
 
     @property
     def table_files(self) -> tuple[str, ...]:
@@ -382,9 +380,16 @@ def _check_reader(entry: SourceEntry, where: str) -> None:
             w.tissue_fraction is not None and not 0 <= w.tissue_fraction <= 1
         ):
             raise ConfigError(f"{where}.wsi: overlap in [0, 0.1] and tissue_fraction in [0, 1]")
+        if w.magnification is not None and not 0 <= w.magnification <= 100:
+            raise ConfigError(f"{where}.wsi.magnification: in [0, 100] (0: use wsi.level)")
     les = entry.lesions
     if les is not None:
-        _template(les.annotations, entry, f"{where}.lesions.annotations")
+        if bool(les.annotations) == bool(les.masks):
+            raise ConfigError(f"{where}.lesions: give exactly one of annotations (ASAP XML) and masks (TIFF)")
+        if les.annotations:
+            _template(les.annotations, entry, f"{where}.lesions.annotations")
+        else:
+            _template(les.masks, entry, f"{where}.lesions.masks")
         if les.positive not in entry.label.classes.values():
             raise ConfigError(f"{where}.lesions.positive: {les.positive!r} is not a phrase of label.classes")
         if not les.negative.strip() or not 0 <= les.normal_max < les.tumour_min <= 1 or les.per_slide < 0:

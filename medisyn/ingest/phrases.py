@@ -1,9 +1,9 @@
 """The class phrases the configured sources can give, before ingest (checked by :mod:`medisyn.phrases`).
 
 Old-format repositories give their ``classes`` values; a catalog entry gives ``SourceEntry.phrases()``,
-but only when it will be read: an entry whose folder is absent, or whose reader needs issue #35,
-adds no image to the corpus, so a class only it has would match nothing after ingest. Such phrases
-are returned as notes, so the error says which entry would have given them.
+but only when it will be read: an entry whose folder is absent adds no image to the corpus, so a
+class only it has would match nothing after ingest. Such phrases are returned as notes, so the
+error says which entry would have given them.
 """
 
 from __future__ import annotations

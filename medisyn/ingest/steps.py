@@ -248,7 +248,7 @@ def elements(entry: SourceEntry, root: UPath, files: pd.DataFrame, cfg: IngestCo
     ``mat.fields`` become its fields; a volume's mask and a slide's lesion XML are resolved. A file the
     reader cannot list (not MATLAB, no such dataset, no annotation file) is a reject with the reason."""
     mask = entry.volume.mask if entry.reader == "nifti" and entry.volume is not None else ""
-    annotation = entry.lesions.annotations if entry.lesions is not None else mask
+    annotation = (entry.lesions.annotations or entry.lesions.masks) if entry.lesions is not None else mask
     if not (element_fields(entry) or annotation):
         return files.assign(__gone=False)
     records, extra = [], sorted(element_fields(entry))
@@ -622,7 +622,8 @@ def caption(entry: SourceEntry, cands: list[dict], cfg: IngestConfig, out: Listi
             les = entry.lesions
             if les is not None and les.positive in c["labels"]:  # labelled patch by patch from its outlines
                 if not note or not storage.path(note).is_file():
-                    out.reject(c["ref"], "no lesion annotation file for this slide (lesions.annotations)")
+                    which = "annotations" if les.annotations else "masks"
+                    out.reject(c["ref"], f"no lesion annotation file for this slide (lesions.{which})")
                     continue
                 alternatives = tuple(
                     (cls, (phrase,), entry.caption.format(label=phrase, **phrases))

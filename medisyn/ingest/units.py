@@ -66,6 +66,8 @@ class UnitSettings:
     per_slide: int = 0
     seed: int = 0  # of the per-slide cap
     lesions: bool = False  # slides of an entry labelled from lesion outlines (lesions.py's tiling)
+    lesion_masks: bool = False  # ... from tumour-mask TIFFs instead of ASAP XML (item.annotation is the mask)
+    wsi_magnification: float = 0.0  # > 0: tile at the level of this magnification instead of wsi_level
 
 
 @dataclass(frozen=True)
