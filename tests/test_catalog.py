@@ -99,7 +99,7 @@ def test_other_kinds_are_described_as_their_publishers_ship_them(catalog):
     )
     assert catalog["figshare-brain-tumor"].intensity == "percentile"
     cam = catalog["camelyon16"]
-    assert (cam.wsi.level, cam.wsi.patch_size) == (0, 512) and "40x" in cam.caption
+    assert (cam.wsi.magnification, cam.wsi.patch_size) == (40, 512) and "40x" in cam.caption  # as the caption says
     assert (cam.lesions.positive, cam.lesions.negative) == ("metastasis", "no presence of metastasis")
     assert (cam.lesions.tumour_min, cam.lesions.normal_max) == (0.5, 0.0)
     assert catalog["pcam"].hdf5.dataset == "x" and "10x" in catalog["pcam"].caption

@@ -141,6 +141,17 @@ def test_reader_specs_are_checked_naming_entry_and_field():
         parsed(SLIDES, lesions=SLIDES["lesions"] | {"positive": "tumour"})
     with pytest.raises(ConfigError, match=r"source 'msd'.lesions: only for reader 'wsi'"):
         parsed(NIFTI, lesions=SLIDES["lesions"])
+    masked = SLIDES["lesions"] | {"annotations": None, "masks": "masks/{stem}_mask.tif"}
+    assert parsed(SLIDES, lesions={k: v for k, v in masked.items() if v is not None}).lesions.masks
+    for both in (SLIDES["lesions"] | {"masks": "m/{stem}.tif"}, {k: v for k, v in masked.items() if k != "masks"}):
+        with pytest.raises(ConfigError, match=r"lesions: give exactly one of annotations .ASAP XML. and masks"):
+            parsed(SLIDES, lesions={k: v for k, v in both.items() if v is not None})
+    with pytest.raises(ConfigError, match=r"wsi.magnification: in \[0, 100\]"):
+        parsed(SLIDES, wsi=SLIDES["wsi"] | {"magnification": -40})
+    from medisyn.ingest.catalog import reading
+
+    assert dict(reading(parsed(SLIDES, wsi=SLIDES["wsi"] | {"magnification": 40})).settings)["wsi_magnification"] == 40
+    assert "wsi_magnification" not in dict(reading(parsed(SLIDES)).settings)
     with pytest.raises(ConfigError, match=r"volume: axis 0-2"):
         parsed(NIFTI, volume={"axis": 3})
     assert parsed(SLIDES).phrases() == {"metastasis", "no metastasis"}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import openslide
 import pytest
+from PIL import Image
 
 from medisyn.ingest import lesions as L
 from medisyn.ingest.readers import Rejected
@@ -256,3 +258,92 @@ def test_oversized_annotation_file_is_rejected_unparsed(tmp_path, monkeypatch):
     monkeypatch.setattr(L, "MAX_XML_BYTES", len(ASAP_XML) - 1)
     with pytest.raises(Rejected, match="annotation file larger than"):
         L.read_asap(path)
+
+
+def _mask(path, arr, levels=1):
+    """A tumour-mask TIFF as CAMELYON ships them (uint8, non-zero = tumour), flat or pyramidal."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(levels):
+            tw.write(arr[:: 2**k, :: 2**k], photometric="minisblack", subfiletype=1 if k else 0)
+
+
+def test_tumour_mask_agrees_with_the_polygon(slide, tmp_path, monkeypatch):
+    path, lesions = slide
+    mask = np.zeros((1024, 1024), np.uint8)  # the fixture's outline (tumour less the hole) painted, value 2
+    mask[256:768, 256:672] = 2
+    mask[384:512, 384:512] = 0
+    _mask(tmp_path / "coarse.tif", mask[::8, ::8])  # 128 px: 1/8 of level 0
+    _mask(tmp_path / "odd.tif", np.asarray(Image.fromarray(mask).resize((100, 100), Image.Resampling.NEAREST)))
+    coarse = L.read_tumour_mask(tmp_path / "coarse.tif", L.slide_dimensions(path))
+    odd = L.read_tumour_mask(tmp_path / "odd.tif", (1024, 1024))
+    for y0 in range(0, 1024, 128):
+        for x0 in range(0, 1024, 128):
+            want = L.tumour_fraction(lesions, x0, y0, 128)
+            assert L.tumour_fraction(coarse, x0, y0, 128) == pytest.approx(want, abs=1 / L.GRID)
+            assert L.tumour_fraction(odd, x0, y0, 128) == pytest.approx(want, abs=2 / 12.5)  # a mask px a side
+    polygon = [(a is None, m.get("label"), m.get("left_out")) for a, m in _patches(path, lesions)]
+    assert [(a is None, m.get("label"), m.get("left_out")) for a, m in _patches(path, coarse)] == polygon
+    # a pyramid is read at its finest level under the pixel cap (here the 256 px level of a 1024 px mask)
+    _mask(tmp_path / "pyramid.tif", mask, levels=3)
+    monkeypatch.setattr(L, "MASK_PIXELS", 300 * 300)
+    pyr = L.read_tumour_mask(tmp_path / "pyramid.tif", (1024, 1024))
+    assert pyr.tumour.shape == (256, 256) and pyr.scale == (0.25, 0.25)
+    monkeypatch.setattr(L, "MASK_PIXELS", 100)
+    with pytest.raises(Rejected, match="tumour mask too large at every level"):
+        L.read_tumour_mask(tmp_path / "pyramid.tif", (1024, 1024))
+
+
+def test_tumour_mask_of_another_shape_or_not_a_tiff_is_a_reject(tmp_path):
+    _mask(tmp_path / "wide.tif", np.ones((64, 128), np.uint8))
+    with pytest.raises(Rejected, match="tumour mask's aspect ratio differs from the slide's"):
+        L.read_tumour_mask(tmp_path / "wide.tif", (1024, 1024))
+    assert L.read_tumour_mask(tmp_path / "wide.tif", (2048, 1024)).scale == (1 / 16, 1 / 16)
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff at all")
+    with pytest.raises(Rejected, match=r"unreadable tumour mask \(\w+\)"):
+        L.read_tumour_mask(tmp_path / "junk.tif", (1024, 1024))
+
+
+def test_worker_tiles_at_the_stated_magnification(slide, tmp_path):
+    """``wsi.magnification``: a 0.25 µm/px slide is cut at level 0 for 40x and level 1 for 20x; a slide
+    that states neither objective power nor resolution is a reject."""
+    import tifffile
+
+    from medisyn.ingest import worker
+
+    path, _ = slide
+    s = SimpleNamespace(kind="wsi", wsi_level=0, wsi_patch_size=256, wsi_overlap=0.0, wsi_tissue_fraction=0.0)
+    levels = {}
+    for m in (40, 20):
+        s.wsi_magnification = m
+        levels[m] = {suffix.split(",")[0] for _, suffix in worker._images(None, s, path)}
+    assert levels == {40: {"#level=0"}, 20: {"#level=1"}}
+    bare = tmp_path / "bare.tif"  # a tiled TIFF without resolution tags
+    tifffile.imwrite(bare, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb")
+    assert worker._wsi_level(bare, SimpleNamespace(wsi_level=2, wsi_magnification=0.0)) == 2
+    with pytest.raises(Rejected, match="neither its objective power nor its resolution"):
+        worker._wsi_level(bare, SimpleNamespace(wsi_level=0, wsi_magnification=40.0))
+
+
+def test_worker_labels_a_slide_from_its_tumour_mask(slide, tmp_path):
+    """``lesions.masks``: the worker reads the item's annotation as a mask (not XML) and captions the
+    same patches as the outlines do."""
+    from medisyn.ingest import worker
+    from medisyn.ingest.units import Item
+
+    path, lesions = slide
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[256:768, 256:672] = 1
+    mask[384:512, 384:512] = 0
+    _mask(tmp_path / "m.tif", mask[::4, ::4])
+    alternatives = (("positive", ("metastasis",), "pos"), ("negative", ("normal",), "neg"))
+    item = Item("r/1", str(path), "r", "p", "train", ("metastasis",), "", annotation=str(tmp_path / "m.tif"))
+    item = dataclasses.replace(item, alternatives=alternatives)
+    s = SimpleNamespace(kind="wsi", wsi_level=1, wsi_magnification=0.0, wsi_patch_size=64, wsi_overlap=0.0)
+    s.__dict__.update(wsi_tissue_fraction=0.5, tumour_min=0.5, normal_max=0.0, per_slide=0, seed=0, lesion_masks=True)
+    left = Counter()
+    got = Counter(c[1] for _, arr, _, c in worker._slide(item, s, str(path), left) if arr is not None)
+    want = Counter(m.get("label") for a, m in _patches(path, lesions) if a is not None)
+    assert got == {"pos": want["positive"], "neg": want["negative"]} == {"pos": 11, "neg": 41}
+    assert left == {f"lesions: {L.LEFT_BETWEEN}": 4}

@@ -4,7 +4,9 @@ A tumour slide's label says only that metastasis is somewhere on it; the patholo
 say where. Each grid patch gets the fraction of its level-0 square that lies inside a tumour
 polygon and outside every hole, and is positive (fraction ≥ ``tumour_min``), negative
 (≤ ``normal_max``) or left out in between, counted. Outlines are rasterised with Pillow on a
-coarse grid per patch (no geometry dependency). The XML comes from the internet: it is parsed
+coarse grid per patch (no geometry dependency). A tumour-mask TIFF (non-zero: tumour) may stand
+in for the outlines: :func:`read_tumour_mask` gives the same per-patch fraction from its pixels.
+The XML comes from the internet: it is parsed
 with ElementTree after a size cap and a refusal of any DTD (a real ASAP file has none; this
 shuts out entity expansion), and every failure is a :class:`Rejected` with a fixed reason that
 carries nothing from the file.
@@ -12,6 +14,7 @@ carries nothing from the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import xml.etree.ElementTree as ET
@@ -142,6 +145,91 @@ def read_asap(
 Polygon = Sequence[Sequence[float]]
 
 
+# ----------------------------------------------------------------------------- tumour masks
+
+MASK_PIXELS = 1 << 26  # a mask is read at its finest level with at most this many pixels (a few per patch)
+MASK_ASPECT = 0.02  # relative difference of the mask's and the slide's scale in x and y tolerated (rounding)
+
+
+@dataclass(frozen=True)
+class TumourMask:
+    """A slide's tumour mask (True: tumour) at a coarse resolution, ``scale`` mask pixels per level-0
+    pixel; :func:`tumour_fraction` takes it where it takes :class:`Lesions`."""
+
+    tumour: np.ndarray  # (h, w) bool
+    scale: tuple[float, float]  # (x, y)
+
+    def fraction(self, x0: float, y0: float, size0: float) -> float:
+        """The area-weighted tumour fraction of the level-0 square (partial mask pixels count by overlap)."""
+        h, w = self.tumour.shape
+        wx = _overlap(x0 * self.scale[0], (x0 + size0) * self.scale[0], w)
+        wy = _overlap(y0 * self.scale[1], (y0 + size0) * self.scale[1], h)
+        total = wx.sum() * wy.sum()
+        if total <= 0:
+            return 0.0
+        return float(wy @ self.tumour.astype(np.float64) @ wx / total)
+
+
+def _overlap(a: float, b: float, n: int) -> np.ndarray:
+    """How much of each unit cell ``[i, i+1)`` of ``n`` lies in ``[a, b)``."""
+    i = np.arange(n, dtype=np.float64)
+    return np.clip(np.minimum(i + 1, b) - np.maximum(i, a), 0.0, None)
+
+
+def read_tumour_mask(mask_path: str | Path, slide_size: tuple[int, int]) -> TumourMask:
+    """A tumour-mask TIFF (CAMELYON16 evaluation masks, CAMELYON17 masks: non-zero pixels are tumour),
+    pyramidal or flat, read with tifffile at its finest level of at most :data:`MASK_PIXELS` pixels.
+    ``slide_size``: the slide's level-0 (width, height); a mask of another aspect ratio belongs to another
+    slide (or was cropped): a reject, as is a file tifffile cannot read."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(mask_path)) as tif:
+            if not tif.series:
+                raise Rejected("tumour mask without an image")
+            fits = [lv for lv in tif.series[0].levels if int(np.prod(lv.shape[:2])) <= MASK_PIXELS]
+            if not fits:
+                raise Rejected("tumour mask too large at every level")
+            arr = max(fits, key=lambda lv: int(np.prod(lv.shape[:2]))).asarray()
+    except Rejected:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, tifffile.TiffFileError) as exc:
+        if isinstance(exc, OSError) and io_error(exc):
+            raise
+        raise Rejected(f"unreadable tumour mask ({type(exc).__name__})") from None
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        arr = arr[..., :3].any(axis=-1) if arr.shape[-1] > 1 else arr[..., 0]
+    if arr.ndim != 2:
+        raise Rejected(f"tumour mask is not a 2-D image ({arr.ndim} dimensions)")
+    h, w = arr.shape
+    sx, sy = w / slide_size[0], h / slide_size[1]
+    if abs(sx - sy) > MASK_ASPECT * max(sx, sy) + 1.0 / min(w, h):
+        raise Rejected("tumour mask's aspect ratio differs from the slide's")
+    return TumourMask(arr != 0, (sx, sy))
+
+
+def slide_dimensions(slide_path: str | Path) -> tuple[int, int]:
+    """A slide's level-0 (width, height), for fitting a mask to it."""
+    with _opened(slide_path) as handle:
+        return tuple(handle.dimensions)  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _opened(slide_path: str | Path):
+    import openslide
+
+    try:
+        handle = openslide.OpenSlide(str(slide_path))
+    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError) as exc:
+        if io_error(exc):
+            raise
+        raise Rejected(f"unreadable slide ({type(exc).__name__})") from None
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
 # ----------------------------------------------------------------------------- fractions and labels
 
 
@@ -149,9 +237,12 @@ def _hits(boxes: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.n
     return np.flatnonzero((boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0))
 
 
-def tumour_fraction(lesions: Lesions, x0: float, y0: float, size0: float, grid: int = GRID) -> float:
+def tumour_fraction(lesions: Lesions | TumourMask, x0: float, y0: float, size0: float, grid: int = GRID) -> float:
     """Fraction of the level-0 square ``[x0, x0+size0)²`` inside tumour and outside every hole,
-    sampled at the centres of a ``grid × grid`` raster (polygons whose box misses the square are skipped)."""
+    sampled at the centres of a ``grid × grid`` raster (polygons whose box misses the square are skipped);
+    for a :class:`TumourMask`, the share of its tumour pixels in the square."""
+    if isinstance(lesions, TumourMask):
+        return lesions.fraction(x0, y0, size0)
     x1, y1 = x0 + size0, y0 + size0
     tumour = _hits(lesions.tumour_boxes, x0, y0, x1, y1)
     if tumour.size == 0:
@@ -187,7 +278,7 @@ def label_for(fraction: float, tumour_min: float = 0.5, normal_max: float = 0.0)
 
 
 def label_patches(
-    lesions: Lesions | None,
+    lesions: Lesions | TumourMask | None,
     boxes: Iterable[tuple[float, float, float]],
     *,
     tumour_min: float = 0.5,
@@ -220,7 +311,7 @@ def cap_per_class(labels: dict[tuple[int, int], str], per_slide: int, seed: int,
 
 def iter_labelled_patches(
     slide_path: str | Path,
-    lesions: Lesions | None,
+    lesions: Lesions | TumourMask | None,
     *,
     level: int,
     patch: int,
@@ -317,21 +408,11 @@ def level_for_magnification(slide, magnification: float, tolerance: float = 0.15
     states. The default tolerance takes a 0.2265 µm/px scanner (44x by the convention) as 40x, and stays
     far from the next level (≥ 2x away). ``slide``: an open ``openslide.OpenSlide`` or a path. No level
     near enough (patches would have to be resampled): a reject."""
-    import openslide
-
     if magnification <= 0:
         raise ValueError(f"magnification must be positive, got {magnification}")
     if isinstance(slide, str | Path):
-        try:
-            handle = openslide.OpenSlide(str(slide))
-        except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError) as exc:
-            if io_error(exc):
-                raise
-            raise Rejected(f"unreadable slide ({type(exc).__name__})") from None
-        try:
+        with _opened(slide) as handle:
             return level_for_magnification(handle, magnification, tolerance, from_mpp=from_mpp)
-        finally:
-            handle.close()
     power = base_magnification(slide, from_mpp)
     errors = [abs(power / d - magnification) / magnification for d in slide.level_downsamples]
     best = int(np.argmin(errors))

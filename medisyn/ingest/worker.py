@@ -85,20 +85,30 @@ def _pixels(arr: np.ndarray, s: UnitSettings) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _wsi_level(path, s: UnitSettings) -> int:
+    """``wsi_level``, or with ``wsi_magnification`` the slide's level at that magnification (a slide that
+    states neither objective power nor resolution, or has no such level: a reject)."""
+    if s.wsi_magnification <= 0:
+        return s.wsi_level
+    from medisyn.ingest.lesions import level_for_magnification
+
+    return level_for_magnification(path, s.wsi_magnification)
+
+
 def _slide(item: Item, s: UnitSettings, path, left: Counter):
     """A slide's patches; with lesion outlines each tissue patch is captioned by its tumour fraction
     (``item.alternatives``), in-between and capped patches are counted in ``left`` and not read."""
-    from medisyn.ingest.lesions import iter_labelled_patches, read_asap
+    from medisyn.ingest.lesions import iter_labelled_patches, read_asap, read_tumour_mask, slide_dimensions
 
     lesions = None
     if item.annotation:
-        with _source(item, item.annotation) as xml:
-            lesions = read_asap(xml)
+        with _source(item, item.annotation) as local:
+            lesions = read_tumour_mask(local, slide_dimensions(path)) if s.lesion_masks else read_asap(local)
     captions = {cls: (labels, text) for cls, labels, text in item.alternatives}
     patches = iter_labelled_patches(
         path,
         lesions,
-        level=s.wsi_level,
+        level=_wsi_level(path, s),
         patch=s.wsi_patch_size,
         overlap=s.wsi_overlap,
         min_tissue=s.wsi_tissue_fraction,
@@ -140,7 +150,7 @@ def _images(item: Item, s: UnitSettings, path: str | os.PathLike | None = None, 
     else:
         for arr, meta in iter_wsi_patches(
             path,
-            level=s.wsi_level,
+            level=_wsi_level(path, s),
             patch=s.wsi_patch_size,
             overlap=s.wsi_overlap,
             min_tissue=s.wsi_tissue_fraction,
