@@ -150,16 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(show)
     bench = sub.add_parser(
         "bench",
-        help="throughput benchmarks (ingest, dedup, corpus, train, generate, select, audit, bootstrap, classifier, "
-        "embed)",
+        help="throughput benchmarks (ingest, dedup, corpus, listing, train, generate, select, audit, bootstrap, "
+        "classifier, embed)",
     )
     bench.add_argument(
         "what",
         choices=[
-            *("ingest", "dedup", "corpus", "train", "generate", "select", "audit", "bootstrap", "classifier", "embed")
+            *("ingest", "dedup", "corpus", "listing", "train", "generate", "select", "audit", "bootstrap"),
+            *("classifier", "embed"),
         ],
     )
-    bench.add_argument("--rows", type=int, default=200_000, help="synthetic corpus rows (corpus)")
+    bench.add_argument("--rows", type=int, default=0, help="synthetic rows (corpus: 200,000; listing: 100,000)")
+    bench.add_argument("--dir", default="", help="folder the listing bench writes its files to once (default: temp)")
     bench.add_argument("--s3", action="store_true", help="put the corpus on a local S3 server (moto; corpus)")
     bench.add_argument(
         "--before-shards", type=int, default=0, help="time the old layout on this many shards, scaled (corpus; 0: all)"
@@ -264,7 +266,11 @@ def _dispatch(args, cfg: RunConfig) -> int:
         elif args.what == "corpus":
             from medisyn.ingest.corpus_bench import run as bench_corpus
 
-            result = bench_corpus(args.rows, s3=args.s3, before_shards=args.before_shards)
+            result = bench_corpus(args.rows or 200_000, s3=args.s3, before_shards=args.before_shards)
+        elif args.what == "listing":
+            from medisyn.ingest.listing_bench import run as bench_listing
+
+            result = bench_listing(args.rows or 100_000, folder=args.dir)
         elif args.what == "train":
             from medisyn.train.bench import run as bench_train
 

@@ -92,3 +92,27 @@ def test_bench_corpus_tiny_local(capsys):
     assert all(r["metadata_s"] > 0 and r["images_s"] > 0 for r in (before, after)) and after["metadata_ratio"] > 0
     out = capsys.readouterr().out
     assert "on local disk" in out and "timed on 50 of 125 shards, scaled x2.5" in out and "after vs before" in out
+
+
+def test_bench_listing_catalog_against_the_old_format(tmp_path, capsys):
+    import json
+    import re
+
+    from medisyn.cli import main
+    from medisyn.ingest.listing_bench import chexpert_tables, run
+
+    train, valid = chexpert_tables(300)
+    assert len(train) + len(valid) == 300 and len(valid) >= 1
+    assert {"Frontal", "Lateral"} <= set(train["Frontal/Lateral"]) and {"AP", "PA", ""} <= set(train["AP/PA"])
+    assert {"1.0", "0.0", "-1.0", ""} <= set(train["Edema"]) and set(valid["Edema"]) <= {"1.0", "0.0"}
+    r = run(rows=300, folder=str(tmp_path))
+    # same files to read: the catalog's items are the old listing's AP frontals (it cannot filter views)
+    assert r["same"] and 0 < r["catalog_items"] < r["old_items"] and r["catalog_s"] > 0 and r["old_s"] > 0
+    out = capsys.readouterr().out
+    assert re.search(r"catalog listing [\d,]+ rows/s, old listing [\d,]+ rows/s: catalog/old \d+\.\d\dx", out)
+    assert "(made in" in out
+    report = tmp_path / "listing.json"
+    assert main(["bench", "listing", "--rows", "300", "--dir", str(tmp_path), "--json", str(report)]) == 0
+    assert "(reused in" in capsys.readouterr().out  # the files are written once
+    doc = json.loads(report.read_text())
+    assert doc["bench"] == "listing" and doc["results"]["rows"] == 300 and doc["results"]["same"] is True
