@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medisyn import storage
 from medisyn.configtools import ConfigError
 from medisyn.ingest.config import IngestConfig, RepositoryConfig
 from medisyn.ingest.describe import SourceEntry, load_catalog
@@ -159,7 +160,7 @@ def run(rows: int = 100_000, folder: str = "", seed: int = 0, repeats: int = 1) 
         root, made = make_repository(base, rows, seed)
         made_s = time.perf_counter() - start
         repo = old_config(entry, root)
-        glob_s, found = _timed(lambda: glob_files(root, entry.files.glob))  # also warms the cache for both
+        glob_s, found = _timed(lambda: glob_files(storage.path(root), entry.files.glob))  # warms the cache for both
         assert len(found) == rows, (len(found), rows)
         new_s = old_s = float("inf")
         for _ in range(max(1, repeats)):
