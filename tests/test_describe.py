@@ -529,6 +529,7 @@ def test_an_s3_root_lists_like_a_local_folder(s3_server, tmp_path):
         ({"filters": [{"field": "dx", "reason": "r"}]}, r"filters\[0\]: give exactly one of in, not_in, regex"),
         ({"filters": [{"field": "dx", "in": "a", "reason": "r"}]}, r"filters\[0\]\.in: expected list"),
         ({"caps": {"per_class": "max"}}, r"caps\.per_class: 'max'"),
+        ({"caps": {"per_class": {"alpha": 1, "gamma": 2}}}, r"caps\.per_class: 'gamma' is not a phrase of label"),
         ({"tables": [{"file": "l.csv", "columns": ["f"], "key": "{g}"}]}, r"tables\[0\]\.key: field 'g'"),
         ({"tables": [{"file": "l.csv", "columns": ["f"], "key": "{f}", "encoding": "klingon"}]}, r"unknown encoding"),
     ],

@@ -449,6 +449,10 @@ def _check_rules(entry: SourceEntry, where: str, known: set[str]) -> None:
     caps = entry.caps
     if isinstance(caps.per_class, str) and caps.per_class != "min":
         raise ConfigError(f"{where}.caps.per_class: {caps.per_class!r} is not an integer, 'min' or a mapping")
+    single = entry.label.field and not entry.label.list and entry.rows == "agree"  # one phrase per file
+    unknown = sorted(set(caps.per_class) - entry.phrases()) if isinstance(caps.per_class, dict) and single else []
+    if unknown:  # a key that is no label text would cap nothing, silently
+        raise ConfigError(f"{where}.caps.per_class: {', '.join(map(repr, unknown))} is not a phrase of label.classes")
     counts = caps.per_class.values() if isinstance(caps.per_class, dict) else [caps.per_class]
     if any(isinstance(n, int) and n < 0 for n in (*counts, caps.per_group, caps.total)):
         raise ConfigError(f"{where}.caps: caps must be >= 0 (0 = no cap)")
