@@ -14,7 +14,6 @@ carries nothing from the file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import xml.etree.ElementTree as ET
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medisyn.ingest.readers import Rejected, io_error, iter_wsi_patches
+from medisyn.ingest.readers import Rejected, io_error, iter_wsi_patches, open_slide
 
 TUMOUR_GROUPS = ("_0", "_1", "Tumor")  # ../shared/SOURCES.md §11
 HOLE_GROUPS = ("_2", "Exclusion")  # non-tumour areas cut out of the tumour polygons ("Exclusion": unconfirmed)
@@ -210,24 +209,8 @@ def read_tumour_mask(mask_path: str | Path, slide_size: tuple[int, int]) -> Tumo
 
 def slide_dimensions(slide_path: str | Path) -> tuple[int, int]:
     """A slide's level-0 (width, height), for fitting a mask to it."""
-    with _opened(slide_path) as handle:
+    with open_slide(slide_path) as handle:
         return tuple(handle.dimensions)  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def _opened(slide_path: str | Path):
-    import openslide
-
-    try:
-        handle = openslide.OpenSlide(str(slide_path))
-    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError) as exc:
-        if io_error(exc):
-            raise
-        raise Rejected(f"unreadable slide ({type(exc).__name__})") from None
-    try:
-        yield handle
-    finally:
-        handle.close()
 
 
 # ----------------------------------------------------------------------------- fractions and labels
@@ -411,7 +394,7 @@ def level_for_magnification(slide, magnification: float, tolerance: float = 0.15
     if magnification <= 0:
         raise ValueError(f"magnification must be positive, got {magnification}")
     if isinstance(slide, str | Path):
-        with _opened(slide) as handle:
+        with open_slide(slide) as handle:
             return level_for_magnification(handle, magnification, tolerance, from_mpp=from_mpp)
     power = base_magnification(slide, from_mpp)
     errors = [abs(power / d - magnification) / magnification for d in slide.level_downsamples]

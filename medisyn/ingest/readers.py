@@ -11,6 +11,7 @@ a path or a patient's name — because they end up in the rejects table and in l
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -262,12 +263,29 @@ def iter_wsi_patches(
 
     path = Path(path)
     _check_size(path)
+    with open_slide(path) as slide:
+        yield from _patches(slide, openslide.OpenSlideError, level, patch, overlap, min_tissue, want)
+
+
+@contextlib.contextmanager
+def open_slide(path: str | Path):
+    """An OpenSlide handle, closed after the block; a file OpenSlide cannot open is a reject, an I/O
+    error of the file system is raised as it is."""
+    import openslide
+
     try:
         slide = openslide.OpenSlide(str(path))
     except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError) as exc:
         if io_error(exc):
             raise
         raise Rejected(f"unreadable slide ({type(exc).__name__})") from None
+    try:
+        yield slide
+    finally:
+        slide.close()
+
+
+def _patches(slide, slide_error, level, patch, overlap, min_tissue, want):
     try:
         level = min(level, slide.level_count - 1)
         width, height = slide.level_dimensions[level]
@@ -294,7 +312,5 @@ def iter_wsi_patches(
                 rgb = Image.new("RGB", region.size, (255, 255, 255))
                 rgb.paste(region, mask=region.getchannel("A"))
                 yield np.asarray(rgb), meta
-    except openslide.OpenSlideError as exc:
+    except slide_error as exc:
         raise Rejected(f"unreadable slide region ({type(exc).__name__})") from None
-    finally:
-        slide.close()

@@ -12,6 +12,7 @@ texts built here (an exception's type name at most), and file-system errors rais
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -83,18 +84,11 @@ def _frame_count(container, stream, fps: Fraction) -> int:
 
 def probe_video(path: str | Path) -> VideoInfo:
     """Rate, frame count and size from the container's metadata only (no frame is decoded)."""
-    container, stream = _open(path)
-    try:
+    with _opened(path) as (container, stream):
         fps = _rate(stream)
         ctx = stream.codec_context
         frames = _frame_count(container, stream, fps)
         return VideoInfo(fps=float(fps), frames=frames, width=int(ctx.width), height=int(ctx.height))
-    except _errors() as exc:
-        if io_error(exc):
-            raise
-        raise Rejected(f"unreadable video ({type(exc).__name__})") from None
-    finally:
-        container.close()
 
 
 def read_frames(path: str | Path, indices: Sequence[int], fps: float) -> Iterator[tuple[int, np.ndarray | Rejected]]:
@@ -113,14 +107,22 @@ def read_frames(path: str | Path, indices: Sequence[int], fps: float) -> Iterato
         return
     if wanted[0] < 0:
         raise ValueError("frame indices are 0-based")
-    container, stream = _open(path)
-    try:
+    with _opened(path) as (container, stream):
         rate = _rate(stream)
         if abs(float(rate) - fps) > RATE_TOLERANCE * fps:
             raise Rejected(
                 f"video frame rate {round(float(rate), 2)} does not match the annotation's {round(float(fps), 2)} fps"
             )
         yield from _wanted_frames(container, stream, wanted, Fraction(fps).limit_denominator(100_000))
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path):
+    """(container, video stream), closed after the block; a decoder error inside it is a reject
+    ("unreadable video"), an I/O error of the file system is raised as it is."""
+    container, stream = _open(path)
+    try:
+        yield container, stream
     except _errors() as exc:
         if io_error(exc):
             raise
