@@ -8,6 +8,7 @@ Ray ingest of the replicas through ``ingest.sources: paper`` against what ``repl
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -74,6 +75,38 @@ def test_source_options_are_read_and_printed_by_medisyn_config(capsys):
 def test_source_options_are_checked_before_any_work(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(DEMO, overrides)
+
+
+def test_source_settings_override_reading_settings_not_the_layout():
+    """`ingest.source_settings.<entry>` changes caps/wsi/lesions/video/volume for one run (the demo's smaller
+    patches and per-slide cap) and nothing else; what it changes reaches the reader's settings (so unit ids)."""
+    from medisyn.ingest.catalog import load_sources, reading
+
+    base = ["ingest.sources=paper", "ingest.sources_root=/d"]
+    paper = {s.entry.name: s.entry for s in load_sources(load_config(DEMO, base).ingest)}
+    over = [
+        "ingest.source_settings.camelyon16.wsi.patch_size=256",
+        "ingest.source_settings.camelyon16.lesions.per_slide=16",
+        "ingest.source_settings.cholec80.video.every=50",
+    ]
+    entries = {s.entry.name: s.entry for s in load_sources(load_config(DEMO, base + over).ingest)}
+    cam = entries["camelyon16"]
+    assert cam.wsi.patch_size == 256 and cam.wsi.magnification == paper["camelyon16"].wsi.magnification == 40
+    assert cam.lesions.per_slide == 16 and cam.lesions.annotations == paper["camelyon16"].lesions.annotations
+    assert entries["cholec80"].video.every == 50 and entries["cholec80"].video.fps == 25
+    assert dict(reading(cam).settings)["wsi_patch_size"] == 256 != dict(reading(paper["camelyon16"]).settings).get(
+        "wsi_patch_size"
+    )
+    assert entries["busi"] == paper["busi"]  # untouched entries are the catalog's
+    for bad, message in [
+        ("ingest.source_settings.nope.caps.total=3", "no entry 'nope' in paper.yaml"),
+        ("ingest.source_settings.busi.files.glob=x", "busi.files: not a setting a run may change"),
+        ("ingest.source_settings.camelyon16.wsi.patchsize=3", "wsi: unknown key(s) 'patchsize'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_sources(load_config(DEMO, [*base, bad]).ingest)
+    with pytest.raises(ConfigError, match="ingest.source_settings is set but ingest.sources"):
+        load_config(DEMO, ["ingest.sources=", "ingest.source_settings.busi.caps.total=3"])
 
 
 def test_summary_prints_what_was_left_out_and_skipped():

@@ -123,7 +123,7 @@ def load_sources(cfg: IngestConfig, resolve=str) -> tuple[Source, ...]:
     catalog's names."""
     if not cfg.sources:
         return ()
-    entries = load_catalog(cfg.sources)
+    entries = load_catalog(cfg.sources, cfg.source_settings)
     names = [e.name for e in entries]
     for key, wanted in (("source_entries", cfg.source_entries), ("source_paths", tuple(cfg.source_paths))):
         unknown = [n for n in wanted if n not in names]

@@ -6,7 +6,7 @@ import codecs
 import string
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from medisyn.configtools import ConfigError
 from medisyn.records import IMAGE_TYPES, SPECIALTIES
@@ -115,6 +115,8 @@ class IngestConfig:
     sources_root: str = ""  # folder or object-store prefix (s3://bucket/sources) with one folder per entry
     source_paths: dict[str, str] = field(default_factory=dict)  # entry name -> its own folder, not <root>/<name>
     source_entries: tuple[str, ...] = ()  # read only these catalog entries (empty: every entry)
+    # entry -> {caps|wsi|lesions|video|volume: {key: value}}: this run's reading settings over the catalog's
+    source_settings: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     size: int = 512  # output side in pixels: shorter side resized to this, then centre-cropped
     ct_window_width: float = 700.0  # Hounsfield units
     ct_window_level: float = 100.0  # Hounsfield units
@@ -162,7 +164,7 @@ class IngestConfig:
     def _check_sources(self) -> None:
         """The catalog options make sense together; entry names are checked against the catalog when it loads."""
         if not self.sources:
-            for key in ("sources_root", "source_paths", "source_entries"):
+            for key in ("sources_root", "source_paths", "source_entries", "source_settings"):
                 if getattr(self, key):
                     raise ConfigError(f"ingest.{key} is set but ingest.sources (the catalog, e.g. paper) is not")
             return

@@ -19,6 +19,7 @@ every other row is left out under ``filter: <reason>``.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import re
 import string
 from dataclasses import dataclass, field
@@ -507,8 +508,37 @@ def parse_entry(raw: dict, where: str) -> SourceEntry:
     return entry
 
 
-def load_catalog(name_or_path: str) -> tuple[SourceEntry, ...]:
-    """The entries of a catalog: a bare name under ``jobs/configs/sources`` (``paper``) or a YAML path."""
+SETTINGS_SPECS = {"caps": CapsSpec, "wsi": WsiSpec, "lesions": LesionSpec, "video": VideoSpec, "volume": VolumeSpec}
+SETTINGS = tuple(SETTINGS_SPECS)  # what ingest.source_settings may change: not the layout
+
+
+def with_settings(raw: dict, settings: dict, where: str) -> dict:
+    """An entry's raw mapping with a run's overrides of its reading settings (``ingest.source_settings.<entry>``)
+    merged key by key: a demo or a trial run caps, tiles or samples differently without editing the catalog."""
+    raw = dict(raw)
+    for section, values in settings.items():
+        if section not in SETTINGS:
+            raise ConfigError(
+                f"{where}.{section}: not a setting a run may change; choose from {', '.join(SETTINGS)} "
+                "(files, tables and labels describe the download: edit the catalog)"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}.{section}: expected a mapping of its keys, got {values!r}")
+        spec = SETTINGS_SPECS[section]
+        known = {f.name for f in dataclasses.fields(spec)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where}.{section}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"{section} has {', '.join(sorted(known))}"
+            )
+        raw[section] = {**(raw.get(section) or {}), **values}
+    return raw
+
+
+def load_catalog(name_or_path: str, settings: dict | None = None) -> tuple[SourceEntry, ...]:
+    """The entries of a catalog: a bare name under ``jobs/configs/sources`` (``paper``) or a YAML path;
+    ``settings`` (entry -> section -> keys) overrides entries' caps, wsi, lesions, video or volume settings."""
     path = named_file(name_or_path, SOURCES_DIR, "ingest.sources")
     data = load_yaml_file(path, "ingest.sources")
     if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
@@ -516,7 +546,23 @@ def load_catalog(name_or_path: str) -> tuple[SourceEntry, ...]:
     extra = sorted(set(data) - {"sources"})
     if extra:
         raise ConfigError(f"{path.name}: unknown key(s) {', '.join(map(repr, extra))}; a catalog holds 'sources'")
-    entries = tuple(parse_entry(raw, f"{path.name}: sources[{i}]") for i, raw in enumerate(data["sources"]))
+    settings = settings or {}
+    raw_names = [raw.get("name") for raw in data["sources"] if isinstance(raw, dict)]
+    unknown = [n for n in settings if n not in raw_names]
+    if unknown:
+        raise ConfigError(
+            f"ingest.source_settings: no entr{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown))} "
+            f"in {path.name}; its entries: {', '.join(map(str, raw_names))}"
+        )
+    entries = tuple(
+        parse_entry(
+            with_settings(raw, settings[raw["name"]], f"ingest.source_settings.{raw['name']}")
+            if isinstance(raw, dict) and raw.get("name") in settings
+            else raw,
+            f"{path.name}: sources[{i}]",
+        )
+        for i, raw in enumerate(data["sources"])
+    )
     names = [e.name for e in entries]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -63,10 +63,19 @@ SUPPORTED = (
 MARKER_FILE = ".medisyn-replicas"  # a re-run replaces only a folder it wrote itself
 BREAKS = ("header", "folder", "file")
 
-__all__ = ["SUPPORTED", "BREAKS", "BREAKS_WITHOUT_ERROR", "generate_replicas", "break_replica", "run_cli"]
+__all__ = [
+    "Writer",
+    "expected",
+    "SUPPORTED",
+    "BREAKS",
+    "BREAKS_WITHOUT_ERROR",
+    "generate_replicas",
+    "break_replica",
+    "run_cli",
+]
 
 
-class _Writer:
+class Writer:
     """Writes one entry's files under OUT/<entry> and records their relative paths in order."""
 
     def __init__(self, out: Path, entry: str, seed: int):
@@ -105,7 +114,7 @@ def _grey(arr16: np.ndarray) -> np.ndarray:
     return D.to_u8(arr16.astype(np.float32) / max(float(arr16.max()), 1.0) * 255)
 
 
-def _expect(corpus: int, classes: dict, left_out: dict | None = None, rejects: int = 0, splits=None, **extra):
+def expected(corpus: int, classes: dict, left_out: dict | None = None, rejects: int = 0, splits=None, **extra):
     return {
         "corpus": corpus,
         "classes": dict(sorted(classes.items())),
@@ -143,14 +152,14 @@ RSPECT_COLUMNS = [
 ]
 
 
-def _uid12(w: _Writer, *parts) -> str:
+def _uid12(w: Writer, *parts) -> str:
     """An anonymised 12-hex-digit UID as RSPECT's folders and files carry."""
     import hashlib
 
     return hashlib.sha256("|".join(map(str, (w.ctx.seed, *parts))).encode()).hexdigest()[:12]
 
 
-def _rspect(w: _Writer) -> dict:
+def _rspect(w: Writer) -> dict:
     # per study: slices, PE-positive slice indices; study 3 is a negative exam
     studies = [(4, {1, 2}), (4, {2}), (4, set())]
     rows = []
@@ -186,7 +195,7 @@ def _rspect(w: _Writer) -> dict:
     w.csv("test.csv", RSPECT_COLUMNS[:3], test)
     w.csv("sample_submission.csv", ["id", "label"], [[f"{st}_negative_exam_for_pe", 0.5]])
     positives = sum(len(p) for _, p in studies)  # 3 of 12 slices; cap per_class min keeps 3 + 3
-    return _expect(
+    return expected(
         2 * positives,
         {"pulmonary embolism": positives, "no presence of pulmonary embolism": positives},
         {"cap per_class": 12 - 2 * positives},
@@ -208,7 +217,7 @@ CHEXPERT_PHRASES = {
 }
 
 
-def _chexpert(w: _Writer) -> dict:
+def _chexpert(w: Writer) -> dict:
     top = "CheXpert-v1.0-small"
     # (split folder, patient, study, view, sex, age, Frontal/Lateral, AP/PA, {column: value})
     rows = [
@@ -259,7 +268,7 @@ def _chexpert(w: _Writer) -> dict:
     w.csv(f"{top}/train.csv", CHEXPERT_COLUMNS, tables["train"])
     w.csv(f"{top}/valid.csv", CHEXPERT_COLUMNS, tables["valid"])
     corpus = len(rows) - sum(left.values())
-    return _expect(corpus, dict(classes), dict(left), splits=_hash_split(len(patients), "patient"))
+    return expected(corpus, dict(classes), dict(left), splits=_hash_split(len(patients), "patient"))
 
 
 # ---------------------------------------------------------------------------------------- cbis-ddsm
@@ -274,7 +283,7 @@ CBIS_CALC = (
 CBIS_PHRASES = {"MALIGNANT": "malignant", "BENIGN": "benign", "BENIGN_WITHOUT_CALLBACK": "benign"}
 
 
-def _mg_dicom(w: _Writer, rel: str, p: int, cls: str, right: bool, mono1: bool = False, **attrs) -> None:
+def _mg_dicom(w: Writer, rel: str, p: int, cls: str, right: bool, mono1: bool = False, **attrs) -> None:
     prng = w.ctx.patient_rng(p)
     arr = mammo_image(prng, w.rng(), cls, right)
     if mono1:
@@ -289,7 +298,7 @@ def _mg_dicom(w: _Writer, rel: str, p: int, cls: str, right: bool, mono1: bool =
     dio.save(ds, w.path(rel))
 
 
-def _cbis(w: _Writer) -> dict:
+def _cbis(w: Writer) -> dict:
     # (kind, Training|Test, patient, side, view, [(abnormality id, pathology)])
     cases = [
         ("Mass", "Training", 1, "LEFT", "CC", [(1, "MALIGNANT")]),
@@ -341,7 +350,7 @@ def _cbis(w: _Writer) -> dict:
     for (kind, part), rows in tables.items():
         name = f"{kind.lower()}_case_description_{'train' if part == 'Training' else 'test'}_set.csv"
         w.csv(name, CBIS_MASS if kind == "Mass" else CBIS_CALC, rows)
-    return _expect(len(cases), dict(classes), {"ROI crop or mask": 2}, splits=dict(splits), groups=6)
+    return expected(len(cases), dict(classes), {"ROI crop or mask": 2}, splits=dict(splits), groups=6)
 
 
 # -------------------------------------------------------------------------------------- vindr-mammo
@@ -360,12 +369,12 @@ VINDR_PHRASES = {
 }
 
 
-def _hex32(w: _Writer, *parts) -> str:
+def _hex32(w: Writer, *parts) -> str:
     """VinDr's 32-hex-digit study, series and image ids."""
     return (_uid12(w, *parts) + _uid12(w, "b", *parts) + _uid12(w, "c", *parts))[:32]
 
 
-def _vindr(w: _Writer) -> dict:
+def _vindr(w: Writer) -> dict:
     # (study, split, laterality, view, birads, [finding rows: categories])
     images = [
         (0, "training", "L", "CC", 4, [["Mass"]]),
@@ -403,11 +412,11 @@ def _vindr(w: _Writer) -> dict:
         [[r[1], "053Y", "PHANTOM"] for r in breast[::4]],
     )
     w.text("SHA256SUMS.txt", "".join(f"{'0' * 64}  {f}\n" for f in w.files))
-    return _expect(len(images), dict(classes), {}, splits=dict(splits), groups=2)
+    return expected(len(images), dict(classes), {}, splits=dict(splits), groups=2)
 
 
 # --------------------------------------------------------------------------------------------- busi
-def _busi(w: _Writer) -> dict:
+def _busi(w: Writer) -> dict:
     root = "Dataset_BUSI_with_GT"
     counts = {"benign": 3, "malignant": 2, "normal": 2}
     masks = 0
@@ -429,7 +438,7 @@ def _busi(w: _Writer) -> dict:
         "malignant": "a malignant lesion",
         "normal": "normal tissue",
     }
-    return _expect(
+    return expected(
         sum(counts.values()),
         {phrases[c]: n for c, n in counts.items()},
         {"segmentation mask": masks},
@@ -460,18 +469,18 @@ GI_PHRASES |= {  # the catalog's phrases for the findings outside the paper's pr
 }
 
 
-def _uuid(w: _Writer, *parts) -> str:
+def _uuid(w: Writer, *parts) -> str:
     h = _uid12(w, "uuid", *parts) + _uid12(w, "uuid2", *parts) + _uid12(w, "uuid3", *parts)
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) % 4]}{h[17:20]}-{h[20:32]}"
 
 
-def _gi_image(w: _Writer, finding: str) -> np.ndarray:
+def _gi_image(w: Writer, finding: str) -> np.ndarray:
     base = {"esophagitis-a": "esophagitis", "esophagitis-b-d": "esophagitis"}.get(finding, finding)
     base = "ulcerative-colitis" if base.startswith("ulcerative-colitis") else base
     return kvasir_image(w.rng(), w.rng(), base)
 
 
-def _hyperkvasir(w: _Writer) -> dict:
+def _hyperkvasir(w: Writer) -> dict:
     labelled = [
         ("lower-gi-tract", "pathological-findings", "polyps"),
         ("lower-gi-tract", "pathological-findings", "polyps"),
@@ -504,7 +513,7 @@ def _hyperkvasir(w: _Writer) -> dict:
     mask[50:150, 60:180] = 255
     w.jpeg(f"segmented-images/masks/{sid}.jpg", mask)
     corpus = sum(classes.values())
-    return _expect(corpus, dict(classes), dict(left), splits=_hash_split(corpus, "image"))
+    return expected(corpus, dict(classes), dict(left), splits=_hash_split(corpus, "image"))
 
 
 # ---------------------------------------------------------------------------------------- kvasir-v2
@@ -520,7 +529,7 @@ KVASIR_FOLDERS = (
 )
 
 
-def _kvasir(w: _Writer) -> dict:
+def _kvasir(w: Writer) -> dict:
     per = {c: 1 for c in KVASIR_FOLDERS} | {"polyps": 2, "esophagitis": 2}
     classes, left = Counter(), Counter()
     for cls, n in per.items():
@@ -531,7 +540,7 @@ def _kvasir(w: _Writer) -> dict:
             else:
                 left["unmapped label (folder)"] += 1
     corpus = sum(classes.values())
-    return _expect(corpus, dict(classes), dict(left), splits=_hash_split(corpus, "image"))
+    return expected(corpus, dict(classes), dict(left), splits=_hash_split(corpus, "image"))
 
 
 # -------------------------------------------------------------------------------------- kermany-oct
@@ -543,7 +552,7 @@ OCT_PHRASES = {
 }
 
 
-def _kermany(w: _Writer) -> dict:
+def _kermany(w: Writer) -> dict:
     files = [
         ("train", "CNV", 163081, 1),
         ("train", "CNV", 163081, 2),
@@ -567,7 +576,7 @@ def _kermany(w: _Writer) -> dict:
     w.text(
         "__MACOSX/OCT2017/train/CNV/._CNV-163081-1.jpeg", "\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ", "latin-1"
     )
-    return _expect(len(files), dict(classes), {"macOS metadata": 1}, splits=dict(splits), groups=10)
+    return expected(len(files), dict(classes), {"macOS metadata": 1}, splits=dict(splits), groups=10)
 
 
 # ------------------------------------------------------------------------------------------ eyepacs
@@ -580,11 +589,11 @@ DR_PHRASES = {
 }
 
 
-def _fundus(w: _Writer, level: int, key: int) -> np.ndarray:
+def _fundus(w: Writer, level: int, key: int) -> np.ndarray:
     return fundus_image(w.ctx.patient_rng(key), w.rng(), "diabetic_retinopathy" if level else "normal")
 
 
-def _eyepacs(w: _Writer) -> dict:
+def _eyepacs(w: Writer) -> dict:
     levels = {"10_left": 0, "10_right": 0, "13_left": 0, "13_right": 1, "15_left": 1, "15_right": 2}
     levels |= {"16_left": 3, "16_right": 2, "17_left": 4, "17_right": 4}
     for name, lv in levels.items():
@@ -594,7 +603,7 @@ def _eyepacs(w: _Writer) -> dict:
         w.jpeg(f"test/{name}.jpeg", _fundus(w, 0, 1))
     w.csv("trainLabels.csv", ["image", "level"], [[k, v] for k, v in levels.items()])
     classes = Counter(DR_PHRASES[str(v)] for v in levels.values())
-    return _expect(
+    return expected(
         len(levels),
         dict(classes),
         {"unlabelled (no row in trainLabels.csv)": 1},
@@ -603,7 +612,7 @@ def _eyepacs(w: _Writer) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- aptos2019
-def _aptos(w: _Writer) -> dict:
+def _aptos(w: Writer) -> dict:
     diag = [2, 4, 1, 0, 0, 3, 2, 0, 1, 4]
     codes = ["000c1434d8d7", "001639a390f0", "0024cdab0c1e"]  # SOURCES' rows, verbatim ids
     codes += [_uid12(w, "aptos", i) for i in range(3, len(diag))]
@@ -618,7 +627,7 @@ def _aptos(w: _Writer) -> dict:
     w.csv("test.csv", ["id_code"], [[c] for c in tests])
     w.csv("sample_submission.csv", ["id_code", "diagnosis"], [[c, 0] for c in tests])
     classes = Counter(DR_PHRASES[str(d)] for d in diag)
-    return _expect(len(diag), dict(classes), {}, splits=_hash_split(len(diag), "image"))
+    return expected(len(diag), dict(classes), {}, splits=_hash_split(len(diag), "image"))
 
 
 # ----------------------------------------------------------------------------------------- isic2019
@@ -635,7 +644,7 @@ ISIC_PHRASES = {
 }
 
 
-def _isic(w: _Writer) -> dict:
+def _isic(w: Writer) -> dict:
     # (id, diagnosis, lesion_id or "")
     images = [
         ("ISIC_0000000", "NV", ""),
@@ -669,7 +678,7 @@ def _isic(w: _Writer) -> dict:
             left[f"unmapped label ({dx})"] += 1
     kept = [(i, lesion) for i, dx, lesion in images if dx in ISIC_PHRASES]
     groups = len({lesion or iid for iid, lesion in kept})  # a blank lesion_id: the image is its own group
-    return _expect(len(kept), dict(classes), dict(left), splits=_hash_split(groups, "lesion"))
+    return expected(len(kept), dict(classes), dict(left), splits=_hash_split(groups, "lesion"))
 
 
 # ----------------------------------------------------------------------------------- fitzpatrick17k
@@ -683,7 +692,7 @@ FITZ_PHRASES = {
 }
 
 
-def _fitzpatrick(w: _Writer) -> dict:
+def _fitzpatrick(w: Writer) -> dict:
     # (label, nine, three, qc, image present)
     rows = [
         ("drug induced pigmentary changes", "inflammatory", "non-neoplastic", "", True),
@@ -729,14 +738,14 @@ def _fitzpatrick(w: _Writer) -> dict:
             classes[FITZ_PHRASES[three]] += 1
     w.csv("fitzpatrick17k.csv", FITZ_COLUMNS, out)
     corpus = sum(classes.values())
-    return _expect(corpus, dict(classes), dict(left), rejects, splits=_hash_split(corpus, "image"))
+    return expected(corpus, dict(classes), dict(left), rejects, splits=_hash_split(corpus, "image"))
 
 
 # ---------------------------------------------------------------------------------------------- ddi
 DDI_PHRASES = {"True": "malignant skin lesion", "False": "benign skin lesion"}
 
 
-def _ddi(w: _Writer) -> dict:
+def _ddi(w: Writer) -> dict:
     rows = [
         (12, True, "melanoma-in-situ"),
         (12, False, "seborrheic-keratosis"),
@@ -755,7 +764,7 @@ def _ddi(w: _Writer) -> dict:
         table.append([i, i + 1, name, tone, malig, disease])
     w.csv(f"{top}/ddi_metadata.csv", ["", "DDI_ID", "DDI_file", "skin_tone", "malignant", "disease"], table)
     classes = Counter(DDI_PHRASES[str(m)] for _, m, _ in rows)
-    return _expect(len(rows), dict(classes), {}, splits=_hash_split(len(rows), "image"))
+    return expected(len(rows), dict(classes), {}, splits=_hash_split(len(rows), "image"))
 
 
 # ------------------------------------------------------------------------------ issue #35: other kinds
@@ -778,11 +787,11 @@ CHOLEC_FPS, CHOLEC_EVERY = 25, 25
 TOOLS = ["Grasper", "Bipolar", "Hook", "Scissors", "Clipper", "Irrigator", "SpecimenBag"]
 
 
-def _video(w: _Writer, rel: str, frames: int, fps: float, seed: int) -> None:
+def _video(w: Writer, rel: str, frames: int, fps: float, seed: int) -> None:
     write_test_video(w.path(rel), frames, fps, seed=seed)
 
 
-def _cholec80(w: _Writer) -> dict:
+def _cholec80(w: Writer) -> dict:
     # (video, frames written, phase runs (phase, first frame), annotated frames): video02's phase file runs
     # two seconds past its end, as a video cut short of its annotation does
     videos = [
@@ -810,7 +819,7 @@ def _cholec80(w: _Writer) -> dict:
         w.csv(f"cholec80/tool_annotations/video{v:02d}-tool.txt", ["Frame", *TOOLS], tools, delimiter="\t")
         w.text(f"cholec80/videos/video{v:02d}-timestamp.txt", "".join(f"{f}\t00:00:{f // 25:02d}\n" for f in range(n)))
     left_out = {LEFT_EVERY.format(CHOLEC_EVERY): left}
-    return _expect(
+    return expected(
         sum(classes.values()),
         dict(classes),
         left_out,
@@ -832,7 +841,7 @@ SAR_PHRASES = {
 SAR_FPS, SAR_EVERY = 60, 6
 
 
-def _sar_rarp50(w: _Writer) -> dict:
+def _sar_rarp50(w: Writer) -> dict:
     # (set, folder, action per 10 Hz row, zero-padded frame field): operation 11 in two parts, one in test
     clips = [
         ("train1", "video_11_1", [0, 0, 0, 1, 1, 1, 2, 2, 2, 2], False),
@@ -850,7 +859,7 @@ def _sar_rarp50(w: _Writer) -> dict:
             else:
                 classes[SAR_PHRASES[str(a)]] += 1
                 splits["train" if part.startswith("train") else "test"] += 1
-    return _expect(
+    return expected(
         sum(classes.values()), dict(classes), {"unmapped label (action)": other}, splits=dict(splits), groups=2
     )
 
@@ -858,7 +867,7 @@ def _sar_rarp50(w: _Writer) -> dict:
 FIGSHARE_PHRASES = {1: "meningioma", 2: "glioma", 3: "pituitary tumor"}
 
 
-def _figshare(w: _Writer) -> dict:
+def _figshare(w: Writer) -> dict:
     from .radiology import mr_image
 
     part = "brainTumorDataPublic_1-766"
@@ -886,7 +895,7 @@ def _figshare(w: _Writer) -> dict:
 
     with h5py.File(w.path("cvind.mat"), "w") as fh:  # the 5-fold indices, also v7.3
         fh.create_dataset("cvind", data=np.arange(1, 7, dtype=np.float64)[None] % 5 + 1)
-    return _expect(
+    return expected(
         sum(classes.values()),
         dict(classes),
         {"cross-validation indices (cvind.mat)": 1},
@@ -900,7 +909,7 @@ PCAM_META = ["", "coord_y", "coord_x", "tumor_patch", "center_tumor_patch", "wsi
 PCAM_PHRASES = {"True": "metastasis", "False": "no presence of metastasis"}
 
 
-def _pcam(w: _Writer) -> dict:
+def _pcam(w: Writer) -> dict:
     import h5py
 
     # per split: (centre tumour, any tumour, slide) per patch; slides are split-disjoint
@@ -928,7 +937,7 @@ def _pcam(w: _Writer) -> dict:
             classes[PCAM_PHRASES[str(centre)]] += 1
             splits[{"train": "train", "valid": "val", "test": "test"}[name]] += 1
             slides.add(slide)
-    return _expect(sum(classes.values()), dict(classes), {}, splits=dict(splits), groups=len(slides))
+    return expected(sum(classes.values()), dict(classes), {}, splits=dict(splits), groups=len(slides))
 
 
 def _he_patch(rng: np.random.Generator, n: int, tumour: bool) -> np.ndarray:
@@ -945,7 +954,7 @@ CAMELYON_PATCH = 512
 LEFT_BETWEEN = "lesions: tumour fraction between thresholds"
 
 
-def _slide(w: _Writer, rel: str, tissue: list[tuple[int, int]], tumour: list[tuple[int, int, int, int]]) -> None:
+def _slide(w: Writer, rel: str, tissue: list[tuple[int, int]], tumour: list[tuple[int, int, int, int]]) -> None:
     """A 3 x 4 grid of 512 px patches (level 0 1536 x 2048): tissue on the listed (row, col) patches,
     white glass elsewhere, purple tumour inside the level-0 boxes (x0, y0, x1, y1)."""
     from .pathology import pyramid, write_slide
@@ -960,7 +969,7 @@ def _slide(w: _Writer, rel: str, tissue: list[tuple[int, int]], tumour: list[tup
     write_slide(pyramid(rgb), w.path(rel))
 
 
-def _camelyon16(w: _Writer) -> dict:
+def _camelyon16(w: Writer) -> dict:
     top = "CAMELYON16"
     p = CAMELYON_PATCH
     # tumor_001: tissue in columns 1-3 (9 patches), glass in column 0 (3 background patches). Outlines:
@@ -982,7 +991,7 @@ def _camelyon16(w: _Writer) -> dict:
     w.csv(f"{top}/testing/reference.csv", None, [["test_001", "Normal"]])
     w.text(f"{top}/README.md", "CAMELYON16 (replica)\n")
     left_out = {"test slide (labels only in testing/reference.csv)": 1}
-    return _expect(
+    return expected(
         3 + 5 + 6,
         {"metastasis": 3, "no presence of metastasis": 11},
         {**left_out, LEFT_BETWEEN: 1},
@@ -996,7 +1005,7 @@ MSD_PHRASE = "a glioma with peritumoral edema"
 LEFT_MASK = "volume.mask: slice without a mask voxel"
 
 
-def _msd_brain_tumour(w: _Writer) -> dict:
+def _msd_brain_tumour(w: Writer) -> dict:
     top = "Task01_BrainTumour"
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS-like storage, as many MSD volumes: reoriented on read
     shape, depth = (48, 40), 12
@@ -1025,7 +1034,7 @@ def _msd_brain_tumour(w: _Writer) -> dict:
     }  # fmt: skip
     w.text(f"{top}/dataset.json", json.dumps(dataset, indent=4) + "\n")
     left = {"macOS metadata (._ files)": 1}
-    return _expect(
+    return expected(
         kept,
         {MSD_PHRASE: kept},
         {**left, LEFT_MASK: dropped},
@@ -1283,7 +1292,7 @@ def generate_replicas(out: str | Path, seed: int = 0, entries: list[str] | None 
     info = {"generator": "medisyn.phantoms.replicas", "seed": int(seed), "catalog": "paper", "entries": {}}
     for name in names:
         shutil.rmtree(out / name, ignore_errors=True)
-        w = _Writer(out, name, int(seed))
+        w = Writer(out, name, int(seed))
         expect = BUILDERS[name](w)
         info["entries"][name] = {"files": sorted(w.files), "expect": expect, "assumes": ASSUMES[name]}
     (out / "replicas.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
