@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--no-defects", action="store_true", help="do not plant the bad files ingest must survive")
     ph.add_argument(
         "--layout",
-        choices=["demo", "paper"],
-        default="demo",
-        help="demo: the demo repositories; paper: replicas of the paper's public downloads in their real layouts",
+        choices=["demo", "flat", "paper"],
+        help="demo (phantoms.layout's default): the demo repositories as their publishers ship them; flat: the same "
+        "in one table per repository with a repositories.yaml (the ingest.repositories format); paper: small "
+        "replicas of every paper catalog entry with their awkward rows",
     )
     ph.add_argument("--out", dest="out_dir", help="output folder (same as OUT)")
     _config_args(ph)
@@ -241,7 +242,7 @@ def _dispatch(args, cfg: RunConfig) -> int:
 
             write_replicas(cfg, out, args.seed)
         else:
-            run_cli(cfg, out=out, seed=args.seed, scale=args.scale, defects=not args.no_defects)
+            run_cli(cfg, out=out, seed=args.seed, scale=args.scale, defects=not args.no_defects, layout=args.layout)
     elif args.command == "reader" and args.action != "build":
         return _reader(args, cfg)
     elif args.command == "config":

@@ -56,6 +56,9 @@ class PhantomsConfig:
     out: str = "phantoms"  # folder under run_dir, or an absolute path (required when run_dir is a URI)
     seed: int = 0
     scale: Literal["small", "medium"] = "small"
+    # demo: each repository as its publisher ships it, read through the paper catalog (ingest.sources: paper);
+    # flat: one label table per repository and a repositories.yaml (the ingest.repositories format)
+    layout: Literal["demo", "flat"] = "demo"
 
 
 @dataclass(frozen=True)

@@ -69,11 +69,36 @@ def ray_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory):
-    """The small phantom repositories (seed 0, with planted defects), generated once."""
+    """The small phantom repositories in the flat layout (one label table each and a repositories.yaml,
+    the ingest.repositories format; seed 0, with planted defects), generated once."""
     from medisyn.phantoms import generate_phantoms
 
     out = tmp_path_factory.mktemp("phantoms") / "phantoms"
-    generate_phantoms(out, seed=0, scale="small")
+    generate_phantoms(out, seed=0, scale="small", layout="flat")
+    return out
+
+
+def flat(repositories_file) -> list[str]:
+    """Overrides that make the demo config read repositories in the flat layout (ingest.repositories_file)
+    instead of its catalog sources."""
+    return [
+        "phantoms.layout=flat",
+        "ingest.sources=",
+        "ingest.sources_root=",
+        "ingest.source_entries=[]",
+        "ingest.source_settings={}",
+        f"ingest.repositories_file={repositories_file}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def demo_sources(tmp_path_factory):
+    """The demo's repositories as their publishers ship them (the phantoms' demo layout, seed 0, small, with
+    planted defects), generated once: what `make demo` ingests through the paper catalog."""
+    from medisyn.phantoms import generate_phantoms
+
+    out = tmp_path_factory.mktemp("sources") / "phantoms"
+    generate_phantoms(out, seed=0, scale="small", progress=False)
     return out
 
 
@@ -96,8 +121,8 @@ def tiny_pipe():
 
 
 @pytest.fixture(scope="session")
-def ingested(ray_cluster, phantom_root, tmp_path_factory):
-    """The phantoms ingested once with the demo config: (config, run dir, summary)."""
+def ingested(ray_cluster, demo_sources, tmp_path_factory):
+    """The demo's repositories ingested once with the demo config: (config, run dir, summary)."""
     from pathlib import Path
 
     from medisyn.config import load_config
@@ -107,7 +132,7 @@ def ingested(ray_cluster, phantom_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(
         root / "jobs/configs/demo.yaml",
-        [f"run_dir={run_dir}", f"ingest.repositories_file={phantom_root / 'repositories.yaml'}"],
+        [f"run_dir={run_dir}", "phantoms.enabled=false", f"ingest.sources_root={demo_sources}"],
     )
     return cfg, run_dir, ingest(cfg)
 
@@ -181,14 +206,14 @@ CHROMIUM_FLAGS = [  # headless as root, no calls to Google's services (the netwo
 
 READER_STUDIES = {  # (source, specialty, image_type, classes, grey) as in jobs/configs/reader/demo.yaml
     "cholecystectomy-phase": (
-        "cholec",
+        "cholec80",
         "surgery",
         "endoscopy",
         ("Calot's triangle dissection", "clipping and cutting", "cleaning and coagulation"),
         False,
     ),
     "oct-condition": (
-        "oct",
+        "kermany-oct",
         "ophthalmology",
         "optical coherence tomography",
         ("normal findings", "drusen", "diabetic macular edema"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import flat
 from PIL import Image
 
 from medisyn.config import load_config
@@ -102,7 +103,7 @@ def test_config_and_repositories_files_that_are_not_yaml(tmp_path):
         load_config(latin)
     binary = tmp_path / "repos.yaml"
     binary.write_bytes(b"\x00\x01\x02 repositories")
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"ingest.repositories_file={binary}"])
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [*flat(binary)])
     with pytest.raises(ConfigError, match="is a binary file, not YAML"):
         load_repositories(cfg.ingest)
     binary.write_text(f"repositories:\n  - name: [{CANARY}\n")
@@ -181,7 +182,7 @@ ENTRY_KEYS = ["name", "kind", "path", "glob", "labels_csv", "path_column", "labe
 def test_any_repositories_file_loads_or_fails_in_one_line(tmp_path, repositories):
     path = tmp_path / "repositories.yaml"
     path.write_text(yaml.safe_dump({"repositories": repositories}))
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"ingest.repositories_file={path}"])
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [*flat(path)])
     try:
         load_repositories(cfg.ingest)
     except ConfigError as exc:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import flat
 from PIL import Image
 
 from medisyn.ingest.dedup import (
@@ -195,7 +196,7 @@ def test_a_repository_that_reships_images_loses_exactly_those(ray_cluster, phant
 
     repos_file, copies = _reship(phantom_root, tmp_path / "src")
     run_dir = tmp_path / "run"
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={run_dir}", f"ingest.repositories_file={repos_file}"])
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={run_dir}", *flat(repos_file)])
     summary = ingest(cfg)
     source_map = pq.read_table(run_dir / "private/source_map.parquet").to_pandas()
     ref_of = {(s, p): r for r, s, p in source_map[["source_ref", "source", "path"]].itertuples(index=False)}

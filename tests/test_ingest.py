@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import openslide
 import pandas as pd
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+from conftest import flat
 from PIL import Image
 
 from medisyn.config import load_config
@@ -32,36 +32,36 @@ def _read_dir(folder: Path, columns=None) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _expected_items(phantom_root: Path, cfg) -> int:
-    """Images the sources hold, counted independently of ingest: frames, files, patch positions."""
-    n = 0
-    for f in phantom_root.rglob("*"):
-        if not f.is_file() or f.suffix not in (".dcm", ".png", ".jpg", ".tiff"):
-            continue
-        try:
-            if f.suffix == ".dcm":
-                n += int(pydicom.dcmread(f, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
-            elif f.suffix == ".tiff":
-                with openslide.OpenSlide(f) as s:
-                    w, h = s.level_dimensions[0]
-                p = cfg.ingest.wsi_patch_size
-                n += (w // p) * (h // p)
-            else:
-                n += 1
-        except Exception:
-            n += 1  # an unreadable file is one reject
-    return n
+def test_every_item_is_accounted_for(ingested, demo_sources):
+    """The demo's repositories, written as their publishers ship them, ingest through the paper catalog to
+    what the phantoms promise per entry (phantoms.json): corpus and per-phrase counts, rejects, left out and
+    captions from the entry's template; every listed file is in the corpus or in rejects (issue #35)."""
+    from collections import Counter
 
+    from medisyn.ingest.describe import load_catalog
 
-def test_every_item_is_accounted_for(ingested, phantom_root):
     cfg, run_dir, summary = ingested
-    acc = summary["accounting"]
-    listing_orphans = 0  # label rows without a file would be rejects too; the phantoms have none
-    assert (
-        acc["corpus"] + acc["duplicates"] + acc["rejected"] + acc["background"]
-        == _expected_items(phantom_root, cfg) + listing_orphans
+    info = json.loads((demo_sources / "phantoms.json").read_text())["repositories"]
+    catalog = {e.name: e for e in load_catalog("paper")}
+    corpus = _read_dir(
+        run_dir / "corpus", ["id", "source", "source_ref", "split", "patient_id", "specialty", "image_type", "labels"]
     )
-    corpus = _read_dir(run_dir / "corpus", ["id", "source_ref", "split", "patient_id", "specialty", "image_type"])
+    corpus["caption"] = _read_dir(run_dir / "corpus", ["caption"])["caption"]
+    rejects = _read_dir(run_dir / "rejects")
+    assert set(corpus["source"]) == set(info) == set(cfg.ingest.source_entries) and not summary.get("skipped")
+    for name, written in info.items():
+        expect, rows = written["expect"], corpus[corpus["source"] == name]
+        assert len(rows) == expect["corpus"], name
+        assert Counter(p for labels in rows["labels"] for p in labels) == expect["classes"], name
+        assert (rows["specialty"] == catalog[name].specialty).all() and (
+            rows["image_type"] == written["image_type"]
+        ).all()
+        prefix = catalog[name].caption.split("{")[0]
+        assert rows["caption"].str.startswith(prefix).all(), name
+        mine = rejects[rejects["source_ref"].str.startswith(f"{name}/")]
+        assert (mine["stage"] == "listing").sum() == expect["rejects"], name
+        assert summary["left_out"].get(name, {}) == expect["left_out"], name
+    acc = summary["accounting"]
     assert len(corpus) == acc["corpus"] == summary["pairs"]["total"] > 400
     assert corpus["id"].is_unique and corpus["source_ref"].is_unique
     assert set(corpus["specialty"]) == {
@@ -73,47 +73,68 @@ def test_every_item_is_accounted_for(ingested, phantom_root):
         "gastroenterology",
     }
     assert len(set(corpus["image_type"])) == 10
-    # every listed file is in the corpus or in rejects, by its privacy-safe reference
+    # every listed file is in the corpus or in rejects, by its privacy-safe reference, or was left out by a rule
     source_map = pq.read_table(run_dir / "private/source_map.parquet").to_pandas()
-    rejects = _read_dir(run_dir / "rejects")
     seen = set(corpus["source_ref"].str.split("#").str[0]) | set(rejects["source_ref"].str.split("#").str[0])
-    wsi_background_only = set()  # a slide whose patches were all background would be in neither
-    assert set(source_map["source_ref"]) - seen == wsi_background_only
+    unseen = set(source_map["source_ref"]) - seen
+    assert {r.split("/")[0] for r in unseen} <= {n for n, w in info.items() if w["expect"]["left_out"]}
+    assert len(unseen) <= acc["left_out"]
 
 
-def test_planted_defects_are_rejected_for_their_reason(ingested, phantom_root):
+def test_planted_defects_are_rejected_for_their_reason(ingested, demo_sources):
+    """The mess planted in the published layouts: each bad file a reject with its reason (read or dedup), the
+    UNK-only ISIC row left out by the catalog's rule; the per-entry reasons are what the phantoms promise."""
+    from collections import Counter
+
     _, run_dir, summary = ingested
-    planted = json.loads((phantom_root / "phantoms.json").read_text())["defects"]
+    phantoms = json.loads((demo_sources / "phantoms.json").read_text())
     source_map = pq.read_table(run_dir / "private/source_map.parquet").to_pandas()
     ref_of = {f"{s}/{p}": r for r, s, p in source_map[["source_ref", "source", "path"]].itertuples(index=False)}
-    rejects = _read_dir(run_dir / "rejects").set_index("source_ref")["reason"].to_dict()
+    rejects = _read_dir(run_dir / "rejects")
+    reason = rejects.set_index("source_ref")["reason"].to_dict()
     expected = {
         "truncated_dicom": "truncated pixel data",
         "dicom_without_pixel_data": "no pixel data",
-        "duplicate_image": "exact duplicate of",
-        "unknown_label": "label in column 'diagnosis' not in the classes",
+        "duplicate_image": "exact duplicate of isic2019/",
         "not_a_tiff": "unreadable slide",
         "empty_file": "empty file (0 bytes)",
-        "unlabelled_image": "missing label",
+        "truncated_jpeg": "unreadable or truncated image",
     }
-    assert {d["kind"] for d in planted} == set(expected)
+    planted = phantoms["defects"]
+    assert {d["kind"] for d in planted} == set(expected) | {"unknown_label"}
     for d in planted:
-        assert expected[d["kind"]] in rejects[ref_of[d["path"]]], d
+        if d["kind"] == "unknown_label":  # a row with no phrase: left out under the catalog's rule, not read
+            assert summary["left_out"]["isic2019"] == {"unmapped label (UNK)": 1}
+        elif d["kind"] == "duplicate_image":  # dedup keeps one of the two, whichever its order meets first
+            original = "isic2019/" + d["detail"].split("isic2019/")[1].split(" ")[0]
+            pair = [ref_of[d["path"]], ref_of[original]]
+            (dropped,) = [r for r in pair if r in reason]
+            assert reason[dropped] == f"exact duplicate of {next(r for r in pair if r != dropped)}"
+        else:
+            assert expected[d["kind"]] in reason[ref_of[d["path"]]], d
+    for name, info in phantoms["repositories"].items():
+        mine = rejects[rejects["source_ref"].str.startswith(f"{name}/")]
+        assert Counter(mine.loc[mine["stage"] == "read", "reason"]) == Counter(info["expect"].get("read_rejects", {}))
+        dups = Counter(r.split(" of ")[0] for r in mine.loc[mine["stage"] == "dedup", "reason"])
+        assert dups == Counter(info["expect"].get("duplicates", {})), name
     assert summary["duplicates"] == {"exact duplicate": 1}
-    assert summary["background_patches"] > 0
+    assert summary["background_patches"] == phantoms["repositories"]["camelyon16"]["expect"]["background"] > 0
 
 
 def test_split_is_by_patient(ingested):
+    """Each patient (study, lesion, video, slide) in one split; official splits as shipped (CBIS-DDSM's
+    Test/Training, Kermany's folders, SAR-RARP50's train1/train2/test), the others by ingest's group hash."""
     _, run_dir, summary = ingested
-    corpus = _read_dir(run_dir / "corpus", ["patient_id", "split", "source"])
+    corpus = _read_dir(run_dir / "corpus", ["patient_id", "split", "source", "labels"])
     assert corpus.groupby("patient_id")["split"].nunique().max() == 1
-    hashed = corpus[corpus["source"] == "breast-us"]  # the one repository without an official split column
+    assert set(corpus.loc[corpus["source"].isin(["cbis-ddsm", "sar-rarp50"]), "split"]) == {"train", "test"}
+    hashed = corpus[corpus["source"] == "busi"]  # every image its own group: the plain hash split
     frac = hashed.drop_duplicates("patient_id")["split"].value_counts(normalize=True)
     assert 0.6 < frac["train"] < 0.95
-    # the official split columns are stratified: every split holds every class of the other repositories
+    # every class the audits and the reader study use has train and test images
     for name, by_split in summary["by_class"].items():
-        if not name.startswith(("ultrasound", "X-ray:")):  # breast-us (hash split); chest X-ray label combinations
-            assert all(by_split[s] > 0 for s in ("train", "val", "test")), (name, by_split)
+        if not name.startswith("X-ray:"):  # chest X-ray label combinations
+            assert by_split["train"] > 0 and by_split["test"] > 0, (name, by_split)
     for specialty, by_split in summary["by_specialty"].items():
         assert all(by_split[s] > 0 for s in ("train", "val", "test")), (specialty, by_split)
     # the report's specialty x image type x split table adds up to the marginals
@@ -137,25 +158,35 @@ def test_corpus_records(ingested):
         )  # no metadata
         assert row.caption.endswith(".") and all(label in row.caption for label in row.labels)
         assert len(row.original_size) == 2 and len(row.crop_top_left) == 2
-    cxr = corpus[corpus.source == "chest-xray"]
+    cxr = corpus[corpus.source == "chexpert"]
     assert any(" and " in c for c in cxr.caption)  # multi-label captions read naturally
-    wsi = corpus[corpus.source == "lymph-node-wsi"]
-    assert wsi.source_ref.str.contains("#level=0,x=").all()
+    wsi = corpus[corpus.source == "camelyon16"]
+    assert wsi.source_ref.str.contains("#level=").all() and wsi.source_ref.str.contains(",x=").all()
     # series: a salted hash of the file's folder; a CT series' slices share one, patients never do
-    ct = corpus[corpus.source == "ctpa"]
-    assert ct.series.str.match(r"^ctpa/[0-9a-f]{16}$").all() and ct.series.nunique() < len(ct)
+    ct = corpus[corpus.source == "rspect"]
+    assert ct.series.str.match(r"^rspect/[0-9a-f]{16}$").all() and ct.series.nunique() < len(ct)
     assert (ct.groupby("series").patient_id.nunique() == 1).all()
     assert corpus.series.notna().all()
 
 
-def test_no_identifier_in_any_output_byte(ingested, phantom_root, capfd):
+def _identifiers(root: Path) -> set[str]:
+    """What identifies a patient in the published layouts: id-like folder and file names (RSPECT's UIDs,
+    CheXpert's patientNNNNN, ISIC and Kvasir ids, CBIS-DDSM case folders, slide and video names)."""
+    catalog = (Path(__file__).resolve().parents[1] / "jobs/configs/sources/paper.yaml").read_text()
+    out = set()
+    for f in root.rglob("*"):
+        if f.is_file() and not f.name.startswith((".", "phantoms.json")):
+            for part in f.relative_to(root).parts[1:]:
+                stem = part.split(".")[0]
+                if len(stem) >= 6 and any(c.isdigit() for c in stem) and stem not in catalog:  # not a folder name
+                    out.add(stem)
+    return out
+
+
+def test_no_identifier_in_any_output_byte(ingested, demo_sources, capfd):
     _, run_dir, _ = ingested
-    patient_ids = set()
-    for csv in phantom_root.rglob("*.csv"):
-        table = pd.read_csv(csv, dtype=str)
-        patient_ids |= set(table["patient_id"].dropna())
-    needles = [PLANTED_MARKER.encode(), b"GENERAL HOSPITAL"] + [p.encode() for p in patient_ids]
-    assert len(needles) > 100
+    needles = [PLANTED_MARKER.encode(), b"GENERAL HOSPITAL"] + [i.encode() for i in _identifiers(demo_sources)]
+    assert len(needles) > 500
     outputs = [f for f in run_dir.rglob("*") if f.is_file() and "private" not in f.parts]
     assert len(outputs) > 40
     for f in outputs:
@@ -303,9 +334,7 @@ def _write_bad_repos(root: Path) -> Path:
 
 def test_bad_files_all_land_in_rejects(ray_cluster, tmp_path):
     repos_file = _write_bad_repos(tmp_path / "src")
-    cfg = load_config(
-        ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path / 'run'}", f"ingest.repositories_file={repos_file}"]
-    )
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={tmp_path / 'run'}", *flat(repos_file)])
     summary = ingest(cfg)
     rejects = _read_dir(tmp_path / "run/rejects")
     source_map = pq.read_table(tmp_path / "run/private/source_map.parquet").to_pandas().set_index("source_ref")["path"]
@@ -334,12 +363,10 @@ def test_an_all_rejecting_rerun_keeps_the_previous_corpus(ray_cluster, phantom_r
     good.write_text(yaml.safe_dump({"repositories": [repo]}))
     bad.write_text(yaml.safe_dump({"repositories": [dict(repo, glob="*/*.nothing")]}))  # every label row unmatched
     run_dir = tmp_path / "run"
-    first = ingest(
-        load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={run_dir}", f"ingest.repositories_file={good}"])
-    )
+    first = ingest(load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={run_dir}", *flat(good)]))
     shards, rows = shard_files(run_dir / "corpus"), read_corpus(run_dir / "corpus", ["id"]).num_rows
     assert (run_dir / "corpus" / SHARD_LIST).is_file() and rows == first["pairs"]["total"] > 0
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={run_dir}", f"ingest.repositories_file={bad}"])
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"run_dir={run_dir}", *flat(bad)])
     with pytest.raises(
         ConfigError, match=r"every image was rejected .*no such file matches.*previous corpus \(\d+ shards\) is kept"
     ):
@@ -373,7 +400,7 @@ def test_sources_above_max_pixels_are_rejected_from_their_header(phantom_root, t
 
     cfg = load_config(
         ROOT / "jobs/configs/demo.yaml",
-        ["ingest.max_pixels=1000", f"ingest.repositories_file={phantom_root / 'repositories.yaml'}"],
+        ["ingest.max_pixels=1000", *flat(phantom_root / "repositories.yaml")],
     )
     (repo,) = [r for r, _ in load_repositories(cfg.ingest) if r.name == "ctpa"]
     item = Item("ctpa/x", str(ct), "ctpa", "p", "train", ("a",), "c.")
@@ -453,7 +480,7 @@ def test_repositories_in_a_bucket_ingest_to_the_same_corpus(
         storage.upload_dir(phantom_root / name, bucket / name)
     cfg = load_config(
         ROOT / "jobs/configs/demo.yaml",
-        [f"run_dir={tmp_path / 'run'}", f"ingest.repositories_file={storage.uri(bucket / 'repositories.yaml')}"],
+        [f"run_dir={tmp_path / 'run'}", *flat(storage.uri(bucket / "repositories.yaml"))],
     )
     summary = ingest(cfg)
     _, local_run, _ = ingested

@@ -204,7 +204,8 @@ def planted(ingested):
         base.config_path,
         [
             f"run_dir={run_dir}",
-            f"ingest.repositories_file={base.ingest.repositories_file}",
+            f"ingest.sources_root={base.ingest.sources_root}",
+            "phantoms.enabled=false",
             "audit_memorization.sets=[planted]",
             "audit_memorization.control_queries=40",
         ],

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import get_json, ray_head
+from conftest import flat, get_json, ray_head
 
 from medisyn import storage
 from medisyn.config import load_config
@@ -62,7 +62,7 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
         "jobs/configs/demo.yaml",
         f"run_dir={uri}",
         "phantoms.enabled=false",
-        f"ingest.repositories_file={phantom_root}/repositories.yaml",
+        *flat(phantom_root / "repositories.yaml"),
         f"reader.dir={tmp_path}/reader",  # the study's SQLite file needs a disk
         *FAST,
     ]
@@ -142,9 +142,7 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
     _report_opens_in_a_browser(run, tmp_path / "report-copy")
 
     # equal to a local run of the same sources and settings
-    local = load_config(
-        DEMO, [f"run_dir={local_run}", f"ingest.repositories_file={phantom_root}/repositories.yaml", *FAST]
-    )
+    local = load_config(DEMO, [f"run_dir={local_run}", *flat(phantom_root / "repositories.yaml"), *FAST])
     ids = read_corpus(run / "corpus", ["id"]).column("id").to_pylist()
     assert ids == read_corpus(local.run_path / "corpus", ["id"]).column("id").to_pylist()
     names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("epoch-"))

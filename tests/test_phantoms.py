@@ -37,7 +37,7 @@ SUBSET = ["ctpa", "isic", "oct", "kvasir", "lymph-node-wsi", "chest-xray"]
 def gen(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantoms")
     t0 = time.perf_counter()
-    summary = generate_phantoms(out, seed=0, scale="small", progress=False)
+    summary = generate_phantoms(out, seed=0, scale="small", progress=False, layout="flat")
     print(f"\n[phantoms] small-scale generation took {time.perf_counter() - t0:.1f}s ({summary['totals']})")
     return out, summary
 
@@ -45,7 +45,7 @@ def gen(tmp_path_factory):
 @pytest.fixture(scope="module")
 def same_seed_no_defects(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantoms_again")
-    return out, generate_phantoms(out, seed=0, scale="small", defects=False, repos=SUBSET, progress=False)
+    return out, generate_phantoms(out, seed=0, scale="small", defects=False, repos=SUBSET, progress=False, layout="flat")
 
 
 def labels(out: Path, name: str) -> pd.DataFrame:
@@ -73,7 +73,7 @@ def test_refuses_to_replace_foreign_directory(tmp_path):
     (tmp_path / "brain-mri").mkdir()
     (tmp_path / "brain-mri" / "real_patient.dcm").write_bytes(b"x")
     with pytest.raises(FileExistsError):
-        generate_phantoms(tmp_path, repos=["brain-mri"], progress=False)
+        generate_phantoms(tmp_path, repos=["brain-mri"], progress=False, layout="flat")
     assert (tmp_path / "brain-mri" / "real_patient.dcm").exists()
 
 
@@ -274,7 +274,7 @@ def test_same_seed_is_byte_identical_and_defects_can_be_skipped(gen, same_seed_n
 
 def test_different_seed_gives_different_pixels(gen, tmp_path):
     out, _ = gen
-    generate_phantoms(tmp_path, seed=1, scale="small", repos=["isic", "chest-xray"], progress=False)
+    generate_phantoms(tmp_path, seed=1, scale="small", repos=["isic", "chest-xray"], progress=False, layout="flat")
     for name in ("isic", "chest-xray"):
         rel = labels(out, name)[BY[name].path_column][0]
         a = np.asarray(Image.open(out / name / rel))
@@ -369,10 +369,14 @@ def test_a_folder_from_another_catalog_is_made_again(tmp_path, monkeypatch):
     out = tmp_path / "ph"
     out.mkdir()
     marker = {"catalog": phantoms.catalog_digest(), "seed": 0, "scale": "small", "defects_planted": True}
+    marker["layout"] = "demo"
     (out / "phantoms.json").write_text(json.dumps(marker))
     assert ensure_phantoms(out, 0, "small") == marker and calls == []
     (out / "phantoms.json").write_text(json.dumps(marker | {"catalog": "an-older-catalog"}))
     assert ensure_phantoms(out, 0, "small") == {"made": True} and len(calls) == 1 and not out.exists()
+    out.mkdir()  # the other layout is made again too (the demo's sources are not the flat repositories)
+    (out / "phantoms.json").write_text(json.dumps(marker))
+    assert ensure_phantoms(out, 0, "small", layout="flat") == {"made": True} and calls[-1]["layout"] == "flat"
 
 
 def test_a_changed_generator_changes_the_digest(tmp_path, monkeypatch):
@@ -387,3 +391,18 @@ def test_a_changed_generator_changes_the_digest(tmp_path, monkeypatch):
     swapped = [edited if p.name == edited.name else p for p in sources]
     monkeypatch.setattr(phantoms, "generator_sources", lambda: swapped)
     assert phantoms.catalog_digest() != before
+
+
+def test_the_demo_layouts_split_rule_is_ingests():
+    """The published writers pick group ids by where ingest's hash split puts them; phantoms may not import
+    ingest, so published/splits.py restates the rule: it must give ingest's split for every id."""
+    from medisyn.ingest.config import IngestConfig
+    from medisyn.ingest.split import patient_hash, split_for
+    from medisyn.phantoms.published import splits
+
+    cfg = IngestConfig()
+    assert (cfg.split_salt, tuple(cfg.split_fractions)) == (splits.SPLIT_SALT, splits.FRACTIONS)
+    ids = [f"HAM_{k:07d}" for k in range(300)] + [f"tumor_{k:03d}" for k in range(1, 112)]
+    got = [splits.lands(g) for g in ids]
+    assert got == [split_for(patient_hash(g, cfg.split_salt), cfg.split_fractions) for g in ids]
+    assert set(got) == {"train", "val", "test"}

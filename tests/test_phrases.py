@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import flat
 
 from medisyn.config import ConfigError, load_config
 from medisyn.phrases import ClassNeed, check_classes, corpus_phrases
@@ -68,7 +69,7 @@ def phantom_repositories(tmp_path: Path) -> Path:
 
 def demo_config(tmp_path: Path, *overrides: str):
     repos = phantom_repositories(tmp_path)
-    return load_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"ingest.repositories_file={repos}", *overrides])
+    return load_config(DEMO, [f"run_dir={tmp_path / 'run'}", *flat(repos), *overrides])
 
 
 def write_yaml(path: Path, data) -> Path:

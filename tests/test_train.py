@@ -337,7 +337,8 @@ def trained(ingested):
         base.config_path,
         [
             f"run_dir={run_dir}",
-            f"ingest.repositories_file={base.ingest.repositories_file}",
+            f"ingest.sources_root={base.ingest.sources_root}",
+            "phantoms.enabled=false",
             "vae_fit.enabled=false",  # the mechanics of training, on the preset's own VAE (tests/test_vae.py fits one)
             "model.vae=",
             "train.resolution=64",

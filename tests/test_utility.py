@@ -52,6 +52,34 @@ def test_task_membership_multiclass_needs_one_class_multilabel_at_least_one():
     assert ML.truth(["other"]) is None
 
 
+def test_a_task_whose_sources_ship_no_val_split_holds_train_patients_out(monkeypatch):
+    """SAR-RARP50 and CBIS-DDSM ship train and test only: the task's val split is a fixed share of its
+    train patients (whole patients, the same every run); a corpus with a val split is used as it is."""
+    import pyarrow as pa
+
+    from medisyn.audit import utility
+
+    rows = [
+        {
+            "id": f"i{k}",
+            "labels": [MC.classes[k % 4]],
+            "split": "test" if k >= 64 else "train",
+            "patient_id": f"p{k // 4}",
+        }
+        for k in range(80)
+    ] + [{"id": "x", "labels": ["other"], "split": "train", "patient_id": "p0"}]
+    monkeypatch.setattr(utility, "read_corpus", lambda *a, **k: pa.Table.from_pylist(rows))
+    out = utility.task_rows("corpus", MC)
+    by_id = {r["id"]: r["patient_id"] for r in rows}
+    val = {by_id[i] for i in out["val"]["ids"]}
+    assert len(val) == 2 and not val & {by_id[i] for i in out["train"]["ids"]}  # 2 of 16 train patients, whole
+    assert len(out["val"]["ids"]) == 8 and len(out["train"]["ids"]) == 56 and len(out["test"]["ids"]) == 16
+    assert utility.task_rows("corpus", MC)["val"]["ids"] == out["val"]["ids"]  # the same patients every run
+    rows[0]["split"] = "val"  # the corpus has a val split: nothing is held out of train
+    kept = utility.task_rows("corpus", MC)
+    assert kept["val"]["ids"] == ["i0"] and len(kept["train"]["ids"]) == 63
+
+
 # --- arms ---
 
 

@@ -17,7 +17,8 @@ def fitted(ingested):
         base.config_path,
         [
             f"run_dir={run_dir}",
-            f"ingest.repositories_file={base.ingest.repositories_file}",
+            f"ingest.sources_root={base.ingest.sources_root}",
+            "phantoms.enabled=false",
             "model.vae={run_dir}/vae-64",
             "train.resolution=64",
             "vae_fit.epochs=4",  # 2 GroupNorm groups learn the phantoms in a few epochs at 64²
@@ -105,7 +106,8 @@ def test_the_vae_fits_the_images_the_unet_trains_on_with_repeats(ingested, tmp_p
         base.config_path,
         [
             f"run_dir={tmp_path}",
-            f"ingest.repositories_file={base.ingest.repositories_file}",
+            f"ingest.sources_root={base.ingest.sources_root}",
+            "phantoms.enabled=false",
             "model.vae={run_dir}/vae",
             "train.resolution=64",
             "train.subset_per_caption=1",

@@ -88,18 +88,40 @@ class TaskPlan:
 # --- planning: rows, arms, inputs ---
 
 
+VAL_FROM_TRAIN = 0.125  # of a task's train patients, when its sources ship only train and test (SAR-RARP50, CBIS-DDSM)
+
+
+def _val_from_train(task: Task, rows: list) -> set[str]:
+    """Patients held out of train as the task's val split, when its repositories have none: a fixed share
+    of the train patients, picked by a hash of their (already salted) ids, so every run picks the same
+    ones and no patient is in two splits."""
+    patients = sorted({r["patient_id"] for r, _ in rows if r["split"] == "train"})
+    if len(patients) < 2:
+        return set()
+    ranked = sorted(patients, key=lambda p: hashlib.sha256(f"{task.name}/{p}".encode()).hexdigest())
+    picked = set(ranked[: max(1, round(VAL_FROM_TRAIN * len(patients)))])
+    log.info(
+        "audit-utility: task %s: its sources have no val split; %d of %d train patients held out as val",
+        task.name,
+        len(picked),
+        len(patients),
+    )
+    return picked
+
+
 def task_rows(corpus: Path, task: Task) -> dict[str, dict]:
     """Per split, the task's rows: ``{"ids": [...], "y": [n, C] bool}`` in corpus order."""
     where = (pc.field("specialty") == task.specialty) & (pc.field("image_type") == task.image_type)
     if task.sources:
         where = where & pc.field("source").isin(list(task.sources))
-    table = read_corpus(corpus, ["id", "labels", "split"], where=where)
+    table = read_corpus(corpus, ["id", "labels", "split", "patient_id"], where=where)
+    rows = [(r, y) for r in table.to_pylist() if (y := task.truth(r["labels"] or [])) is not None]
+    held_out = _val_from_train(task, rows) if not any(r["split"] == "val" for r, _ in rows) else set()
     out = {s: {"ids": [], "y": []} for s in ("train", "val", "test")}
-    for row in table.to_pylist():
-        y = task.truth(row["labels"] or [])
-        if y is not None:
-            out[row["split"]]["ids"].append(row["id"])
-            out[row["split"]]["y"].append(y)
+    for row, y in rows:
+        split = "val" if row["split"] == "train" and row["patient_id"] in held_out else row["split"]
+        out[split]["ids"].append(row["id"])
+        out[split]["y"].append(y)
     for split, part in out.items():
         part["y"] = np.array(part["y"], dtype=bool).reshape(-1, len(task.classes))
         if split != "train" and len(part["ids"]) and not (part["y"].any(axis=0)).all():

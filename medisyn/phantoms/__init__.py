@@ -40,6 +40,7 @@ from .common import (
 from .replicas import generate_replicas
 
 SCALES = ("small", "medium")
+LAYOUTS = ("demo", "flat")  # the repositories as published (read through the paper catalog) | the invented flat one
 MARKER_FILE = ".medisyn-phantom"  # lets a re-run replace only directories it wrote itself
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "PLANTED_MARKER",
     "PLANTED_INSTITUTION",
     "SCALES",
+    "LAYOUTS",
     "SPECIALTIES",
     "IMAGE_TYPES",
     "write_repositories_yaml",
@@ -71,9 +73,9 @@ def _row_class(repo: PhantomRepo, row: dict) -> str:
 
 
 def generator_sources() -> list[Path]:
-    """The modules that draw the demo phantoms (this package's source files but the replicas', which
-    draw with them and do not change the demo repositories)."""
-    return sorted(p for p in Path(__file__).parent.glob("*.py") if p.name != "replicas.py")
+    """The modules that draw the demo phantoms: this package's source files (the published layouts' too,
+    and the replicas' Writer they write with)."""
+    return sorted(Path(__file__).parent.rglob("*.py"))
 
 
 def catalog_digest() -> str:
@@ -173,6 +175,38 @@ def write_repositories_yaml(out: Path, seed: int | None = None, scale: str | Non
     return p
 
 
+def _published_summary(out: Path, seed: int, scale: str, defects: bool, repos, workers, progress) -> dict:
+    """The demo layout: every demo repository as its publisher ships it (medisyn.phantoms.published)."""
+    from .published import write_published
+
+    written = write_published(out, seed, scale, defects, repos, workers, progress)
+    infos = {
+        name: {
+            "specialty": BY_NAME[w["repo"]].specialty,  # the catalog entry's too (tests/test_phantoms.py)
+            "image_type": BY_NAME[w["repo"]].image_type,
+            "repo": w["repo"],
+            "files": len(w["files"]),
+            "class_counts": w["expect"]["classes"],
+            "expect": w["expect"],
+            "defects": [d["path"] for d in w["expect"].get("defects", [])],
+        }
+        for name, w in written.items()
+    }
+    return {
+        "generator": "medisyn.phantoms",
+        "layout": "demo",
+        "catalog": catalog_digest(),
+        "seed": seed,
+        "scale": scale,
+        "defects_planted": bool(defects),
+        "paths": "relative to the output directory (the one holding this file)",
+        "read_with": {"ingest.sources": "paper", "ingest.sources_root": str(out), "ingest.source_entries": list(infos)},
+        "repositories": infos,
+        "defects": [d for w in written.values() for d in w["expect"].get("defects", [])],
+        "totals": {"files": sum(i["files"] for i in infos.values())},
+    }
+
+
 def generate_phantoms(
     out: str | Path,
     seed: int = 0,
@@ -181,6 +215,7 @@ def generate_phantoms(
     repos: list[str] | None = None,
     workers: int = 2,
     progress: bool = True,
+    layout: str = "demo",
 ) -> dict:
     """Generate every phantom repository under `out` and return the summary.
 
@@ -189,10 +224,21 @@ def generate_phantoms(
     generation to some repository names (the yaml still lists all).
     `workers` threads generate repositories concurrently (numpy, zlib and
     Pillow release the GIL); results do not depend on it.
+    layout: "demo" writes each repository as its publisher ships it (OUT/<paper
+    catalog entry>/..., read with ``ingest.sources: paper``); "flat" writes the
+    invented one-table-per-repository layout and OUT/repositories.yaml (the
+    ``ingest.repositories`` format for a site's own exports).
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     seed = int(seed)
+    if layout == "demo":
+        out = Path(out)
+        summary = _published_summary(out, seed, scale, defects, repos, workers, progress)
+        (out / "phantoms.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary
     selected = list(REPOSITORIES) if repos is None else [BY_NAME[r] for r in repos]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +257,7 @@ def generate_phantoms(
         "seed": seed,
         "scale": scale,
         "defects_planted": bool(defects),
+        "layout": "flat",
         "paths": "relative to the output directory (the one holding this file)",
         "repositories": {r.name: results[r.name][2] for r in selected},
         "defects": [rec for r in selected for rec in results[r.name][1]],

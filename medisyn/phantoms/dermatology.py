@@ -179,3 +179,45 @@ def derm_photos(ctx: GenContext, repo, n_per_class: int) -> GenResult:
         save_jpeg(clinical_image(ctx.patient_rng(p), ctx.rng(i), cls), ctx.path(rel))
         rows.append({repo.path_column: rel, repo.patient_column: ctx.patient_id(p), col: cls})
     return GenResult(rows, files=len(rows), frames=len(rows))
+
+
+# ------------------------------------------- clinical photos of neoplasms (Fitzpatrick17k's benign / malignant)
+def clinical_lesion_image(prng: np.random.Generator, rng: np.random.Generator, kind: str) -> np.ndarray:
+    """Photo of one skin lesion on the same skin, light and backdrop as `clinical_image`.
+
+    benign: small, round, smooth-bordered, one even colour (a nevus, dermatofibroma or keratosis seen
+    from afar); malignant: larger, asymmetric and irregular, several colours (black, brown, red, blue-grey)
+    with a crusted centre, so the three-partition classes differ as melanoma vs nevus do in dermoscopy.
+    """
+    h, w = PHOTO_HW
+    tone = SKIN_TONES[int(prng.integers(0, len(SKIN_TONES)))] + prng.normal(0, 8, 3)
+    img = skin(rng, h, w, tone, mottling=8)
+    yy, xx = D.grid(h, w)
+    ang = rng.uniform(0, 2 * np.pi)
+    edge = (np.cos(ang) * (xx - w / 2) + np.sin(ang) * (yy - h / 2)) / 4 - rng.uniform(28, 40)
+    body = np.clip(0.5 - edge + 2 * D.smooth_noise(rng, h, w, 40), 0, 1)
+    # the lesion sits on skin: pull its centre away from the backdrop side
+    cy = h / 2 - np.sin(ang) * rng.uniform(20, 45) + rng.uniform(-20, 20)
+    cx = w / 2 - np.cos(ang) * rng.uniform(20, 60) + rng.uniform(-25, 25)
+    if kind == "benign":
+        r = rng.uniform(18, 26)
+        les = D.ellipse(h, w, cy, cx, r, r * rng.uniform(0.85, 1.0), rng.uniform(0, np.pi), soft=2.5)
+        colour = [[150, 100, 70], [120, 78, 55], [205, 140, 125]][int(prng.integers(0, 3))]
+        img = D.compose(img, les, np.array(colour, np.float32) * rng.uniform(0.92, 1.08))
+        glint = D.ellipse(h, w, cy - r * 0.35, cx - r * 0.3, r * 0.25, r * 0.35, soft=3) * les
+        img = D.compose(img, glint * 0.25, [250, 240, 230])  # a smooth dome catches the light
+    else:
+        r = rng.uniform(34, 48)
+        les = D.blob(h, w, cy, cx, r, rng, 0.4, harmonics=7, aspect=rng.uniform(0.65, 0.95), angle=ang, soft=2)
+        img = D.compose(img, les, [105, 60, 45])
+        for col in ([30, 20, 22], [160, 50, 50], [75, 85, 115], [60, 35, 28]):
+            patch = np.clip(D.smooth_noise(rng, h, w, 14) - 0.25, 0, 1) * les
+            img = D.compose(img, np.clip(patch * 1.8, 0, 1), col)
+        crust = D.blob(h, w, cy + rng.uniform(-8, 8), cx + rng.uniform(-8, 8), r * 0.35, rng, 0.35) * les
+        img = D.compose(img, crust * 0.8, [170, 120, 70])  # ulcerated, crusted centre
+        img = D.compose(img, D.dots(rng, h, w, 12, 2.5, weight=les) * 0.7, [25, 15, 15])  # satellite nodules
+    light = 1 + 0.18 * np.cos(ang + 1.0) * (xx - w / 2) / w + 0.1 * D.smooth_noise(rng, h, w, 80)
+    img = img * light[..., None]
+    backdrop = np.array([70, 90, 120], np.float32) + prng.normal(0, 20, 3)
+    img = D.compose(img, 1 - body, backdrop + 6 * D.smooth_noise(rng, h, w, 20)[..., None])
+    return D.to_u8(img + 2.5 * rng.standard_normal((h, w, 3)).astype(np.float32))

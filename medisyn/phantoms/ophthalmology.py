@@ -147,3 +147,31 @@ def fundus(ctx: GenContext, repo, n_per_class: int) -> GenResult:
         save_jpeg(fundus_image(ctx.patient_rng(p), ctx.rng(i), cls), ctx.path(rel))
         rows.append({repo.path_column: rel, repo.patient_column: ctx.patient_id(p), col: cls})
     return GenResult(rows, files=len(rows), frames=len(rows))
+
+
+def fundus_proliferative(prng: np.random.Generator, rng: np.random.Generator) -> np.ndarray:
+    """Proliferative diabetic retinopathy (EyePACS level 4): the DR fundus plus what only level 4 has,
+    large enough to survive the demo's 128² resize: a boat-shaped pre-retinal haemorrhage (dark red,
+    flat-topped where the blood settles) and sea-fan tufts of new vessels with whitish fibrous tissue."""
+    img = fundus_image(prng, rng, "diabetic_retinopathy").astype(np.float32)
+    n = FUNDUS
+    c = n / 2
+    yy, xx = D.grid(n, n)
+    # pre-retinal haemorrhage below or above the macula, inside the field of view
+    a, d = rng.uniform(0, 2 * np.pi), rng.uniform(15, 45)
+    hy, hx = c + d * np.sin(a), c + d * np.cos(a)
+    ry, rx = rng.uniform(15, 22), rng.uniform(26, 36)
+    boat = D.ellipse(n, n, hy, hx, ry, rx, soft=2.5) * np.clip((yy - (hy - ry * 0.25)) / 2, 0, 1)
+    img = D.compose(img, boat * 0.95, np.array([115, 12, 8], np.float32) * rng.uniform(0.85, 1.1))
+    # neovascular tufts: loops of fine vessels fanning from a point, on a fibrous veil
+    for _ in range(int(rng.integers(2, 4))):
+        a, d = rng.uniform(0, 2 * np.pi), rng.uniform(40, 85)
+        ty, tx = c + d * np.sin(a), c + d * np.cos(a)
+        veil = D.ellipse(n, n, ty, tx, rng.uniform(12, 18), rng.uniform(12, 18), soft=6)
+        img = D.compose(img, veil * 0.45, [235, 205, 185])
+        paths = [
+            D.random_walk(rng, tx, ty, rng.uniform(0, 2 * np.pi), 10, rng.uniform(1.8, 2.6), 0.55)
+            for _ in range(int(rng.integers(10, 16)))
+        ]
+        img = D.compose(img, D.polyline_mask(n, n, paths, [1.6] * len(paths)) * 0.95, [175, 18, 22])
+    return D.to_u8(img)

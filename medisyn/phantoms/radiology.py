@@ -296,3 +296,27 @@ def mammography(ctx: GenContext, repo, n_per_class: int) -> GenResult:
         dio.save(ds, ctx.path(rel))
         rows.append({repo.path_column: rel, repo.patient_column: ctx.patient_id(p), col: cls})
     return GenResult(rows, files=len(rows), frames=len(rows))
+
+
+# ------------------------------------------------------- pituitary tumour MR (figshare's third class)
+def pituitary_mr_image(prng: np.random.Generator, rng: np.random.Generator) -> np.ndarray:
+    """Brain MR slice with a pituitary macroadenoma: the tumour-free slice of `mr_image` plus a homogeneously
+    enhancing sellar mass with a suprasellar lobe ("snowman") at the skull-base midline, between the dark
+    flow voids of the carotid arteries. Central and midline, where glioma is parenchymal and off-centre and
+    meningioma sits on the convexity, so the three classes differ by where and how the mass looks."""
+    img = mr_image(prng, rng, "notumor").astype(np.float32)
+    n, E = MR, D.ellipse
+    cy, cx = 96 + rng.uniform(-4, 4), 96 + rng.uniform(-3, 3)  # the sella: the centre of the skull base
+    r = rng.uniform(10, 15)
+    sella = E(n, n, cy + r * 0.35, cx, r * 0.8, r * rng.uniform(0.95, 1.15), rng.uniform(-0.1, 0.1), soft=1.5)
+    lobe = E(n, n, cy - r * 0.55, cx + rng.uniform(-2, 2), r * 0.75, r * 0.7, soft=1.5)  # suprasellar extension
+    mass = np.maximum(sella, lobe)
+    rim = np.zeros((n, n), np.float32)
+    for sgn in (-1, 1):  # carotid flow voids either side of the sella
+        rim = np.maximum(rim, E(n, n, cy + r * 0.3, cx + sgn * (r * 1.15 + 3), 3.5, 3.0, soft=1.0))
+    level = rng.uniform(1300.0, 1500.0)
+    noise = 14 * rng.standard_normal((2, n, n)).astype(np.float32)
+    mass_val = np.sqrt((level + noise[0]) ** 2 + noise[1] ** 2)  # Rician, as the rest of the slice
+    img = D.compose(img, rim * (1 - mass), 20.0 + np.abs(noise[1]))
+    img = D.compose(img, mass, mass_val)
+    return np.clip(np.rint(img), 0, 4095).astype(np.uint16)

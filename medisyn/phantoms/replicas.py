@@ -109,7 +109,7 @@ class Writer:
         self.text(rel, buf.getvalue())
 
 
-def _grey(arr16: np.ndarray) -> np.ndarray:
+def grey(arr16: np.ndarray) -> np.ndarray:
     """A 16-bit phantom as the 8-bit grey a publisher's JPEG/PNG holds."""
     return D.to_u8(arr16.astype(np.float32) / max(float(arr16.max()), 1.0) * 255)
 
@@ -125,7 +125,7 @@ def expected(corpus: int, classes: dict, left_out: dict | None = None, rejects: 
     }
 
 
-def _hash_split(groups: int, kind: str) -> dict:
+def hash_split(groups: int, kind: str) -> dict:
     """No official split: ingest's salted group hash decides (80/10/10); only the group count is fixed."""
     return {"by": f"{kind} hash (ingest.split_fractions)", "groups": groups}
 
@@ -152,7 +152,7 @@ RSPECT_COLUMNS = [
 ]
 
 
-def _uid12(w: Writer, *parts) -> str:
+def uid12(w: Writer, *parts) -> str:
     """An anonymised 12-hex-digit UID as RSPECT's folders and files carry."""
     import hashlib
 
@@ -165,9 +165,9 @@ def _rspect(w: Writer) -> dict:
     rows = []
     for p, (n_sl, pos) in enumerate(studies):
         a = ct_anatomy(w.ctx.patient_rng(p))
-        st, se = _uid12(w, "study", p), _uid12(w, "series", p)
+        st, se = uid12(w, "study", p), uid12(w, "series", p)
         for k in range(n_sl):
-            sop = _uid12(w, "sop", p, k)
+            sop = uid12(w, "sop", p, k)
             write_ct_slice(
                 w.ctx, p, k, n_sl, a, k in pos, w.ctx.uid("series", p), w.path(f"train/{st}/{se}/{sop}.dcm"), w.rng()
             )
@@ -176,10 +176,10 @@ def _rspect(w: Writer) -> dict:
                 [st, se, sop, int(k in pos), neg_exam, 0, 0, 0, int(bool(pos)), 0, int(bool(pos)), 0, 0, 0, 0, 0, 0]
             )
     w.csv("train.csv", RSPECT_COLUMNS, rows)
-    st, se = _uid12(w, "study", 9), _uid12(w, "series", 9)
+    st, se = uid12(w, "study", 9), uid12(w, "series", 9)
     test = []
     for k in range(2):  # unlabelled test studies: only the three UID columns
-        sop = _uid12(w, "sop", 9, k)
+        sop = uid12(w, "sop", 9, k)
         write_ct_slice(
             w.ctx,
             9,
@@ -199,7 +199,7 @@ def _rspect(w: Writer) -> dict:
         2 * positives,
         {"pulmonary embolism": positives, "no presence of pulmonary embolism": positives},
         {"cap per_class": 12 - 2 * positives},
-        splits=_hash_split(3, "study"),
+        splits=hash_split(3, "study"),
     )
 
 
@@ -251,7 +251,7 @@ def _chexpert(w: Writer) -> dict:
     for sub, p, s, view, sex, age, fl, appa, labels in rows:
         rel = f"{top}/{sub}/patient{p:05d}/study{s}/view{view}.jpg"
         found = tuple(c for c, v in labels.items() if c in CHEXPERT_PHRASES and v == "1.0")
-        w.jpeg(rel, _grey(cxr_image(w.rng(), tuple(c for c in found if c != "Support Devices"))))
+        w.jpeg(rel, grey(cxr_image(w.rng(), tuple(c for c in found if c != "Support Devices"))))
         cells = [labels.get(c, "") for c in CHEXPERT_COLUMNS[5:]]
         if sub == "valid":  # radiologist labels: every column 0.0 or 1.0
             cells = [v or "0.0" for v in cells]
@@ -268,7 +268,7 @@ def _chexpert(w: Writer) -> dict:
     w.csv(f"{top}/train.csv", CHEXPERT_COLUMNS, tables["train"])
     w.csv(f"{top}/valid.csv", CHEXPERT_COLUMNS, tables["valid"])
     corpus = len(rows) - sum(left.values())
-    return expected(corpus, dict(classes), dict(left), splits=_hash_split(len(patients), "patient"))
+    return expected(corpus, dict(classes), dict(left), splits=hash_split(len(patients), "patient"))
 
 
 # ---------------------------------------------------------------------------------------- cbis-ddsm
@@ -371,7 +371,7 @@ VINDR_PHRASES = {
 
 def _hex32(w: Writer, *parts) -> str:
     """VinDr's 32-hex-digit study, series and image ids."""
-    return (_uid12(w, *parts) + _uid12(w, "b", *parts) + _uid12(w, "c", *parts))[:32]
+    return (uid12(w, *parts) + uid12(w, "b", *parts) + uid12(w, "c", *parts))[:32]
 
 
 def _vindr(w: Writer) -> dict:
@@ -442,7 +442,7 @@ def _busi(w: Writer) -> dict:
         sum(counts.values()),
         {phrases[c]: n for c, n in counts.items()},
         {"segmentation mask": masks},
-        splits=_hash_split(sum(counts.values()), "image"),
+        splits=hash_split(sum(counts.values()), "image"),
     )
 
 
@@ -470,7 +470,7 @@ GI_PHRASES |= {  # the catalog's phrases for the findings outside the paper's pr
 
 
 def _uuid(w: Writer, *parts) -> str:
-    h = _uid12(w, "uuid", *parts) + _uid12(w, "uuid2", *parts) + _uid12(w, "uuid3", *parts)
+    h = uid12(w, "uuid", *parts) + uid12(w, "uuid2", *parts) + uid12(w, "uuid3", *parts)
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) % 4]}{h[17:20]}-{h[20:32]}"
 
 
@@ -513,7 +513,7 @@ def _hyperkvasir(w: Writer) -> dict:
     mask[50:150, 60:180] = 255
     w.jpeg(f"segmented-images/masks/{sid}.jpg", mask)
     corpus = sum(classes.values())
-    return expected(corpus, dict(classes), dict(left), splits=_hash_split(corpus, "image"))
+    return expected(corpus, dict(classes), dict(left), splits=hash_split(corpus, "image"))
 
 
 # ---------------------------------------------------------------------------------------- kvasir-v2
@@ -540,7 +540,7 @@ def _kvasir(w: Writer) -> dict:
             else:
                 left["unmapped label (folder)"] += 1
     corpus = sum(classes.values())
-    return expected(corpus, dict(classes), dict(left), splits=_hash_split(corpus, "image"))
+    return expected(corpus, dict(classes), dict(left), splits=hash_split(corpus, "image"))
 
 
 # -------------------------------------------------------------------------------------- kermany-oct
@@ -607,7 +607,7 @@ def _eyepacs(w: Writer) -> dict:
         len(levels),
         dict(classes),
         {"unlabelled (no row in trainLabels.csv)": 1},
-        splits=_hash_split(5, "patient"),
+        splits=hash_split(5, "patient"),
     )
 
 
@@ -615,19 +615,19 @@ def _eyepacs(w: Writer) -> dict:
 def _aptos(w: Writer) -> dict:
     diag = [2, 4, 1, 0, 0, 3, 2, 0, 1, 4]
     codes = ["000c1434d8d7", "001639a390f0", "0024cdab0c1e"]  # SOURCES' rows, verbatim ids
-    codes += [_uid12(w, "aptos", i) for i in range(3, len(diag))]
+    codes += [uid12(w, "aptos", i) for i in range(3, len(diag))]
     rows = []
     for i, (code, d) in enumerate(zip(codes, diag, strict=True)):
         w.png(f"train_images/{code}.png", _fundus(w, d, i))
         rows.append([code, d])
-    tests = [_uid12(w, "aptos-test", i) for i in range(2)]
+    tests = [uid12(w, "aptos-test", i) for i in range(2)]
     for i, code in enumerate(tests):
         w.png(f"test_images/{code}.png", _fundus(w, 0, 200 + i))
     w.csv("train.csv", ["id_code", "diagnosis"], rows)
     w.csv("test.csv", ["id_code"], [[c] for c in tests])
     w.csv("sample_submission.csv", ["id_code", "diagnosis"], [[c, 0] for c in tests])
     classes = Counter(DR_PHRASES[str(d)] for d in diag)
-    return expected(len(diag), dict(classes), {}, splits=_hash_split(len(diag), "image"))
+    return expected(len(diag), dict(classes), {}, splits=hash_split(len(diag), "image"))
 
 
 # ----------------------------------------------------------------------------------------- isic2019
@@ -678,7 +678,7 @@ def _isic(w: Writer) -> dict:
             left[f"unmapped label ({dx})"] += 1
     kept = [(i, lesion) for i, dx, lesion in images if dx in ISIC_PHRASES]
     groups = len({lesion or iid for iid, lesion in kept})  # a blank lesion_id: the image is its own group
-    return expected(len(kept), dict(classes), dict(left), splits=_hash_split(groups, "lesion"))
+    return expected(len(kept), dict(classes), dict(left), splits=hash_split(groups, "lesion"))
 
 
 # ----------------------------------------------------------------------------------- fitzpatrick17k
@@ -709,7 +709,7 @@ def _fitzpatrick(w: Writer) -> dict:
     out, classes, left = [], Counter(), Counter()
     rejects = 0
     for i, (label, nine, three, qc, present) in enumerate(rows):
-        md5 = (_uid12(w, "md5", i) * 3)[:32]
+        md5 = (uid12(w, "md5", i) * 3)[:32]
         slug = label.replace(" ", "-")
         url = f"https://www.dermaamin.com/site/images/clinical-pic/x/{slug}/{slug}{i}.jpg"
         alnum = "".join(ch for ch in url if ch.isalnum()) + ".jpg"
@@ -738,7 +738,7 @@ def _fitzpatrick(w: Writer) -> dict:
             classes[FITZ_PHRASES[three]] += 1
     w.csv("fitzpatrick17k.csv", FITZ_COLUMNS, out)
     corpus = sum(classes.values())
-    return expected(corpus, dict(classes), dict(left), rejects, splits=_hash_split(corpus, "image"))
+    return expected(corpus, dict(classes), dict(left), rejects, splits=hash_split(corpus, "image"))
 
 
 # ---------------------------------------------------------------------------------------------- ddi
@@ -764,7 +764,7 @@ def _ddi(w: Writer) -> dict:
         table.append([i, i + 1, name, tone, malig, disease])
     w.csv(f"{top}/ddi_metadata.csv", ["", "DDI_ID", "DDI_file", "skin_tone", "malignant", "disease"], table)
     classes = Counter(DDI_PHRASES[str(m)] for _, m, _ in rows)
-    return expected(len(rows), dict(classes), {}, splits=_hash_split(len(rows), "image"))
+    return expected(len(rows), dict(classes), {}, splits=hash_split(len(rows), "image"))
 
 
 # ------------------------------------------------------------------------------ issue #35: other kinds
@@ -823,7 +823,7 @@ def _cholec80(w: Writer) -> dict:
         sum(classes.values()),
         dict(classes),
         left_out,
-        splits=_hash_split(len(videos), "video"),
+        splits=hash_split(len(videos), "video"),
         read_rejects={PAST_END: past},
         listing={"items": sum(listed.values()), "classes": dict(sorted(listed.items())), "left_out": left_out},
     )
@@ -900,7 +900,7 @@ def _figshare(w: Writer) -> dict:
         dict(classes),
         {"cross-validation indices (cvind.mat)": 1},
         rejects=1,
-        splits=_hash_split(len(pids), "patient"),
+        splits=hash_split(len(pids), "patient"),
         reject_reasons={"not a MATLAB file": 1},
     )
 
@@ -995,7 +995,7 @@ def _camelyon16(w: Writer) -> dict:
         3 + 5 + 6,
         {"metastasis": 3, "no presence of metastasis": 11},
         {**left_out, LEFT_BETWEEN: 1},
-        splits=_hash_split(2, "slide"),
+        splits=hash_split(2, "slide"),
         background=3 + 6,
         listing={"items": 2, "classes": {"metastasis": 1, "no presence of metastasis": 1}, "left_out": left_out},
     )
@@ -1038,7 +1038,7 @@ def _msd_brain_tumour(w: Writer) -> dict:
         kept,
         {MSD_PHRASE: kept},
         {**left, LEFT_MASK: dropped},
-        splits=_hash_split(len(cases), "patient"),
+        splits=hash_split(len(cases), "patient"),
         listing={"items": len(cases), "classes": {MSD_PHRASE: len(cases)}, "left_out": left},
     )
 

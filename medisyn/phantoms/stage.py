@@ -27,7 +27,7 @@ def phantoms_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run_path.path) / cfg.phantoms.out
 
 
-def ensure_phantoms(out: Path, seed: int, scale: str, defects: bool = True) -> dict:
+def ensure_phantoms(out: Path, seed: int, scale: str, defects: bool = True, layout: str = "demo") -> dict:
     """Generate into ``out`` unless a finished generation with the same settings is there.
 
     ``phantoms.json`` is written last, so its presence means the folder is complete; a
@@ -39,13 +39,13 @@ def ensure_phantoms(out: Path, seed: int, scale: str, defects: bool = True) -> d
     if marker.is_file():
         summary = json.loads(marker.read_text())
         have = (summary.get("catalog"), summary.get("seed"), summary.get("scale"), summary.get("defects_planted"))
-        if have == (catalog_digest(), seed, scale, bool(defects)):
+        if have == (catalog_digest(), seed, scale, bool(defects)) and summary.get("layout", "flat") == layout:
             log.info("phantoms: %s already holds seed %d, scale %s; nothing to do", out, seed, scale)
             return summary
     if out.exists():
         log.info("phantoms: clearing incomplete or different generation in %s", out)
         shutil.rmtree(out)
-    return generate_phantoms(out, seed=seed, scale=scale, defects=defects)
+    return generate_phantoms(out, seed=seed, scale=scale, defects=defects, layout=layout)
 
 
 def _print_summary(out: Path, summary: dict) -> None:
@@ -56,16 +56,23 @@ def _print_summary(out: Path, summary: dict) -> None:
             f"  {name:16s} {info.get('specialty', ''):17s} {info.get('image_type', ''):30s} "
             f"{info.get('files', '?'):>5} files"
         )
-    print(f"  planted defects: {len(summary.get('defects', []))}; ingest description: {out / 'repositories.yaml'}")
+    if summary.get("layout") == "demo":
+        read = "ingest.sources: paper, ingest.sources_root: the folder above"
+    else:
+        read = f"ingest.repositories_file: {out / 'repositories.yaml'}"
+    print(f"  planted defects: {len(summary.get('defects', []))}; read with {read}")
 
 
 def run(cfg: RunConfig) -> None:
     out = phantoms_dir(cfg)
-    _print_summary(out, ensure_phantoms(out, cfg.phantoms.seed, cfg.phantoms.scale))
+    _print_summary(out, ensure_phantoms(out, cfg.phantoms.seed, cfg.phantoms.scale, layout=cfg.phantoms.layout))
 
 
-def run_cli(cfg: RunConfig, out: str | None, seed: int | None, scale: str | None, defects: bool) -> None:
-    """``medisyn phantoms [OUT] [--seed S] [--scale small|medium]``; flags win over the config."""
+def run_cli(
+    cfg: RunConfig, out: str | None, seed: int | None, scale: str | None, defects: bool, layout: str | None = None
+) -> None:
+    """``medisyn phantoms [OUT] [--seed S] [--scale small|medium] [--layout demo|flat]``; flags win over the config."""
     target = Path(out) if out else phantoms_dir(cfg)
-    summary = ensure_phantoms(target, cfg.phantoms.seed if seed is None else seed, scale or cfg.phantoms.scale, defects)
+    seed = cfg.phantoms.seed if seed is None else seed
+    summary = ensure_phantoms(target, seed, scale or cfg.phantoms.scale, defects, layout or cfg.phantoms.layout)
     _print_summary(target, summary)

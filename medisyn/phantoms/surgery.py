@@ -265,3 +265,16 @@ def prostatectomy(ctx: GenContext, repo, n_per_class: int) -> GenResult:
             {repo.path_column: rel, "video_id": f"video_{v + 1:02d}", repo.patient_column: ctx.patient_id(v), col: cls}
         )
     return GenResult(rows, files=len(rows), frames=len(rows))
+
+
+def rarp_other_frame(prng: np.random.Generator, rng: np.random.Generator) -> np.ndarray:
+    """SAR-RARP50's action 0 ("Other"): the anastomosis with no needle or instrument in view (the camera
+    moving between throws). Its frames are left out by the catalog, so it only has to be a plausible scene."""
+    h, w = HW
+    img = tissue(rng, prng, h, w)
+    hy, hx = rng.uniform(0.55, 0.75) * h, rng.uniform(0.4, 0.6) * w
+    img = D.compose(img, D.ellipse(h, w, hy, hx, 18, 28, soft=6), [90, 25, 30])
+    img = D.compose(img, D.ellipse(h, w, hy, hx, 7, 12, soft=3), [35, 10, 12])
+    img = glints(rng, img, 30)
+    img *= D.vignette(h, w, 0.5, 1.0)[..., None] * prng.uniform(0.85, 1.1)
+    return D.to_u8(img + 2.0 * rng.standard_normal((h, w, 1)).astype(np.float32))
