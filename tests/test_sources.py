@@ -21,6 +21,8 @@ from medisyn.ingest.summary import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs/configs/demo.yaml"
+# the demo config without its own sources (it reads the phantoms through the catalog): each test says what it reads
+RESET = ["ingest.sources=", "ingest.sources_root=", "ingest.source_entries=[]", "ingest.source_settings={}"]
 
 
 # ----------------------------------------------------------------------------- config options
@@ -35,16 +37,18 @@ def test_source_options_are_read_and_printed_by_medisyn_config(capsys):
         "ingest.source_paths.chexpert=/mnt/chexpert",
         "ingest.source_entries=[chexpert, aptos2019]",
     ]
-    cfg = load_config(DEMO, overrides).ingest
+    cfg = load_config(DEMO, [*RESET, *overrides]).ingest
     assert cfg.sources == "paper" and cfg.sources_root == "s3://bucket/sources"
     assert cfg.source_paths == {"chexpert": "/mnt/chexpert"} and cfg.source_entries == ("chexpert", "aptos2019")
-    assert main(["config", "--config", str(DEMO), *overrides]) == 0
+    assert main(["config", "--config", str(DEMO), *RESET, *overrides]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)["ingest"]
     assert shown["sources"] == "paper" and shown["sources_root"] == "s3://bucket/sources"
     assert shown["source_paths"] == {"chexpert": "/mnt/chexpert"}
     assert shown["source_entries"] == ["chexpert", "aptos2019"]
     # every entry with its own folder: no root needed
-    cfg = load_config(DEMO, ["ingest.sources=paper", "ingest.source_entries=[ddi]", "ingest.source_paths.ddi=/d"])
+    cfg = load_config(
+        DEMO, [*RESET, "ingest.sources=paper", "ingest.source_entries=[ddi]", "ingest.source_paths.ddi=/d"]
+    )
     assert cfg.ingest.sources_root == ""
 
 
@@ -74,7 +78,7 @@ def test_source_options_are_read_and_printed_by_medisyn_config(capsys):
 )
 def test_source_options_are_checked_before_any_work(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        load_config(DEMO, overrides)
+        load_config(DEMO, [*RESET, *overrides])
 
 
 def test_source_settings_override_reading_settings_not_the_layout():
@@ -83,19 +87,21 @@ def test_source_settings_override_reading_settings_not_the_layout():
     from medisyn.ingest.catalog import load_sources, reading
 
     base = ["ingest.sources=paper", "ingest.sources_root=/d"]
-    paper = {s.entry.name: s.entry for s in load_sources(load_config(DEMO, base).ingest)}
+    paper = {s.entry.name: s.entry for s in load_sources(load_config(DEMO, [*RESET, *base]).ingest)}
     over = [
         "ingest.source_settings.camelyon16.wsi.patch_size=256",
         "ingest.source_settings.camelyon16.lesions.per_slide=16",
         "ingest.source_settings.cholec80.video.every=50",
     ]
-    entries = {s.entry.name: s.entry for s in load_sources(load_config(DEMO, base + over).ingest)}
+    entries = {s.entry.name: s.entry for s in load_sources(load_config(DEMO, [*RESET, *base, *over]).ingest)}
     cam = entries["camelyon16"]
     assert cam.wsi.patch_size == 256 and cam.wsi.magnification == paper["camelyon16"].wsi.magnification == 40
     assert cam.lesions.per_slide == 16 and cam.lesions.annotations == paper["camelyon16"].lesions.annotations
     assert entries["cholec80"].video.every == 50 and entries["cholec80"].video.fps == 25
-    assert dict(reading(cam).settings)["wsi_patch_size"] == 256 != dict(reading(paper["camelyon16"]).settings).get(
-        "wsi_patch_size"
+    assert (
+        dict(reading(cam).settings)["wsi_patch_size"]
+        == 256
+        != dict(reading(paper["camelyon16"]).settings).get("wsi_patch_size")
     )
     assert entries["busi"] == paper["busi"]  # untouched entries are the catalog's
     for bad, message in [
@@ -104,9 +110,9 @@ def test_source_settings_override_reading_settings_not_the_layout():
         ("ingest.source_settings.camelyon16.wsi.patchsize=3", "wsi: unknown key(s) 'patchsize'"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
-            load_sources(load_config(DEMO, [*base, bad]).ingest)
+            load_sources(load_config(DEMO, [*RESET, *base, bad]).ingest)
     with pytest.raises(ConfigError, match="ingest.source_settings is set but ingest.sources"):
-        load_config(DEMO, ["ingest.sources=", "ingest.source_settings.busi.caps.total=3"])
+        load_config(DEMO, [*RESET, "ingest.sources=", "ingest.source_settings.busi.caps.total=3"])
 
 
 def test_summary_prints_what_was_left_out_and_skipped():
@@ -152,7 +158,7 @@ def _check(overrides: list[str]) -> tuple[int, str]:
     from medisyn.ingest.check import check
 
     lines: list[str] = []
-    rc = check(load_config(DEMO, ["ingest.sources=paper", *overrides]).ingest, out=lines.append)
+    rc = check(load_config(DEMO, [*RESET, "ingest.sources=paper", *overrides]).ingest, out=lines.append)
     return rc, "\n".join(lines)
 
 
@@ -168,6 +174,18 @@ def test_check_passes_on_the_replicas_and_reports_each_entry(replicas):
         assert f"  corpus: {listed:,} files" in blocks[name], blocks[name]
         assert f"sample: {min(3, listed)} element(s) opened" in blocks[name], blocks[name]
     assert "FAILED" not in text and "needs issue #35" not in text
+
+
+def test_check_passes_on_the_demo_sources_as_make_demo_reads_them(demo_sources, capsys):
+    """The demo's phantoms, written as their publishers ship them, match the paper catalog under the demo's
+    own settings: `medisyn sources check` on demo.yaml exits 0 with every one of its 13 entries found."""
+    from medisyn.cli import main
+
+    assert main(["sources", "check", "--config", str(DEMO), f"ingest.sources_root={demo_sources}"]) == 0
+    out = capsys.readouterr().out
+    entries = load_config(DEMO).ingest.source_entries
+    assert len(entries) == 13 and f"{len(entries)} entries: {len(entries)} match" in out
+    assert "absent" not in out
 
 
 def test_absent_entries_are_reported_with_their_access_and_do_not_fail(replicas, tmp_path):
@@ -206,7 +224,7 @@ def test_check_fails_on_a_broken_replica_naming_the_entry_and_the_cause(replicas
     copy = tmp_path / "sources"
     shutil.copytree(root / entry, copy / entry)
     break_replica(copy, entry, how)
-    args = ["sources", "check", "--config", str(DEMO), "ingest.sources=paper", f"ingest.sources_root={copy}"]
+    args = ["sources", "check", "--config", str(DEMO), *RESET, "ingest.sources=paper", f"ingest.sources_root={copy}"]
     assert main([*args, f"ingest.source_entries=[{entry}]"]) == 1
     out = capsys.readouterr().out
     failed = [line for line in out.splitlines() if "FAILED" in line]
@@ -228,11 +246,13 @@ def test_ingest_stops_before_ray_on_a_present_entry_that_does_not_match(replicas
     shutil.copytree(root / "aptos2019", tmp_path / "sources/aptos2019")
     break_replica(tmp_path / "sources", "aptos2019", "header")
     overrides = ["ingest.repositories_file=", "ingest.sources=paper", f"ingest.sources_root={tmp_path / 'sources'}"]
-    cfg = load_config(DEMO, [f"run_dir={tmp_path / 'run'}", "ingest.source_entries=[aptos2019]", *overrides])
+    cfg = load_config(DEMO, [*RESET, f"run_dir={tmp_path / 'run'}", "ingest.source_entries=[aptos2019]", *overrides])
     with pytest.raises(ConfigError, match=r"source 'aptos2019': tables\[0\].*no column\(s\) 'diagnosis'"):
         ingest(cfg)
     # names stay unique across old-format repositories and catalog entries; nothing present: one line saying why
-    cfg = load_config(DEMO, [f"run_dir={tmp_path / 'run'}", "ingest.source_entries=[ddi, cholec80]", *overrides])
+    cfg = load_config(
+        DEMO, [*RESET, f"run_dir={tmp_path / 'run'}", "ingest.source_entries=[ddi, cholec80]", *overrides]
+    )
     with pytest.raises(
         ConfigError, match=r"no entry of catalog 'paper' can be read: cholec80 absent: no folder .*; ddi absent"
     ):
@@ -298,6 +318,7 @@ def test_replicas_ingest_through_the_paper_catalog(ray_cluster, replicas, tmp_pa
     cfg = load_config(
         DEMO,
         [
+            *RESET,
             f"run_dir={tmp_path / 'run'}",
             "ingest.repositories_file=",
             "ingest.sources=paper",
@@ -348,7 +369,7 @@ def test_every_node_probes_each_read_entry_folder_and_its_table_files(replicas):
     from medisyn.raytools import visible_sources
 
     root, _ = replicas
-    cfg = load_config(DEMO, ["ingest.sources=paper", f"ingest.sources_root={root}"])
+    cfg = load_config(DEMO, [*RESET, "ingest.sources=paper", f"ingest.sources_root={root}"])
     sources = load_sources(cfg.ingest, str)
     entries = ["chexpert", "busi", "cholec80"]
     sources = tuple(s for s in sources if s.entry.name in entries)
