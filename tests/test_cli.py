@@ -96,7 +96,7 @@ def test_phantoms_takes_overrides_like_every_stage(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["phantoms", "--config", str(DEMO), f"run_dir={run_dir}", "phantoms.seed=4"]) == 0
     assert json.loads((run_dir / "phantoms/phantoms.json").read_text())["seed"] == 4
-    assert not list(Path.cwd().glob("run_dir=*")) and (run_dir / "phantoms/repositories.yaml").is_file()
+    assert not list(Path.cwd().glob("run_dir=*")) and (run_dir / "phantoms/rspect/train.csv").is_file()
 
 
 def test_phantoms_command_is_idempotent(tmp_path, capsys):
@@ -106,7 +106,7 @@ def test_phantoms_command_is_idempotent(tmp_path, capsys):
     stamp = (out / "phantoms.json").stat().st_mtime_ns
     assert main(["phantoms", str(out), "--seed", "3", "--scale", "small"]) == 0  # same settings: nothing redone
     assert (out / "phantoms.json").stat().st_mtime_ns == stamp
-    assert json.loads(first)["seed"] == 3 and "ctpa" in capsys.readouterr().out
+    assert json.loads(first)["seed"] == 3 and "rspect" in capsys.readouterr().out
 
 
 def test_the_report_records_config_seeds_versions_and_commit(tmp_path):
@@ -116,3 +116,16 @@ def test_the_report_records_config_seeds_versions_and_commit(tmp_path):
     assert "<h2>Provenance</h2>" in page and "seed (splits, samples, trials) 7" in page
     assert "torch 2.14.1" in page and "ray 2.60" in page and "audit-utility seeds 7 … 8" in page
     assert "git commit <code>" in page and f"run_dir: {run_dir}" in page
+
+
+def test_phantoms_layout_flag_and_config_choose_the_layout(tmp_path, monkeypatch):
+    """`--layout flat` (or phantoms.layout: flat) writes the ingest.repositories format; the demo's default
+    writes the repositories as published; a folder of the other layout is made again, not reused."""
+    import medisyn.phantoms as phantoms
+
+    made = []
+    monkeypatch.setattr(phantoms, "generate_phantoms", lambda out, **kw: made.append(kw["layout"]) or {"seed": 0})
+    assert main(["phantoms", str(tmp_path / "a"), "--layout", "flat"]) == 0
+    assert main(["phantoms", str(tmp_path / "b")]) == 0
+    assert main(["phantoms", "--config", str(DEMO), "phantoms.layout=flat", "--out", str(tmp_path / "c")]) == 0
+    assert made == ["flat", "demo", "flat"]

@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import flat
 
 from medisyn.config import ConfigError, load_config
 from medisyn.phrases import ClassNeed, check_classes, corpus_phrases
@@ -58,18 +57,15 @@ def write_corpus(corpus: Path, rows=ROWS, indexed: bool = True) -> Path:
     return corpus
 
 
-def phantom_repositories(tmp_path: Path) -> Path:
-    """The demo's repositories file as the phantoms stage renders it, without drawing a pixel."""
-    from medisyn.phantoms.catalog import REPOSITORIES
-
-    f = tmp_path / "repositories.yaml"
-    f.write_text(yaml.safe_dump({"repositories": [r.ingest_entry() for r in REPOSITORIES]}))
-    return f
-
-
 def demo_config(tmp_path: Path, *overrides: str):
-    repos = phantom_repositories(tmp_path)
-    return load_config(DEMO, [f"run_dir={tmp_path / 'run'}", *flat(repos), *overrides])
+    """The demo's config reading its catalog entries from folders that exist (empty: no pixel drawn), so
+    every entry's phrases are the configured sources'."""
+    root = tmp_path / "sources"
+    for name in load_config(DEMO).ingest.source_entries:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    return load_config(
+        DEMO, [f"run_dir={tmp_path / 'run'}", "phantoms.enabled=false", f"ingest.sources_root={root}", *overrides]
+    )
 
 
 def write_yaml(path: Path, data) -> Path:
@@ -180,7 +176,7 @@ def test_the_pipeline_stops_on_a_typo_after_the_phantoms_before_ingest(tmp_path,
     # the same classes in gastroenterology endoscopy: surgery's phases are not theirs
     study |= {"specialty": "gastroenterology", "classes": ["polyps", "preparation"]}
     write_yaml(tmp_path / "s.yaml", {"studies": [study]})
-    with pytest.raises(ConfigError, match=r"'preparation' is a phrase of surgery endoscopy \(cholec\) only"):
+    with pytest.raises(ConfigError, match=r"'preparation' is a phrase of surgery endoscopy \(cholec80\) only"):
         cli.check_classes_before_ingest(demo_config(tmp_path, f"reader.studies_file={studies}"))
 
 

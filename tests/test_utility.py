@@ -29,7 +29,7 @@ def test_shipped_task_files_load_and_bad_ones_name_the_problem(tmp_path):
     paper = load_tasks("paper")
     assert [t.name for t in paper] == ["chest-xray", "dermoscopy", "prostatectomy"]
     assert paper[0].multilabel and not paper[1].multilabel and len(paper[2].classes) == 4
-    assert [t.sources for t in load_tasks("demo")] == [("chest-xray",), ("isic",), ("prostatectomy",)]
+    assert [t.sources for t in load_tasks("demo")] == [("chexpert",), ("isic2019",), ("sar-rarp50",)]
     assert [t.name for t in load_tasks("demo", ("dermoscopy",))] == ["dermoscopy"]
     with pytest.raises(ConfigError, match="unknown task 'ct'"):
         load_tasks("paper", ("ct",))
