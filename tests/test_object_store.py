@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import flat, get_json, ray_head
+from conftest import get_json, ray_head
 
 from medisyn import storage
 from medisyn.config import load_config
@@ -50,7 +50,7 @@ FAST = [
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_path):
+def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, demo_sources, tmp_path):
     from medisyn.infer.generate import resolve_set
     from medisyn.infer.prompts import expand
 
@@ -62,7 +62,7 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
         "jobs/configs/demo.yaml",
         f"run_dir={uri}",
         "phantoms.enabled=false",
-        *flat(phantom_root / "repositories.yaml"),
+        f"ingest.sources_root={demo_sources}",  # the demo's repositories as published, on the head's disk
         f"reader.dir={tmp_path}/reader",  # the study's SQLite file needs a disk
         *FAST,
     ]
@@ -142,7 +142,7 @@ def test_demo_pipeline_end_to_end_on_s3(s3_server, ingested, phantom_root, tmp_p
     _report_opens_in_a_browser(run, tmp_path / "report-copy")
 
     # equal to a local run of the same sources and settings
-    local = load_config(DEMO, [f"run_dir={local_run}", *flat(phantom_root / "repositories.yaml"), *FAST])
+    local = load_config(DEMO, [f"run_dir={local_run}", f"ingest.sources_root={demo_sources}", *FAST])
     ids = read_corpus(run / "corpus", ["id"]).column("id").to_pylist()
     assert ids == read_corpus(local.run_path / "corpus", ["id"]).column("id").to_pylist()
     names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("epoch-"))
