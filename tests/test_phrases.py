@@ -63,9 +63,7 @@ def demo_config(tmp_path: Path, *overrides: str):
     root = tmp_path / "sources"
     for name in load_config(DEMO).ingest.source_entries:
         (root / name).mkdir(parents=True, exist_ok=True)
-    return load_config(
-        DEMO, [f"run_dir={tmp_path / 'run'}", "phantoms.enabled=false", f"ingest.sources_root={root}", *overrides]
-    )
+    return load_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"ingest.sources_root={root}", *overrides])
 
 
 def write_yaml(path: Path, data) -> Path:
