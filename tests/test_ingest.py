@@ -20,6 +20,7 @@ from conftest import flat
 from PIL import Image
 
 from medisyn.config import load_config
+from medisyn.ingest.pipeline import _settings
 from medisyn.ingest.pipeline import run as ingest
 from medisyn.phantoms import PLANTED_MARKER
 
@@ -396,7 +397,6 @@ def test_sources_above_max_pixels_are_rejected_from_their_header(phantom_root, t
         read_image(png, max_pixels=119_999)
     # the config value reaches the worker through the unit settings
     from medisyn.ingest.listing import load_repositories
-    from medisyn.ingest.pipeline import _settings
 
     cfg = load_config(
         ROOT / "jobs/configs/demo.yaml",
@@ -448,15 +448,18 @@ def test_a_source_that_cannot_be_read_fails_its_unit_not_the_file(ray_cluster, t
 
 
 def test_repositories_in_a_bucket_ingest_to_the_same_corpus(
-    ray_cluster, s3_server, ingested, phantom_root, tmp_path, monkeypatch
+    ray_cluster, s3_server, ingested, demo_sources, tmp_path, monkeypatch
 ):
-    """Repositories read from s3:// (listed, label CSVs read and files fetched through medisyn.storage)
-    give the corpus a local read of the same files gives; a zero-byte file is still a reject, a
-    missing object fails its unit."""
-    import yaml
-
+    """Catalog entries read from s3:// (listed, tables and annotation files read and files fetched through
+    medisyn.storage: JPEGs with a planted empty file, MATLAB v7.3 files, MP4 videos cut frame by frame) give
+    the corpus a local read of the same files gives; a zero-byte file is still a reject, a missing object
+    fails its unit."""
     from medisyn import storage
     from medisyn.ingest import pipeline
+    from medisyn.ingest.catalog import load_sources, reading
+    from medisyn.ingest.units import Item, Unit
+    from medisyn.ingest.worker import SourceUnreadable, process_unit
+    from medisyn.records import read_corpus
 
     def map_with_s3(key, rows, fn, max_tasks=0):
         """The session's Ray workers may predate the S3 server (a worker without its address fails its
@@ -465,39 +468,39 @@ def test_repositories_in_a_bucket_ingest_to_the_same_corpus(
         return ds.map(fn, num_cpus=1, runtime_env={"env_vars": s3_server}).take_all() if rows else []
 
     monkeypatch.setattr(pipeline, "_ray_map", map_with_s3)
-    from medisyn.ingest.listing import load_repositories
-    from medisyn.ingest.pipeline import _settings
-    from medisyn.ingest.units import Item, Unit
-    from medisyn.ingest.worker import SourceUnreadable, process_unit
-    from medisyn.records import read_corpus
-
-    names = ("oct", "brain-mri")  # PNGs with a planted empty file; DICOM series
+    names = ("kermany-oct", "figshare-brain-tumor", "cholec80")
     bucket = storage.path("s3://medisyn-test/sources")
-    doc = yaml.safe_load((phantom_root / "repositories.yaml").read_text())
-    repos = [r for r in doc["repositories"] if r["name"] in names]  # paths relative to the file: to the bucket
-    storage.write_bytes(yaml.safe_dump({"repositories": repos}).encode(), bucket / "repositories.yaml")
     for name in names:
-        storage.upload_dir(phantom_root / name, bucket / name)
+        storage.upload_dir(demo_sources / name, bucket / name)
     cfg = load_config(
         ROOT / "jobs/configs/demo.yaml",
-        [f"run_dir={tmp_path / 'run'}", *flat(storage.uri(bucket / "repositories.yaml"))],
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "phantoms.enabled=false",
+            f"ingest.sources_root={storage.uri(bucket)}",
+            f"ingest.source_entries=[{', '.join(names)}]",
+        ],
     )
     summary = ingest(cfg)
     _, local_run, _ = ingested
     local = read_corpus(local_run / "corpus", ["id", "source", "source_ref"]).to_pandas()
     local = local[local.source.isin(names)]
     remote = read_corpus(tmp_path / "run/corpus", ["id", "source", "source_ref"]).to_pandas()
-    assert len(remote) == summary["pairs"]["total"] > 20
+    assert len(remote) == summary["pairs"]["total"] > 100 and set(remote.source) == set(names)
     assert sorted(zip(remote.source_ref, remote.id, strict=True)) == sorted(
         zip(local.source_ref, local.id, strict=True)
     )
     source_map = pq.read_table(tmp_path / "run/private/source_map.parquet").to_pandas()
-    assert not source_map.path.str.contains("s3:|medisyn-test").any()  # paths relative to the repository
+    assert not source_map.path.str.contains("s3:|medisyn-test").any()  # paths relative to the entry's folder
     rejects = _read_dir(tmp_path / "run/rejects")
     assert "empty file (0 bytes)" in set(rejects.reason)
-    (repo,) = [r for r, _ in load_repositories(cfg.ingest) if r.name == "oct"]
-    item = Item("oct/0", storage.uri(bucket / "oct/nothing.png"), "oct", "p", "train", ("x",), "c.")
-    with pytest.raises(SourceUnreadable, match="repository 'oct': source oct/0 could not be read"):
-        process_unit({"unit": Unit("u-s3", str(tmp_path / "staging"), _settings(repo, cfg), (item,))})
+    (oct_source,) = [s for s in load_sources(cfg.ingest) if s.entry.name == "kermany-oct"]
+    item = Item(
+        "kermany-oct/0", storage.uri(bucket / "kermany-oct/nothing.jpeg"), "kermany-oct", "p", "train", ("x",), "c."
+    )
+    with pytest.raises(SourceUnreadable, match="repository 'kermany-oct': source kermany-oct/0 could not be read"):
+        process_unit(
+            {"unit": Unit("u-s3", str(tmp_path / "staging"), _settings(reading(oct_source.entry), cfg), (item,))}
+        )
     assert not (tmp_path / "staging/u-s3.json").exists()
     storage.remove_tree(bucket)
