@@ -152,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="throughput benchmarks (ingest, dedup, corpus, listing, train, generate, select, audit, bootstrap, "
-        "classifier, embed)",
+        "classifier, embed, guidance-gap)",
     )
     bench.add_argument(
         "what",
         choices=[
             *("ingest", "dedup", "corpus", "listing", "train", "generate", "select", "audit", "bootstrap"),
-            *("classifier", "embed"),
+            *("classifier", "embed", "guidance-gap"),
         ],
     )
     bench.add_argument("--rows", type=int, default=0, help="synthetic rows (corpus: 200,000; listing: 100,000)")
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--embedder", default="", help="embedder preset, or open_clip model with random weights (embed; ViT-B-16)"
     )
+    bench.add_argument("--memorized", default="", help="run dir whose set memorises (guidance-gap)")
+    bench.add_argument("--normal", default="", help="run dir whose set does not (guidance-gap)")
+    bench.add_argument("--set", default="memorization", help="the synthetic set compared (guidance-gap)")
     bench.add_argument("--json", default="", help="also write the figures to this JSON file (every bench)")
     _config_args(bench)
     return parser
@@ -292,6 +295,12 @@ def _dispatch(args, cfg: RunConfig) -> int:
             from medisyn.select.bench import run as bench_select
 
             result = bench_select(args.preset, args.images, args.checkpoints, args.steps, args.resolution)
+        elif args.what == "guidance-gap":
+            from medisyn.audit.gap_bench import run as bench_gap
+
+            if not (args.memorized and args.normal):
+                raise SystemExit("medisyn bench guidance-gap: give --memorized RUN_DIR and --normal RUN_DIR")
+            result = bench_gap(args.memorized, args.normal, args.set)
         elif args.what == "embed":
             from medisyn.audit.embed_bench import run as bench_embed
 

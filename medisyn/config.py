@@ -19,6 +19,7 @@ from medisyn.infer.config import GenerateConfig
 from medisyn.ingest.config import IngestConfig
 from medisyn.presets import get_preset, preset_names
 from medisyn.reader.config import ReaderConfig
+from medisyn.release.config import ReleaseConfig
 from medisyn.select.config import SelectConfig
 from medisyn.storage import path as store_path
 from medisyn.train.config import CacheConfig, TrainConfig, VaeFitConfig, check_memory_plan
@@ -80,6 +81,7 @@ class RunConfig:
     audit_fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     audit_memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
     audit_utility: UtilityConfig = field(default_factory=UtilityConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     config_path: str = ""  # set by load_config: the YAML file this came from
 

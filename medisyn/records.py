@@ -87,6 +87,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("original_size", pa.list_(pa.int32())),  # (height, width) the image was conditioned on
         ("bytes", pa.int64()),  # the file's size as written: a rerun remakes a file that differs
         ("sha256", pa.string()),  # of the file's bytes, as written
+        # RMS of eps_cond - eps_uncond over the first generate.gap_steps steps (infer.guidance); null: unguided
+        ("guidance_gap", pa.float64()),
     ]
 )
 
@@ -347,7 +349,13 @@ def read_manifest(set_dir: str | Path, columns: list[str] | None = None) -> pa.T
     path = store_path(set_dir) / "manifest.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"no manifest at {path}; run `medisyn generate` for this set first")
-    return storage.read_table(path, columns=columns)
+    have = storage.parquet_file(path).schema_arrow.names
+    missing = [c for c in (columns or MANIFEST_SCHEMA.names) if c not in have and c in MANIFEST_SCHEMA.names]
+    table = storage.read_table(path, columns=[c for c in columns if c in have] if columns else None)
+    for name in missing:  # a column added since the set was made (guidance_gap) reads as null
+        field = MANIFEST_SCHEMA.field(name)
+        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(columns) if columns else table
 
 
 # --- one run of a stage per run directory ---
@@ -477,3 +485,13 @@ def finished_with(record: str | Path, inputs: dict, key: str = "inputs") -> dict
         return None
     done = json.loads(record.read_text())
     return done if done.get(key) == json.loads(json.dumps(inputs, default=str)) else None
+
+
+# how many train images carry one caption, in bins: the ingest summary's `captions` histogram and the
+# memorization audit's `by_caption_share` use the same edges (duplicated captions drive copying)
+CAPTION_SHARE_BINS = ((1, 1, "1"), (2, 4, "2-4"), (5, 16, "5-16"), (17, 64, "17-64"), (65, None, "65+"))
+
+
+def caption_share_bin(n: int) -> str:
+    """The bin ("1", "2-4", "5-16", "17-64", "65+") of a caption that ``n`` >= 1 train images carry."""
+    return next(name for lo, hi, name in CAPTION_SHARE_BINS if n >= lo and (hi is None or n <= hi))

@@ -1,9 +1,10 @@
 """The ``report`` stage: one HTML page of what a run produced, pictures first.
 
 Each section reads one stage's outputs and is skipped, with a note, when that stage has not
-run. Figures are PNG files beside the page (``report/``), so the page opens from any file
-browser and can be copied off a cluster. Only captions and counts appear — never a source
-path or an identifier.
+run. The page is one self-contained file: every figure is embedded as a ``data:`` URI and
+nothing refers to another file or the network, so it can be mailed, attached to a release or
+copied off a cluster alone. Only captions and counts appear — never a source path or an
+identifier.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from medisyn.config import RunConfig  # noqa: E402
-from medisyn.figures import contact_sheet, save_png  # noqa: E402
+from medisyn.figures import contact_sheet, data_uri, png_bytes  # noqa: E402
 from medisyn.records import atomic_write_bytes, read_corpus, read_manifest  # noqa: E402
 from medisyn.stages import STAGES  # noqa: E402
 from medisyn.storage import path as store_path  # noqa: E402
@@ -35,6 +37,23 @@ PAPER_PAIRS = {  # DESIGN §2: the paper's pairs per specialty (train, val, test
     "dermatology": (36_929, 4_661, 4_645),
     "gastroenterology": (89_080, 11_135, 11_136),
 }
+
+
+def embed(image: bytes, alt: str) -> str:
+    """An ``<img>`` that carries its picture (an encoded image's bytes) in the page itself."""
+    return f'<img src="{data_uri(image)}" alt="{html.escape(alt)}">'
+
+
+def embed_chart(fig, alt: str, dpi: int = 110) -> str:
+    """A matplotlib figure embedded as PNG, then closed."""
+    data = png_bytes(fig, dpi=dpi)
+    plt.close(fig)
+    return embed(data, alt)
+
+
+def embed_file(path: Path, alt: str) -> str:
+    """The figure a stage wrote, embedded; nothing when that stage's run did not write it (older runs)."""
+    return embed(path.read_bytes(), alt) if path.exists() else ""
 
 
 def corpus_samples(corpus: Path, per_class: int = 4) -> dict[str, list[tuple[bytes, str]]]:
@@ -58,7 +77,7 @@ def corpus_samples(corpus: Path, per_class: int = 4) -> dict[str, list[tuple[byt
     return dict(sorted(out.items()))
 
 
-def split_chart(summary: dict, path: Path) -> None:
+def split_chart(summary: dict) -> str:
     """Pairs per specialty and split: ours beside the paper's shares (Extended Data Table 1)."""
     specs = list(summary["by_specialty"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -79,8 +98,7 @@ def split_chart(summary: dict, path: Path) -> None:
         ax.invert_yaxis()
     axes[0].legend(loc="lower right")
     fig.tight_layout()
-    save_png(fig, path, dpi=110)
-    plt.close(fig)
+    return embed_chart(fig, "pairs by specialty")
 
 
 def _table(rows: dict[str, dict[str, int]], first: str) -> str:
@@ -94,22 +112,22 @@ def _table(rows: dict[str, dict[str, int]], first: str) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def ingest_section(cfg: RunConfig, figs: Path) -> str:
+def ingest_section(cfg: RunConfig) -> str:
     summary_file = cfg.run_path / "ingest" / "summary.json"
     if not summary_file.exists():
         return "<h2>Corpus</h2><p class=todo>ingest has not run.</p>"
     summary = json.loads(summary_file.read_text())
-    split_chart(summary, figs / "pairs_by_specialty.png")
     parts = [
         "<h2>Corpus</h2>",
         f"<p>{summary['pairs']['total']:,} image–caption pairs (train {summary['pairs']['train']:,}, "
         f"val {summary['pairs']['val']:,}, test {summary['pairs']['test']:,}); split by patient.</p>",
-        '<img src="report/pairs_by_specialty.png" alt="pairs by specialty">',
+        split_chart(summary),
     ]
     for spec, samples in corpus_samples(cfg.run_path / "corpus").items():
-        name = f"corpus_{spec}.png"
-        save_png(contact_sheet(samples), figs / name)
-        parts.append(f'<h3>{html.escape(spec)}: training images by caption</h3><img src="report/{name}" alt="{spec}">')
+        sheet = embed(png_bytes(contact_sheet(samples)), spec)
+        parts.append(f"<h3>{html.escape(spec)}: training images by caption</h3>{sheet}")
+    if "captions" in summary:  # ingest summaries before issue #36 have no caption counts
+        parts.append(captions_block(summary["captions"]))
     if "by_specialty_image_type" in summary:  # ingest summaries before this table have only the marginals
         parts += [
             "<h3>Pairs by specialty, image type and split</h3>",
@@ -143,7 +161,100 @@ def ingest_section(cfg: RunConfig, figs: Path) -> str:
     return "\n".join(parts)
 
 
-def vae_section(cfg: RunConfig, figs: Path) -> str:
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "–"
+    if isinstance(v, list):
+        return ", ".join(_cell(x) for x in v)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return html.escape(str(v))
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
+
+
+def _is_rows(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def _leaf_rows(block: dict, path: tuple[str, ...] = ()):
+    """(path, the scalar fields) of each mapping in a nested JSON block, depth first; a list of mappings
+    (a task's comparisons) gives a row each, named "a − b" where it has those fields."""
+    scalars = {k: v for k, v in block.items() if not isinstance(v, dict) and not _is_rows(v)}
+    if scalars:
+        yield path, scalars
+    for k, v in block.items():
+        if isinstance(v, dict):
+            yield from _leaf_rows(v, (*path, str(k)))
+        elif _is_rows(v):
+            for i, x in enumerate(v):
+                yield from _leaf_rows(x, (*path, str(k), f"{x['a']} − {x['b']}" if {"a", "b"} <= x.keys() else str(i)))
+
+
+def stats_table(block: dict, first: str) -> str:
+    """A nested JSON block (per set, per specialty, …) as a line of its own numbers and a table: a row per
+    mapping of numbers, named by its path, a column per field. Drawn without knowing the block's shape, so
+    a stage may add fields and the report shows them."""
+    rows = list(_leaf_rows(block))
+    lead = ""
+    if rows and rows[0][0] == ():
+        lead = (
+            f"<p>{html.escape(first)}: "
+            + "; ".join(f"{html.escape(str(k))} {_cell(v)}" for k, v in rows.pop(0)[1].items())
+            + "</p>"
+        )
+    if not rows:
+        return lead
+    cols = list(dict.fromkeys(k for _, r in rows for k in r))
+    head = f"<tr><th>{html.escape(first)}</th>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in cols) + "</tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(' / '.join(p))}</td>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in cols) + "</tr>"
+        for p, r in rows
+    )
+    return f"{lead}<table>{head}{body}</table>"
+
+
+def captions_block(captions: dict) -> str:
+    """How many images share each caption: duplicated captions drive copying (Somepalli et al. 2023)."""
+    row = "<tr><td>{}</td><td>{:,}</td></tr>".format
+    top = "".join(row(html.escape(c), n) for c, n in captions.get("top", []))
+    hist = "".join(row(html.escape(b), n) for b, n in captions.get("histogram", {}).items())
+    return (
+        f"<h3>Train images per caption</h3><p>{captions['distinct']:,} distinct captions. A caption that many train "
+        "images share is one the model sees most often, and duplicated captions drive copying; the memorization "
+        "audit reports its flag rate by this count.</p>"
+        + (f"<table><tr><th>images per caption</th><th>captions</th></tr>{hist}</table>" if hist else "")
+        + (f"<p>The most shared:</p><table><tr><th>caption</th><th>images</th></tr>{top}</table>" if top else "")
+    )
+
+
+def caption_share_block(summary: dict) -> str:
+    """The memorization audit's flag rate by how many train images share the matched image's caption;
+    nothing for audits written before it."""
+    block = {k: e["by_caption_share"] for k, e in summary["by_kind"].items() if "by_caption_share" in e}
+    if "by_caption_share" in summary:
+        block = summary["by_caption_share"]
+    if not block:
+        return ""
+    return "<h3>Flags by how many train images share the matched image's caption</h3>" + stats_table(
+        block, "images / train images sharing the caption"
+    )
+
+
+def guidance_gap_block(summary: dict, folder: Path) -> str:
+    """The second signal, recorded at generation: the gap between conditional and unconditional noise
+    predictions over the first steps (Wen et al. 2024); nothing for runs before it."""
+    block, figure = summary.get("guidance_gap"), embed_file(folder / "guidance_gap.png", "guidance gap per specialty")
+    if not block and not figure:
+        return ""
+    return (
+        "<h3>Guidance gap</h3><p>Per image, the mean over the first sampling steps of the norm of the difference "
+        "between the conditional and the unconditional noise prediction (Wen et al., ICLR 2024): large where a "
+        "prompt pulls the sampler to one memorised image. It flags prompts, not images, and needs no real image.</p>"
+        + (stats_table(block, "set / specialty") if isinstance(block, dict) else "")
+        + figure
+    )
+
+
+def vae_section(cfg: RunConfig) -> str:
     """The fitted VAE (demo runs): val reconstruction error against the mean-colour baseline."""
     record = store_path(cfg.model.vae) / "fit.json" if cfg.model.vae else None
     if not cfg.vae_fit.enabled or record is None or not record.exists():
@@ -164,14 +275,11 @@ def vae_section(cfg: RunConfig, figs: Path) -> str:
         parts.append(
             f"<p>Kept: epoch {fit['epoch']} of {len(curve)}, the lowest val MSE of the fit (by epoch: {per_epoch}).</p>"
         )
-    sheet = record.parent / "reconstructions.png"
-    if sheet.exists():
-        atomic_write_bytes(sheet.read_bytes(), figs / "vae_reconstructions.png")
-        parts.append('<img src="report/vae_reconstructions.png" alt="val images and their reconstructions">')
+    parts.append(embed_file(record.parent / "reconstructions.png", "val images and their reconstructions"))
     return "\n".join(parts)
 
 
-def fidelity_section(cfg: RunConfig, figs: Path) -> str:
+def fidelity_section(cfg: RunConfig) -> str:
     """Share of synthetic images a real-trained classifier labels as prompted, next to its real recall."""
     path = cfg.run_path / "audit" / "fidelity.json"
     if not path.exists():
@@ -201,17 +309,14 @@ def fidelity_section(cfg: RunConfig, figs: Path) -> str:
             ax.set_xlabel("share labelled as prompted (real: as labelled)")
             ax.legend(fontsize=7, loc="lower right")
             fig.tight_layout()
-            fname = f"fidelity_{name}_{target}.png"
-            save_png(fig, figs / fname, dpi=110)
-            plt.close(fig)
             parts.append(
                 f"<h3>{html.escape(name)} by {target}: {s[target]['share']:.0%} of {s[target]['n']:,} images shown "
-                f'as prompted</h3><img src="report/{fname}" alt="fidelity by {target}">'
+                f"as prompted</h3>" + embed_chart(fig, f"fidelity by {target}")
             )
     return "\n".join(parts)
 
 
-def memorization_section(cfg: RunConfig, figs: Path) -> str:
+def memorization_section(cfg: RunConfig) -> str:
     """Table 1 per kind (synthetic sets and the two controls), the histograms and the gallery."""
     folder = cfg.run_path / "audit" / "memorization"
     if not (folder / "summary.json").exists():
@@ -268,13 +373,13 @@ def memorization_section(cfg: RunConfig, figs: Path) -> str:
         "<p>" + "<br>".join(notes) + "</p>",
     ]
     for name, alt in (("histograms.png", "distance histograms"), ("gallery.png", "flagged and closest pairs")):
-        if (folder / name).exists():
-            atomic_write_bytes((folder / name).read_bytes(), figs / f"memorization_{name}")
-            parts.append(f'<img src="report/memorization_{name}" alt="{alt}">')
+        parts.append(embed_file(folder / name, alt))
+    parts.append(caption_share_block(summary))
+    parts.append(guidance_gap_block(summary, folder))
     return "\n".join(parts)
 
 
-def utility_section(cfg: RunConfig, figs: Path) -> str:
+def utility_section(cfg: RunConfig) -> str:
     """The paper's Figure 5 and its CI table per task, with seed spread and the control arm."""
     folder = cfg.run_path / "audit" / "utility"
     if not (folder / "summary.json").exists():
@@ -324,16 +429,14 @@ def utility_section(cfg: RunConfig, figs: Path) -> str:
             "<table><tr><th>difference</th><th>seed 0, 95% CI</th><th>over seeds, 95% CI</th>"
             "<th>paper (its data)</th><th>per class, DeLong 95% CI (seed 0)</th></tr>" + "".join(diffs) + "</table>",
         ]
-        if (folder / t["roc"]).exists():
-            atomic_write_bytes((folder / t["roc"]).read_bytes(), figs / f"utility_{t['roc']}")
-            parts.append(f'<img src="report/utility_{t["roc"]}" alt="{html.escape(name)} ROC curves">')
+        parts.append(embed_file(folder / t["roc"], f"{name} ROC curves"))
     return "\n".join(parts)
 
 
-def training_section(cfg: RunConfig, figs: Path) -> str:
+def training_section(cfg: RunConfig) -> str:
     logs = sorted((cfg.run_path / "train_log").glob("epoch-*-rank-0.json"))
     if not logs:
-        return "<h2>Training</h2><p class=todo>train has not run.</p>" + vae_section(cfg, figs)
+        return "<h2>Training</h2><p class=todo>train has not run.</p>" + vae_section(cfg)
     epochs = [json.loads(f.read_text()) for f in logs]
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([e["epoch"] for e in epochs], [e["loss"] for e in epochs], marker="o")
@@ -342,13 +445,11 @@ def training_section(cfg: RunConfig, figs: Path) -> str:
     weighted = f"Min-SNR (γ {cfg.train.snr_gamma:g}) " if cfg.train.snr_gamma else ""
     ax.set_ylabel(f"{weighted}MSE on predicted {target} (rank 0)", fontsize=8)
     fig.tight_layout()
-    save_png(fig, figs / "train_loss.png", dpi=110)
-    plt.close(fig)
     last = epochs[-1]
     parts = [
         "<h2>Training</h2>",
-        vae_section(cfg, figs),
-        '<img src="report/train_loss.png" alt="training loss">',
+        vae_section(cfg),
+        embed_chart(fig, "training loss"),
         f"<p>{len(epochs)} epochs, {last['step']:,} optimizer steps, effective batch {last['effective_batch']}, "
         f"{last['samples_per_s']:.1f} samples/s in the last epoch; caption dropout drawn per step "
         f"({last['dropped_fraction']:.1%} of samples in the last epoch).</p>",
@@ -384,7 +485,7 @@ def training_section(cfg: RunConfig, figs: Path) -> str:
     return "\n".join(parts)
 
 
-def synthetic_section(cfg: RunConfig, figs: Path) -> str:
+def synthetic_section(cfg: RunConfig) -> str:
     sets = sorted(p for p in (cfg.run_path / "synthetic").glob("*") if (p / "manifest.parquet").exists())
     if not sets:
         return "<h2>Synthetic sets</h2><p class=todo>generate has not run.</p>"
@@ -398,14 +499,58 @@ def synthetic_section(cfg: RunConfig, figs: Path) -> str:
         )
     for d in sets:
         m = read_manifest(d, columns=["prompt", "steps", "guidance_scale", "checkpoint"]).to_pylist()
-        name = f"synthetic_{d.name}.png"
-        if (d / "contact_sheet.png").exists():
-            atomic_write_bytes((d / "contact_sheet.png").read_bytes(), figs / name)
         parts.append(
             f"<h3>{html.escape(d.name)}: {len(m):,} images, {len({r['prompt'] for r in m})} prompts, "
             f"{m[0]['steps']} Euler steps, guidance {m[0]['guidance_scale']}, checkpoint "
-            f'{html.escape(m[0]["checkpoint"])}</h3><img src="report/{name}" alt="{html.escape(d.name)}">'
+            f"{html.escape(m[0]['checkpoint'])}</h3>" + embed_file(d / "contact_sheet.png", d.name)
         )
+    return "\n".join(parts)
+
+
+def _file_names(files) -> list[str]:
+    """The release record's files as names inside the release (a record may hold paths)."""
+    items = files.keys() if isinstance(files, dict) else files or []
+    names = [str(f.get("path") or f.get("name") or "") if isinstance(f, dict) else str(f) for f in items]
+    return [n.split("/release/", 1)[-1] for n in names]
+
+
+def release_section(cfg: RunConfig) -> str:
+    """What each ``medisyn release`` shared: rows, what was left out and why, and the card's figures,
+    all from the stage's record ``release/<name>.json`` (the shards are never read here)."""
+    head = "<h2>Release</h2>"
+    records = sorted((cfg.run_path / "release").glob("*.json"))
+    if not records:
+        return (
+            f"{head}<p class=todo>No release was made. <code>medisyn release --config FILE release.set=NAME</code> "
+            "writes an audited synthetic set as Parquet shards that <code>datasets</code> loads, with a dataset card "
+            '(README, "Sharing a synthetic set").</p>'
+        )
+    parts = [
+        head,
+        "<p>Images of a synthetic set that passed the release policy, as Parquet shards with a dataset card "
+        "(<code>README.md</code>, <code>croissant.json</code>); the images left out are listed beside the release, "
+        "not in it.</p>",
+    ]
+    for path in records:
+        rec = json.loads(path.read_text())
+        name = path.stem
+        left = rec.get("left_out") or {}
+        parts.append(
+            f"<h3>{html.escape(name)}: {rec['rows']:,} images released, {sum(left.values()):,} left out</h3>"
+            f"<p>In <code>release/{html.escape(name)}/</code>; left out: <code>release/{html.escape(name)}"
+            ".left_out.parquet</code>.</p>"
+        )
+        if left:
+            rows = "".join(f"<tr><td>{html.escape(r)}</td><td>{n:,}</td></tr>" for r, n in left.items())
+            parts.append(f"<table><tr><th>left out because</th><th>images</th></tr>{rows}</table>")
+        figures = {k: v for k, v in (rec.get("figures") or {}).items() if k not in ("rows", "left_out")}
+        if figures:  # every number the card prints, a table per block (memorization, fidelity, utility, …)
+            parts.append("<p>The card's figures:</p>")
+            parts.append(stats_table({k: v for k, v in figures.items() if not isinstance(v, dict)}, "release"))
+            parts += [stats_table(v, k) for k, v in figures.items() if isinstance(v, dict)]
+        files = _file_names(rec.get("files"))
+        if files:
+            parts.append(f"<p>Files: {html.escape(', '.join(files))}.</p>")
     return "\n".join(parts)
 
 
@@ -419,7 +564,7 @@ PAPER_READERS = {  # DESIGN §2: the paper's reader studies, accuracy % and conf
 }
 
 
-def reader_section(cfg: RunConfig, figs: Path) -> str:
+def reader_section(cfg: RunConfig) -> str:
     """The blinded reader study: what was built, who is reading, and the paper's table once readers submit."""
     from medisyn.configtools import ConfigError
     from medisyn.reader import db
@@ -496,9 +641,9 @@ def reader_section(cfg: RunConfig, figs: Path) -> str:
             f"Fleiss' kappa between readers {r['fleiss_kappa']:.2f}; intra-reader agreement on repeated images "
             f"{agree}; {r['pending_readers']} readers still reading.</p>"
         )
-        fname = f"reader_{name}.png"
-        figure(r, name, figs / fname)
-        parts.append(f'<img src="report/{fname}" alt="reader accuracy, {html.escape(name)}">')
+        with tempfile.TemporaryDirectory() as tmp:  # analysis.figure writes a file; the page carries it
+            figure(r, name, Path(tmp) / "figure.png")
+            parts.append(embed((Path(tmp) / "figure.png").read_bytes(), f"reader accuracy, {name}"))
     return "\n".join(parts)
 
 
@@ -563,24 +708,23 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:100%;border:1px s
 
 
 def run(cfg: RunConfig):
-    figs = cfg.run_path / "report"
-    figs.mkdir(parents=True, exist_ok=True)
     todo = ", ".join(s.name for s in STAGES if not s.built) or "nothing"
     page = PAGE.format(
         run=html.escape(cfg.run_dir),
         config=html.escape(Path(cfg.config_path).name or "defaults"),
         preset=cfg.model.preset,
         todo=todo,
-        sections=ingest_section(cfg, figs)
-        + training_section(cfg, figs)
-        + synthetic_section(cfg, figs)
-        + fidelity_section(cfg, figs)
-        + memorization_section(cfg, figs)
-        + utility_section(cfg, figs)
-        + reader_section(cfg, figs)
+        sections=ingest_section(cfg)
+        + training_section(cfg)
+        + synthetic_section(cfg)
+        + fidelity_section(cfg)
+        + memorization_section(cfg)
+        + utility_section(cfg)
+        + release_section(cfg)
+        + reader_section(cfg)
         + provenance_section(cfg),
     )
     out = cfg.run_path / "report.html"
     atomic_write_bytes(page.encode(), out)
-    print(f"report: {out}")
+    print(f"report: {out} ({len(page.encode()) / 1e6:.1f} MB, figures embedded)")
     return out

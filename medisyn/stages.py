@@ -67,6 +67,12 @@ STAGES = (
         job="audit_utility.py",
     ),
     Stage(
+        "release",
+        "share an audited synthetic set: Parquet shards datasets loads, a card (README, Croissant), what was left out",
+        "medisyn.release.stage:run",
+        job="release.py",
+    ),
+    Stage(
         "reader",
         "the blinded reader study: build (the pipeline's step), serve, add-reader, analyze, export",
         "medisyn.reader.study:run",

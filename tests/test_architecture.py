@@ -40,6 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("select", ("medisyn.select",)),
     ("audit", ("medisyn.audit",)),
     ("reader", ("medisyn.reader",)),
+    ("release", ("medisyn.release",)),
     ("top", ("medisyn.report", "medisyn.cli", "medisyn.submit")),
 ]
 
@@ -97,7 +98,7 @@ def violations(sources: dict[str, tuple[str, bool]]) -> list[str]:
     return out
 
 
-STAGE_PACKAGES = ("phantoms", "ingest", "train", "infer", "select", "audit", "reader")
+STAGE_PACKAGES = ("phantoms", "ingest", "train", "infer", "select", "audit", "reader", "release")
 
 # What one stage package may import from another's room (DESIGN §9); shared I/O and model helpers live in
 # the layers below (records, images, models). Anything else is a stage reaching into another's room.
@@ -106,6 +107,7 @@ ACROSS_STAGES = {
     ("select", "medisyn.train.trainer"),  # the checkpoints Ray Train wrote
     ("infer", "medisyn.ingest.transforms"),  # the centre crop's geometry, for SDXL's crop conditioning
     ("train", "medisyn.train"),
+    ("release", "medisyn.ingest.describe"),  # the card's source repositories and licences, from the catalog
 }
 
 

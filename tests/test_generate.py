@@ -184,6 +184,12 @@ def test_generate_counts_manifest_metadata_and_resume(ray_cluster, tiny_model, t
     assert again["made"] == 5 and again["images"] == 8
     resumed = _pixels(b)
     assert set(resumed) == set(uninterrupted) and not list(b.glob(".*.tmp"))
+    # the guidance gap is a pure function of an image's seed and settings: the resumed set records the same
+    # gaps, the three images whose files were there (no record) by their first steps alone
+    gaps = dict(zip(manifest["file"], manifest["guidance_gap"], strict=True))
+    assert all(np.isfinite(g) and g > 0 for g in gaps.values())
+    regap = pq.read_table(b / "manifest.parquet").to_pandas().set_index("file")["guidance_gap"].to_dict()
+    assert regap == pytest.approx(gaps, rel=1e-4)
     for name, px in uninterrupted.items():
         assert np.abs(px.astype(int) - resumed[name].astype(int)).max() <= 1, name
     finished = {p.name: p.stat().st_mtime_ns for p in b.iterdir() if p.is_file()}

@@ -246,6 +246,9 @@ def test_every_planted_copy_is_flagged_and_clean_images_are_not(planted):
     assert s["overall"]["flagged"] == len(plants) and s["overall"]["pairs"] == 2 * len(plants)
     assert s["p_closer_than_test_control"] < 0.5 or s["overall"]["min"] == 0.0
     assert {"control:test", "control:train-loo"} <= set(summary["by_kind"])
+    share = summary["by_caption_share"]["synthetic:planted"]  # every pair binned by its match's caption share
+    assert sum(b["pairs"] for b in share.values()) == s["overall"]["pairs"]
+    assert sum(b["flagged"] for b in share.values()) == len(plants)
     loo = [p for p in pairs if p["kind"] == "control:train-loo"]
     assert loo and all(p["id"] != p["match_id"] for p in loo)  # left out of its own search
     out = cfg.run_path / "audit/memorization"

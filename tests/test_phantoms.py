@@ -45,7 +45,9 @@ def gen(tmp_path_factory):
 @pytest.fixture(scope="module")
 def same_seed_no_defects(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantoms_again")
-    return out, generate_phantoms(out, seed=0, scale="small", defects=False, repos=SUBSET, progress=False, layout="flat")
+    return out, generate_phantoms(
+        out, seed=0, scale="small", defects=False, repos=SUBSET, progress=False, layout="flat"
+    )
 
 
 def labels(out: Path, name: str) -> pd.DataFrame:

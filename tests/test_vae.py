@@ -38,7 +38,7 @@ def test_the_fitted_vae_beats_the_mean_colour_baseline_and_records_its_scale(fit
     assert fit["input_side"] == 32  # the steps saw crops; the score above is of whole images
     from medisyn.report import vae_section
 
-    assert "4 epochs on random 32² crops of the 64² images" in vae_section(cfg, tmp_path)
+    assert "4 epochs on random 32² crops of the 64² images" in vae_section(cfg)
     assert fit["val_images"] > 20
     vae = AutoencoderKL.from_pretrained(cfg.model.vae)  # plain diffusers layout
     assert vae.config.scaling_factor == pytest.approx(fit["scaling_factor"]) and fit["scaling_factor"] != 0.13025

@@ -19,7 +19,9 @@
    flagged.
 4. Controls: held-out real test images against train, and train images against train with
    each left out of its own search; a one-sided test that synthetic images are not closer.
-5. Outputs in ``audit/memorization/``: ``pairs.parquet`` (every query's match), ``summary.json``
+5. Outputs in ``audit/memorization/``: ``pairs.parquet`` (every query's match, with a synthetic
+   image's guidance gap; ``summary.json``'s ``guidance_gap``: its n, median, p90 and max per set
+   and specialty, drawn in ``guidance_gap.png``), ``summary.json``
    (Table 1 per specialty and overall with tail statistics; flag rates by how many copies of the
    matched train image ingest dropped as duplicates), ``histograms.png`` and
    ``gallery.png`` (every flagged pair, then the closest unflagged ones).
@@ -54,9 +56,11 @@ from medisyn.config import RunConfig
 from medisyn.configtools import to_dict
 from medisyn.figures import save_png
 from medisyn.records import (
+    CAPTION_SHARE_BINS,
     atomic_write_bytes,
     atomic_write_table,
     atomic_write_text,
+    caption_share_bin,
     corpus_identity,
     corpus_index,
     decode_rgb,
@@ -250,7 +254,7 @@ def run(cfg: RunConfig) -> dict:
     sets = {}
     for name in m.sets:  # every set present before any work
         folder = cfg.run_path / "synthetic" / name
-        rows = read_manifest(folder, ["id", "file", "prompt", "specialty", "image_type"]).to_pylist()
+        rows = read_manifest(folder, ["id", "file", "prompt", "specialty", "image_type", "guidance_gap"]).to_pylist()
         per_prompt: Counter = Counter()
         kept = []
         for r in rows:
@@ -258,7 +262,7 @@ def run(cfg: RunConfig) -> dict:
             if per_prompt[r["prompt"]] <= m.images_per_prompt:
                 kept.append({**r, "path": uri(folder / r["file"])})
         sets[name] = kept
-    columns = ["id", "specialty", "image_type", "split", "source_ref"]
+    columns = ["id", "specialty", "image_type", "split", "source_ref", "caption"]
     has_series = (
         "series" in storage.parquet_file(shard_files(corpus)[0]).schema_arrow.names if shard_files(corpus) else False
     )
@@ -296,18 +300,29 @@ def run(cfg: RunConfig) -> dict:
                          "query_dir": query_dir, "paths": paths, "leave_one_out": loo_flag})  # fmt: skip
     dups, ref_of = near_duplicate_counts(cfg.run_path), dict(zip(real["id"], real["source_ref"], strict=True))
     series_of = dict(zip(real["id"], real["series"], strict=True)) if has_series else {}
+    gap_of = {(f"synthetic:{n}", r["id"]): r["guidance_gap"] for n, rows in sets.items() for r in rows}
     pairs = [
         {
             **r,
             "flagged": r["distance"] <= m.threshold,
+            # the second signal (generate's guidance gap) of a synthetic image; null for controls and unguided sets
+            "guidance_gap": gap_of.get((r["kind"], r["id"])),
             "match_near_duplicates": dups.get(ref_of[r["match_id"]], 0),
             # slices of one CT/MR series are near copies of each other: flags are also counted per series
             "match_series": series_of.get(r["match_id"]) if r["image_type"] in SERIES_TYPES else None,
         }
         for r in find_matches(cfg, jobs, index)
     ]
-    atomic_write_table(pa.Table.from_pylist(pairs), out / "pairs.parquet")
+    table = pa.Table.from_pylist(pairs)
+    if "guidance_gap" in table.column_names:  # float64 even where every gap is null (a set made before the gap)
+        table = table.set_column(
+            table.column_names.index("guidance_gap"), "guidance_gap", table.column("guidance_gap").cast(pa.float64())
+        )
+    atomic_write_table(table, out / "pairs.parquet")
     summary = summarize(pairs, m.threshold) | {"inputs": inputs}
+    summary["by_caption_share"] = by_caption_share(pairs, dict(zip(train["id"], train["caption"], strict=True)))
+    summary["guidance_gap"] = gap_summary(sets)
+    gap_figure(sets, out / "guidance_gap.png")
     histograms(pairs, m.threshold, out / "histograms.png")
     gallery(cfg, pairs, sets, out / "gallery.png", index)
     atomic_write_text(json.dumps(summary, indent=2), out / "summary.json")  # last: the stage's record
@@ -367,6 +382,56 @@ def summarize(pairs: list[dict], threshold: float) -> dict:
     return {"threshold": threshold, "by_kind": by_kind}
 
 
+def gap_summary(sets: dict[str, list[dict]]) -> dict:
+    """The guidance gap's spread per audited set and specialty: ``{set: {specialty | "overall": {n, median,
+    p90, max}}}`` over the audited images that recorded one (a set made before the gap, or unguided, has n 0)."""
+
+    def stats(values: list[float]) -> dict:
+        v = np.asarray(values, dtype=float)
+        if not len(v):
+            return {"n": 0, "median": None, "p90": None, "max": None}
+        return {"n": len(v), "median": float(np.median(v)), "p90": float(np.quantile(v, 0.9)), "max": float(v.max())}
+
+    out = {}
+    for name, rows in sets.items():
+        known = [r for r in rows if r.get("guidance_gap") is not None and np.isfinite(r["guidance_gap"])]
+        entry = {"overall": stats([r["guidance_gap"] for r in known])}
+        for sp in sorted({r["specialty"] for r in rows}):
+            entry[sp] = stats([r["guidance_gap"] for r in known if r["specialty"] == sp])
+        out[name] = entry
+    return out
+
+
+def gap_figure(sets: dict[str, list[dict]], path: UPath) -> None:
+    """A strip of each set's guidance gaps per specialty (the report's guidance_gap.png); none when no image
+    recorded a gap."""
+    points = [(name, r["specialty"], r["guidance_gap"]) for name, rows in sets.items() for r in rows
+              if r.get("guidance_gap") is not None and np.isfinite(r["guidance_gap"])]  # fmt: skip
+    if not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specialties = sorted({sp for _, sp, _ in points})
+    names = sorted({n for n, _, _ in points})
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(specialties), 3.0))
+    for k, name in enumerate(names):
+        for x, sp in enumerate(specialties):
+            v = [g for n, s, g in points if n == name and s == sp]
+            offset = (k - (len(names) - 1) / 2) * 0.8 / max(1, len(names))
+            ax.scatter(x + offset + rng.uniform(-0.08, 0.08, len(v)), v, s=6, alpha=0.6,
+                       label=name if x == 0 else None, color=f"C{k}")  # fmt: skip
+    ax.set_xticks(range(len(specialties)), specialties, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("guidance gap (first steps)", fontsize=8)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    save_png(fig, path, dpi=100)
+    plt.close(fig)
+
+
 def histograms(pairs: list[dict], threshold: float, path: UPath) -> None:
     """Distance histograms per specialty: synthetic sets against the two controls, the threshold drawn."""
     import matplotlib
@@ -412,3 +477,19 @@ def gallery(cfg: RunConfig, pairs: list[dict], sets: dict, path: UPath, index: d
         label = f"{'FLAGGED' if p['flagged'] else 'closest'}\nd = {p['distance']:.3f}\n{p['specialty']}"
         draw.text((2 * tile + 8, y + 8), label, fill="red" if p["flagged"] else "black")
     save_png(sheet, path)
+
+
+def by_caption_share(pairs: list[dict], train_captions: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """Flag rates by how many train images carry the matched train image's caption (the ingest summary's
+    bins: 1, 2-4, 5-16, 17-64, 65+), per kind: duplicated captions drive copying (Somepalli et al. 2023).
+    ``{kind: {bin: {pairs, flagged, flagged_pct}}}``, bins without a pair left out."""
+    share = Counter(train_captions.values())
+    out: dict[str, dict[str, dict]] = {}
+    for kind in sorted({p["kind"] for p in pairs}):
+        counts: dict[str, list[int]] = {name: [0, 0] for _, _, name in CAPTION_SHARE_BINS}
+        for p in pairs:
+            if p["kind"] == kind and p["match_id"] in train_captions:
+                n = counts[caption_share_bin(share[train_captions[p["match_id"]]])]
+                n[0], n[1] = n[0] + 1, n[1] + bool(p["flagged"])
+        out[kind] = {b: {"pairs": n, "flagged": f, "flagged_pct": 100.0 * f / n} for b, (n, f) in counts.items() if n}
+    return out

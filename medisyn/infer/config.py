@@ -21,6 +21,7 @@ class GenerateConfig:
         "max_actors": ">=1",
         "cpus_per_actor": ">0",
         "max_per_prompt": ">=0",
+        "gap_steps": ">=1",
     }
 
     sets: tuple[str, ...] = (
@@ -40,6 +41,9 @@ class GenerateConfig:
     # SDXL size conditioning (height, width) for every image; () = the exported model's median
     # original size of each prompt's image type (model/medisyn.json), as in select's FID images
     original_size: tuple[int, ...] = ()
+    # the guidance gap (infer.guidance; manifest `guidance_gap`) is averaged over the first this many
+    # sampling steps, where Wen et al. find memorised prompts separate
+    gap_steps: int = 5
 
     def __post_init__(self):
         if self.resolution % 8:

@@ -43,7 +43,7 @@ from medisyn.infer.prompts import (
     load_prompt_set,
     match_to_corpus,
 )
-from medisyn.infer.sampling import CROP_CONDITIONING, generate_images, load_sampler
+from medisyn.infer.sampling import CROP_CONDITIONING, load_sampler, sample
 from medisyn.phrases import check_classes, corpus_phrases
 from medisyn.records import (
     MANIFEST_SCHEMA,
@@ -86,8 +86,11 @@ def png_bytes(image: np.ndarray, prompt: str, seed: int, checkpoint: str) -> byt
 class ImageGenerator:
     """Ray Data callable class: the pipeline loads once per actor; each call makes a batch.
 
-    Batch in: ``id``, ``seed``, ``prompt``, ``original_size`` (arrays). Batch out: ``id`` and ``written`` (1 per
-    image). Images go straight to ``<out>/<id>.png``; nothing heavy returns to the driver.
+    Batch in: ``id``, ``seed``, ``prompt``, ``original_size``, ``gap_only`` (arrays). Batch out: ``id``, the
+    written file's ``bytes`` and ``sha256`` and the image's ``guidance_gap`` (infer.guidance, read off the same
+    U-Net calls). Images go straight to ``<out>/<id>.png``; nothing heavy returns to the driver. A batch whose
+    rows are ``gap_only`` (their files exist, their gaps were never recorded) runs the first ``gap_steps``
+    steps only and writes nothing (``bytes`` -1).
     """
 
     def __init__(self, cfg: RunConfig, job: SetJob):
@@ -102,22 +105,43 @@ class ImageGenerator:
     def __call__(self, batch: dict) -> dict:
         g = self.settings
         prompts = [str(p) for p in batch["prompt"]]
-        images = generate_images(
-            self.pipe,
-            prompts,
-            [int(s) for s in batch["seed"]],
-            resolution=g.resolution,
-            steps=g.steps,
-            guidance_scale=g.guidance_scale,
-            original_sizes=[(int(h), int(w)) for h, w in batch["original_size"]],
-        )
+        seeds = [int(s) for s in batch["seed"]]
+        original_sizes = [(int(h), int(w)) for h, w in batch["original_size"]]
+        images: list = [None] * len(prompts)
+        gaps: list = [None] * len(prompts)
+        for gaps_only in (False, True):  # a batch may hold both kinds: gap-only rows never rewrite a file
+            idx = [i for i, flag in enumerate(batch["gap_only"]) if bool(flag) == gaps_only]
+            if not idx:
+                continue
+            made, found = sample(
+                self.pipe,
+                [prompts[i] for i in idx],
+                [seeds[i] for i in idx],
+                resolution=g.resolution,
+                steps=g.steps,
+                guidance_scale=g.guidance_scale,
+                original_sizes=[original_sizes[i] for i in idx],
+                gap_steps=g.gap_steps,
+                gaps_only=gaps_only,
+            )
+            for i, image, gap in zip(idx, made, found, strict=True):
+                images[i], gaps[i] = image, gap
         sizes, digests = [], []
-        for image_id, seed, prompt, pixels in zip(batch["id"], batch["seed"], prompts, images, strict=True):
+        for image_id, seed, prompt, pixels in zip(batch["id"], seeds, prompts, images, strict=True):
+            if pixels is None:  # gap only: the file is there already
+                sizes.append(-1)
+                digests.append("")
+                continue
             data = png_bytes(pixels, prompt, int(seed), self.checkpoint)
             atomic_write_bytes(data, self.out / f"{image_id}.png")
             sizes.append(len(data))
             digests.append(hashlib.sha256(data).hexdigest())
-        return {"id": batch["id"], "bytes": np.asarray(sizes, dtype=np.int64), "sha256": np.asarray(digests)}
+        return {
+            "id": batch["id"],
+            "bytes": np.asarray(sizes, dtype=np.int64),
+            "sha256": np.asarray(digests),
+            "guidance_gap": np.asarray([np.nan if v is None else v for v in gaps], dtype=np.float64),
+        }
 
 
 def resolve_set(cfg: RunConfig, name: str, phrases: set | None = None) -> PromptSet:
@@ -211,7 +235,12 @@ def producer(cfg: RunConfig, pset: PromptSet, model: UPath) -> dict:
         # how sampling conditions on the crop (sampling.crop_conditioning): a set begun under SDXL's
         # (0, 0), as before 2026-12-06, is refused rather than finished with other conditioning
         "crop_conditioning": CROP_CONDITIONING,
+        # not pixels but the manifest's guidance_gap: gaps over other steps would not compare
+        "gap_steps": g.gap_steps,
     }
+
+
+ADDED_LATER = ("gap_steps",)  # producer keys a set begun before they existed may lack: recorded, not refused
 
 
 def check_producer(out: UPath, want: dict) -> None:
@@ -221,7 +250,7 @@ def check_producer(out: UPath, want: dict) -> None:
     if not record.is_file():
         return
     have = json.loads(record.read_text())
-    differs = [k for k in want if have.get(k) != want[k]]
+    differs = [k for k in want if have.get(k) != want[k] and not (k in ADDED_LATER and k not in have)]
     if differs:
         detail = "; ".join(f"{k}: {have.get(k)!r} then, {want[k]!r} now" for k in differs)
         raise ConfigError(
@@ -241,23 +270,28 @@ def _decodes(data: bytes) -> bool:
         return False
 
 
-WRITTEN = ".written"  # parquet parts of (id, bytes, sha256), logged by the driver as images arrive
+WRITTEN = ".written"  # parquet parts of (id, bytes, sha256, guidance_gap), logged by the driver as images arrive
 
 
-def _written(out: UPath) -> dict[str, tuple[int, str]]:
-    """``{id: (bytes, sha256)}`` of the images this set's writers recorded, in any earlier run."""
+def _written(out: UPath) -> tuple[dict[str, tuple[int, str]], dict[str, float]]:
+    """``{id: (bytes, sha256)}`` of the images this set's writers recorded, in any earlier run, and
+    ``{id: guidance gap}`` of those whose gap was recorded (a manifest or part from before the gap has none)."""
     records: dict[str, tuple[int, str]] = {}
-    if (out / "manifest.parquet").is_file():
-        m = storage.read_table(out / "manifest.parquet")
-        if "sha256" in m.column_names:
-            for i, n, h in zip(*(m.column(c).to_pylist() for c in ("id", "bytes", "sha256")), strict=True):
-                if h:
-                    records[i] = (n, h)
-    for part in sorted((out / WRITTEN).glob("*.parquet")):
-        t = storage.read_table(part)
-        for i, n, h in zip(*(t.column(c).to_pylist() for c in ("id", "bytes", "sha256")), strict=True):
-            records[i] = (n, h)
-    return records
+    gaps: dict[str, float] = {}
+    tables = [storage.read_table(out / "manifest.parquet")] if (out / "manifest.parquet").is_file() else []
+    tables += [storage.read_table(part) for part in sorted((out / WRITTEN).glob("*.parquet"))]
+    for t in tables:
+        if "sha256" not in t.column_names:
+            continue
+        ids = t.column("id").to_pylist()
+        for i, n, h in zip(ids, *(t.column(c).to_pylist() for c in ("bytes", "sha256")), strict=True):
+            if h and n is not None and n >= 0:  # bytes -1: a gap-only row, no file written
+                records[i] = (n, h)
+        if "guidance_gap" in t.column_names:
+            for i, gap in zip(ids, t.column("guidance_gap").to_pylist(), strict=True):
+                if gap is not None and np.isfinite(gap):
+                    gaps[i] = gap
+    return records, gaps
 
 
 def whole_images(out: UPath, jobs: list, records: dict[str, tuple[int, str]]) -> dict[str, tuple[int, str]]:
@@ -321,28 +355,45 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> d
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "set.json").is_file():  # check_producer has refused any other producer
         atomic_write_text(json.dumps(want, indent=2), out / "set.json")
+    else:  # a set begun before a key existed: record it now, so a later change of it is refused
+        have = json.loads((out / "set.json").read_text())
+        if any(k not in have for k in ADDED_LATER):
+            atomic_write_text(json.dumps(have | {k: want[k] for k in ADDED_LATER}, indent=2), out / "set.json")
     warn_truncation(model, [e.prompt for e in pset.entries])
     sizes = conditioning_sizes(cfg, model)
     remove_partial_writes(out)  # writes a killed actor did not finish
     jobs = expand(pset)
     size_of = {j.id: conditioning_size(sizes, j.image_type, g.resolution) for j in jobs}
-    done = whole_images(out, jobs, _written(out))
-    # by conditioning size (stable): a batch of one size is one pipeline call (sampling.generate_images)
+    records, gap_of = _written(out)
+    done = whole_images(out, jobs, records)
+    # by conditioning size (stable): a batch of one size is one pipeline call (sampling.sample)
     todo = sorted((j for j in jobs if j.id not in done), key=lambda j: size_of[j.id])
+    # an image whose file is whole but whose gap no record holds (a writer stopped before the driver logged
+    # it, or a set made before the gap): its gap alone, from the first gap_steps steps of the same sampling
+    gap_todo = (
+        sorted((j for j in jobs if j.id in done and j.id not in gap_of), key=lambda j: size_of[j.id])
+        if g.guidance_scale > 1
+        else []
+    )
     log.info(
-        "generate %s: %d images requested, %d present, %d to make",
+        "generate %s: %d images requested, %d present, %d to make, %d present images' guidance gaps to compute",
         pset.name,
         len(jobs),
         len(jobs) - len(todo),
         len(todo),
+        len(gap_todo),
     )
-    if todo:
+    if todo or gap_todo:
         ensure_ray()
         use_gpu = gpus_available(cfg.train.use_gpu)
         # one block per batch: blocks are what the pool hands out, so new actors find work waiting
         ds = ray.data.from_items(
-            [{"id": j.id, "seed": j.seed, "prompt": j.prompt, "original_size": list(size_of[j.id])} for j in todo],
-            override_num_blocks=max(1, -(-len(todo) // g.batch_size)),
+            [
+                {"id": j.id, "seed": j.seed, "prompt": j.prompt, "original_size": list(size_of[j.id]), "gap_only": only}
+                for only, part in ((False, todo), (True, gap_todo))
+                for j in part
+            ],
+            override_num_blocks=max(1, -(-(len(todo) + len(gap_todo)) // g.batch_size)),
         )
         ds = ds.map_batches(
             ImageGenerator,
@@ -361,9 +412,13 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> d
         made = 0
         for batch in ds.iter_batches(batch_size=WRITTEN_LOG_ROWS, batch_format="pyarrow"):
             atomic_write_table(batch, out / WRITTEN / f"{uuid.uuid4().hex}.parquet")  # survives a stopped job
-            ids, sizes, digests = (batch.column(c).to_pylist() for c in ("id", "bytes", "sha256"))
-            done.update(zip(ids, zip(sizes, digests, strict=True), strict=True))
-            made += batch.num_rows
+            ids, sizes, digests, gaps = (batch.column(c).to_pylist() for c in ("id", "bytes", "sha256", "guidance_gap"))
+            for i, n, h, gap in zip(ids, sizes, digests, gaps, strict=True):
+                if n >= 0:
+                    done[i] = (n, h)
+                    made += 1
+                if gap is not None and np.isfinite(gap):
+                    gap_of[i] = gap
         log.info("generate %s: made %d images", pset.name, made)
         log_node_changes(pset.name, nodes, _nodes(), made, len(todo))
     rows = [
@@ -378,6 +433,7 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> d
             "original_size": list(size_of[j.id]),
             "bytes": done[j.id][0] if j.id in done else None,
             "sha256": done[j.id][1] if j.id in done else None,
+            "guidance_gap": gap_of.get(j.id),  # None: guidance off (guidance_scale <= 1)
         }
         for j in jobs
     ]
@@ -386,7 +442,8 @@ def generate_set(cfg: RunConfig, pset: PromptSet, model: UPath, want: dict) -> d
         raise RuntimeError(f"generate {pset.name}: {len(missing)} images missing after the run; re-run to finish them")
     table = pa.Table.from_pylist(rows, MANIFEST_SCHEMA)
     sheet = out / "contact_sheet.png"
-    if not todo and _unchanged(out, table) and sheet.is_file():  # a resubmitted job: the set is finished
+    # a resubmitted job: the set is finished
+    if not todo and not gap_todo and _unchanged(out, table) and sheet.is_file():
         print(f"generate {pset.name}: already done, {len(rows)} images in {out}")
         return {"set": pset.name, "images": len(rows), "made": 0, "dir": out}
     atomic_write_table(table, out / "manifest.parquet")

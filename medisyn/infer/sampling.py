@@ -73,13 +73,44 @@ def generate_images(
     guidance_scale: float,
     original_sizes: list[tuple[int, int]] | None = None,
 ) -> list[np.ndarray]:
-    """One uint8 H×W×3 image per (prompt, seed), sampled with the pipeline as loaded.
+    """One uint8 H×W×3 image per (prompt, seed), sampled with the pipeline as loaded (:func:`sample`)."""
+    return sample(
+        pipe,
+        prompts,
+        seeds,
+        resolution=resolution,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        original_sizes=original_sizes,
+    )[0]
+
+
+def sample(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    resolution: int,
+    steps: int,
+    guidance_scale: float,
+    original_sizes: list[tuple[int, int]] | None = None,
+    gap_steps: int = 5,
+    gaps_only: bool = False,
+) -> tuple[list[np.ndarray | None], list[float | None]]:
+    """(images, guidance gaps): one uint8 H×W×3 image and one gap per (prompt, seed).
 
     ``original_sizes`` (height, width) per image: SDXL's size conditioning, as training saw each
     image's true original size (None: the output size). The crop conditioning is the one
     training saw for an image of that size (:func:`crop_conditioning`), not SDXL's customary
     (0, 0). Prompts that share a size go in one pipeline call; every image has its own
-    generator, so grouping changes no pixel."""
+    generator, so grouping changes no pixel.
+
+    The gap (:mod:`medisyn.infer.guidance`) is read off the guided U-Net calls the sampler makes
+    anyway, over the first ``gap_steps``; None where guidance is off. ``gaps_only``: stop each call
+    after those steps and decode nothing (images None): a resumed set's gap for an image whose
+    file exists but whose gap was never recorded, at ``gap_steps / steps`` of a generation."""
+    from medisyn.infer.guidance import record_guidance_gap
+
     if len(prompts) != len(seeds):
         raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
     sizes = [tuple(s) for s in original_sizes] if original_sizes else [(resolution, resolution)] * len(prompts)
@@ -87,21 +118,33 @@ def generate_images(
         raise ValueError(f"generate_images: {len(prompts)} prompts but {len(sizes)} original sizes")
     device = pipe.device
     out: list[np.ndarray | None] = [None] * len(prompts)
-    for size in dict.fromkeys(sizes):
-        idx = [i for i, s in enumerate(sizes) if s == size]
-        images = pipe(
-            [prompts[i] for i in idx],
-            negative_prompt=[""] * len(idx),
-            height=resolution,
-            width=resolution,
-            original_size=size,
-            crops_coords_top_left=crop_conditioning(size, resolution),
-            target_size=(resolution, resolution),
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=[torch.Generator(device).manual_seed(int(seeds[i])) for i in idx],
-            output_type="np",
-        ).images
-        for i, image in zip(idx, to_uint8(images), strict=True):
-            out[i] = image
-    return out
+    gaps: list[float | None] = [None] * len(prompts)
+
+    def stop_after_gap(pipeline, i, t, kwargs):  # diffusers' interrupt: later steps skip the U-Net
+        if i + 1 >= gap_steps:
+            pipeline._interrupt = True
+        return kwargs
+
+    with record_guidance_gap(pipe, gap_steps) as gap:
+        for size in dict.fromkeys(sizes):
+            idx = [i for i, s in enumerate(sizes) if s == size]
+            result = pipe(
+                [prompts[i] for i in idx],
+                negative_prompt=[""] * len(idx),
+                height=resolution,
+                width=resolution,
+                original_size=size,
+                crops_coords_top_left=crop_conditioning(size, resolution),
+                target_size=(resolution, resolution),
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=[torch.Generator(device).manual_seed(int(seeds[i])) for i in idx],
+                output_type="latent" if gaps_only else "np",
+                callback_on_step_end=stop_after_gap if gaps_only else None,
+            )
+            for i, g in zip(idx, gap(), strict=True):
+                gaps[i] = g
+            if not gaps_only:
+                for i, image in zip(idx, to_uint8(result.images), strict=True):
+                    out[i] = image
+    return out, gaps

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from medisyn.configtools import ConfigError, build, load_yaml_file, named_file
+from medisyn.ingest.identifiers import check_entry
 from medisyn.records import IMAGE_TYPES, SPECIALTIES, SPLITS
 
 SOURCES_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "sources"
@@ -505,6 +506,7 @@ def parse_entry(raw: dict, where: str) -> SourceEntry:
     _check_label(entry, where, known)
     _check_rules(entry, where, known)
     _check_caption(entry, where, known)
+    check_entry(entry, where)  # no date, number or placeholder in what reaches a caption
     return entry
 
 

@@ -18,6 +18,7 @@ from upath import UPath
 from medisyn import storage
 from medisyn.configtools import ConfigError, build, load_yaml_file
 from medisyn.ingest.config import IngestConfig, RepositoryConfig
+from medisyn.ingest.identifiers import check_repository
 from medisyn.ingest.split import patient_hash, split_for
 from medisyn.ingest.units import Item
 from medisyn.records import SPLITS
@@ -63,6 +64,8 @@ def load_repositories(cfg: IngestConfig, resolve=str) -> tuple[tuple[RepositoryC
             out.append((repo, _root(repo.path, f.parent)))
     if not out:
         raise ConfigError("ingest: no repositories; set ingest.repositories or ingest.repositories_file")
+    for repo, _ in out:
+        check_repository(repo)  # no date, number or placeholder in what reaches a caption
     names = [r.name for r, _ in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

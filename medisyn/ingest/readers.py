@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from medisyn.ingest.identifiers import caption_holds_name
 from medisyn.ingest.transforms import minmax_uint8, percentile_clip, window_ct
 
 
@@ -133,17 +134,22 @@ def read_dicom(
     window: tuple[float, float] = (700, 100),
     pct: tuple[float, float] = (0.5, 99.5),
     max_pixels: int = 100_000_000,
+    caption: str = "",
 ) -> list[tuple[np.ndarray, dict]]:
     """All selected frames of a DICOM file as uint8 HxW (grey) or HxWx3 (colour) arrays.
 
     CT: stored values → Hounsfield units (modality LUT: RescaleSlope/Intercept) → window.
     MR, mammography and other >8-bit grey: percentile clip. MONOCHROME1 is inverted after
-    scaling so that bright always means dense. Metadata holds only the frame index.
+    scaling so that bright always means dense. Metadata holds only the frame index. A file whose
+    PatientName or ReferringPhysicianName has a token (>= 3 letters) that is a word of ``caption`` (the
+    item's) is a reject, named by the rule only: the caption would tie a person's name to the image.
     """
     from pydicom.pixels import apply_modality_lut
 
     path = Path(path)
     ds = _read_dataset(path)
+    if caption and caption_holds_name(ds, caption):
+        raise Rejected("caption holds a DICOM name token")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise Rejected("no pixel data")
     try:  # from the header, before a decode that could need gigabytes (a deflated file can be tiny)

@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from medisyn.records import SPLITS, read_shards, shard_files
+from medisyn.records import CAPTION_SHARE_BINS, SPLITS, caption_share_bin, read_shards, shard_files
 
 
 def _read(folder: Path, columns: list[str]) -> dict[str, list]:
@@ -19,6 +19,18 @@ def _read(folder: Path, columns: list[str]) -> dict[str, list]:
         return {c: [] for c in columns}
     table = read_shards(folder, columns)
     return {c: table.column(c).to_pylist() for c in columns}
+
+
+def caption_counts(captions: list[str], top: int = 10) -> dict:
+    """Images per caption over the train split: duplicated captions drive copying (Somepalli et al. 2023),
+    so the summary shows how many distinct captions there are, the ``top`` most repeated with their counts,
+    and how many captions carry 1, 2-4, 5-16, 17-64 or 65+ images. Captions are description phrases only."""
+    counts = Counter(captions)
+    histogram = {name: 0 for _, _, name in CAPTION_SHARE_BINS}
+    for n in counts.values():
+        histogram[caption_share_bin(n)] += 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return {"split": "train", "distinct": len(counts), "top": [[c, n] for c, n in ranked], "histogram": histogram}
 
 
 def _by_split(keys: list, splits: list[str]) -> dict[str, dict[str, int]]:
@@ -42,7 +54,7 @@ def summarize(
     out on purpose (filters, caps, masks, unlabelled images, in-between tumour fractions); ``skipped``:
     catalog entry -> why it was not read (an absent folder with its access and download steps)."""
     left_out = {k: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))) for k, v in (left_out or {}).items() if v}
-    c = _read(corpus, ["specialty", "image_type", "labels", "split", "source"])
+    c = _read(corpus, ["specialty", "image_type", "labels", "split", "source", "caption"])
     r = _read(rejects, ["stage", "reason"])
     dup_reasons = Counter(
         reason.split(" of ")[0] for stage, reason in zip(r["stage"], r["reason"], strict=True) if stage == "dedup"
@@ -64,6 +76,7 @@ def summarize(
             [f"{t}: {' + '.join(labels)}" for t, labels in zip(c["image_type"], c["labels"], strict=True)], c["split"]
         ),
         "by_source": _by_split(c["source"], c["split"]),
+        "captions": caption_counts([t for t, s in zip(c["caption"], c["split"], strict=True) if s == "train"]),
         "rejects": dict(reject_reasons.most_common()),
         "duplicates": dict(dup_reasons.most_common()),
         "background_patches": background,
@@ -97,6 +110,12 @@ def format_table(summary: dict) -> str:
     table("pairs by specialty", summary["by_specialty"] | {"total": summary["pairs"]})
     table("pairs by image type", summary["by_image_type"])
     table("pairs by class", summary["by_class"])
+    captions = summary.get("captions")
+    if captions:  # summaries before it have none
+        hist = ", ".join(f"{k}: {n}" for k, n in captions["histogram"].items())
+        lines.append(f"train images per caption: {captions['distinct']} distinct captions; captions by images ({hist})")
+        lines += [f"  {n:8d}  {caption}" for caption, n in captions["top"]]
+        lines.append("")
     lines.append(f"rejected: {sum(summary['rejects'].values())}")
     lines += [f"  {n:6d}  {reason}" for reason, n in summary["rejects"].items()]
     lines.append(f"duplicates removed: {sum(summary['duplicates'].values())}")

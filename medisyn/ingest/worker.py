@@ -133,7 +133,13 @@ def _images(item: Item, s: UnitSettings, path: str | os.PathLike | None = None, 
     left = Counter() if left is None else left
     if s.kind == "dicom":
         frames = read_dicom(
-            path, frames=s.frames, intensity=s.intensity, window=s.window, pct=s.pct, max_pixels=s.max_pixels
+            path,
+            frames=s.frames,
+            intensity=s.intensity,
+            window=s.window,
+            pct=s.pct,
+            max_pixels=s.max_pixels,
+            caption=item.caption,
         )
         for arr, meta in frames:
             yield arr, (f"#frame={meta['frame']}" if meta["frames"] > 1 else "")
