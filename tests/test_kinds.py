@@ -313,6 +313,8 @@ def _run(root: Path, catalog: Path, run_dir: Path):
             "ingest.repositories_file=",
             f"ingest.sources={catalog}",
             f"ingest.sources_root={root}",
+            "ingest.source_entries=[]",  # the demo's names the paper catalog's entries
+            "ingest.source_settings={}",
             "ingest.elements_per_task=2",
             "ingest.size=64",
         ],
