@@ -7,6 +7,7 @@ image depends only on its own seed and not on its batch-mates, uint8 HWC output.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,8 @@ def generate_images(
     guidance_scale: float,
     original_sizes: list[tuple[int, int]] | None = None,
 ) -> list[np.ndarray]:
-    """One uint8 H×W×3 image per (prompt, seed), sampled with the pipeline as loaded (:func:`sample`)."""
+    """One uint8 H×W×3 image per (prompt, seed), sampled with the pipeline as loaded (:func:`sample`),
+    no guidance gap recorded (checkpoint selection's FID samples need none)."""
     return sample(
         pipe,
         prompts,
@@ -82,6 +84,7 @@ def generate_images(
         steps=steps,
         guidance_scale=guidance_scale,
         original_sizes=original_sizes,
+        gap_steps=0,
     )[0]
 
 
@@ -108,7 +111,8 @@ def sample(
     The gap (:mod:`medisyn.infer.guidance`) is read off the guided U-Net calls the sampler makes
     anyway, over the first ``gap_steps``; None where guidance is off. ``gaps_only``: stop each call
     after those steps and decode nothing (images None): a resumed set's gap for an image whose
-    file exists but whose gap was never recorded, at ``gap_steps / steps`` of a generation."""
+    file exists but whose gap was never recorded, at ``gap_steps / steps`` of a generation.
+    ``gap_steps=0``: no gap is recorded (every gap None) and no hook is put on the U-Net."""
     from medisyn.infer.guidance import record_guidance_gap
 
     if len(prompts) != len(seeds):
@@ -125,7 +129,10 @@ def sample(
             pipeline._interrupt = True
         return kwargs
 
-    with record_guidance_gap(pipe, gap_steps) as gap:
+    if gaps_only and not gap_steps:
+        raise ValueError("sample: gaps_only needs gap_steps >= 1")
+    recorder = record_guidance_gap(pipe, gap_steps) if gap_steps else nullcontext(None)
+    with recorder as gap:
         for size in dict.fromkeys(sizes):
             idx = [i for i, s in enumerate(sizes) if s == size]
             result = pipe(
@@ -142,7 +149,7 @@ def sample(
                 output_type="latent" if gaps_only else "np",
                 callback_on_step_end=stop_after_gap if gaps_only else None,
             )
-            for i, g in zip(idx, gap(), strict=True):
+            for i, g in zip(idx, gap() if gap else [None] * len(idx), strict=True):
                 gaps[i] = g
             if not gaps_only:
                 for i, image in zip(idx, to_uint8(result.images), strict=True):
